@@ -1,0 +1,34 @@
+# One command each for a new user: `make demo`, `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench tensorboard clean
+
+install: $(STAMP)
+
+# The venv sees system site-packages, so a torch that is already installed (e.g. a CUDA build)
+# is used as it is; torch==2.13.0 (CPU) is installed only when no torch imports at all.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) scripts/bench.py
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs
+
+# Removes generated data, caches and runs; keeps .venv (rm -rf .venv to drop it too).
+clean:
+	rm -rf data-unversioned/demo data-unversioned/bench runs/*/ bench-results
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,170 @@
+"""Command-line entry points: thin click wrappers that resolve options and call library code.
+
+Every command takes --config FILE and --data-root DIR. An option's value comes from the command
+line if given there, else from the config file, else from the default shown in --help.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from p2ch_app.config import read_config
+from p2ch_app.errors import UserError
+
+DEFAULT_DATA_ROOT = Path("data-unversioned/luna")
+COMMANDS: dict[str, click.Command] = {}
+
+
+class AppCommand(click.Command):
+    """Turns a UserError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"{self.name}: error: {err}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo(f"{self.name}: interrupted; finished work is kept, rerun to continue", err=True)
+            ctx.exit(130)
+
+
+def app_command(name: str, **settings):
+    """Declare a command with the shared options; its callback receives resolved options."""
+
+    def decorate(fn):
+        def callback(**_):
+            ctx = click.get_current_context()
+            return fn(**resolve_options(ctx))
+
+        callback.__doc__ = fn.__doc__
+        callback.__click_params__ = list(getattr(fn, "__click_params__", []))  # the command's own options
+        options = [
+            click.option("--config", type=click.Path(path_type=Path, dir_okay=False),
+                         help="TOML config file; its values replace defaults, command-line options win."),
+            click.option("--data-root", type=click.Path(path_type=Path, file_okay=False),
+                         default=DEFAULT_DATA_ROOT, show_default=True,
+                         help="LUNA16-layout folder: subset*/<uid>.mhd|.raw and the CSVs."),
+        ]
+        for option in reversed(options):
+            callback = option(callback)
+        command = click.command(name, cls=AppCommand, help=fn.__doc__, **settings)(callback)
+        COMMANDS[name] = command
+        return command
+
+    return decorate
+
+
+def resolve_options(ctx: click.Context) -> dict:
+    """Merge the config file into the options the user did not give on the command line."""
+    params = dict(ctx.params)
+    path = params.get("config")
+    if path is None:
+        return params
+    names = {cmd: {p.name for p in c.params if p.name != "config"} for cmd, c in COMMANDS.items()}
+    by_name = {p.name: p for p in ctx.command.params}
+    for name, value in read_config(path, names)[ctx.command.name].items():
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        try:
+            params[name] = by_name[name].type_cast_value(ctx, value)
+        except click.BadParameter as err:
+            raise UserError(f"bad value {value!r} for '{name}' in {path}: {err.message}") from None
+    return params
+
+
+def require_dir(path: Path, what: str, fix: str) -> Path:
+    if not Path(path).is_dir():
+        raise UserError(f"{what} {path} does not exist; {fix}")
+    return Path(path)
+
+
+def _cache_dir(data_root: Path, cache_dir: Path | None) -> Path:
+    from p2ch_app.data.cache import default_cache_dir
+
+    return cache_dir if cache_dir is not None else default_cache_dir(data_root)
+
+
+@app_command("luna-synth")
+@click.option("--series", type=click.IntRange(1), default=30, show_default=True, help="Number of CT series.")
+@click.option("--subsets", type=click.IntRange(1, 10), default=10, show_default=True,
+              help="Spread the series over subset0..subset{K-1}.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--size", type=click.Choice(["demo", "full"]), default="demo", show_default=True,
+              help="demo: 128x128 slices, coarse spacing (CPU-friendly); full: 512x512, LUNA16 spacing.")
+@click.option("--matrix", type=click.IntRange(32), default=None, help="In-plane pixels (overrides --size).")
+@click.option("--inplane-mm", type=(float, float), default=None, metavar="MIN MAX",
+              help="Range of in-plane spacing in mm (overrides --size).")
+@click.option("--slice-mm", type=(float, float), default=None, metavar="MIN MAX",
+              help="Range of slice spacing in mm (overrides --size).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in --data-root.")
+def synth(data_root, config, series, subsets, seed, size, matrix, inplane_mm, slice_mm, overwrite):
+    """Write a synthetic chest-CT dataset in the exact LUNA16 layout."""
+    from dataclasses import replace
+
+    from p2ch_app.data.synth import PRESETS, write_dataset
+
+    geometry = PRESETS[size]
+    for field, value in (("matrix", matrix), ("inplane_mm", inplane_mm), ("slice_mm", slice_mm)):
+        if value is not None:
+            if isinstance(value, tuple) and not 0 < value[0] <= value[1]:
+                raise UserError(f"--{field.replace('_', '-')} {value[0]} {value[1]}: give 0 < MIN <= MAX")
+            geometry = replace(geometry, **{field: value})
+    written = write_dataset(data_root, series=series, subsets=subsets, seed=seed, geometry=geometry,
+                            overwrite=overwrite)
+    click.echo(f"wrote {len(written)} synthetic series to {data_root}")
+
+
+@app_command("luna-prep")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the cache goes [default: <data-root>/cache].")
+@click.option("--workers", type=click.IntRange(1), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Parallel processes.")
+@click.option("--series", "series_uids", multiple=True, metavar="UID",
+              help="Only this series (repeatable).")
+def prep(data_root, config, cache_dir, workers, series_uids):
+    """Build the cache that training and analysis read: CT volumes, nodule label masks.
+
+    Idempotent: only missing or stale series are built, so an interrupted run resumes.
+    """
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.data.ct import check_uid
+    from p2ch_app.data.index import build_index
+
+    require_dir(data_root, "data root", "pass --data-root DIR (or run luna-synth to make one)")
+    uids = [check_uid(u) for u in series_uids] or None
+    index = build_index(data_root)
+    for uid in uids or []:
+        if uid not in index.series_uids:
+            raise UserError(f"series {uid} is not on disk under {data_root}/subset*/ or has no row in "
+                            "candidates.csv; check the UID")
+    cache = LunaCache(_cache_dir(data_root, cache_dir))
+    done = cache.build(data_root, index, uids, workers=workers)
+    mb = done["bytes"] / 2**20
+    per_ct = mb / max(done["series"], 1)
+    click.echo(f"cache {cache.dir}: built {done['built']}, already current {done['skipped']}; "
+               f"{done['series']} series, {mb:.1f} MB ({per_ct:.1f} MB per CT)")
+
+
+def _not_built(name: str, issue: str):
+    @app_command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command(data_root, config):
+        raise UserError(f"{name} is not built yet ({issue}); only luna-synth and luna-prep work in this version")
+
+    command.help = f"Not built yet: {issue}."
+    return command
+
+
+train_cls = _not_built("luna-train-cls", "the nodule classifier trainer")
+train_seg = _not_built("luna-train-seg", "the segmentation trainer")
+finetune_mal = _not_built("luna-finetune-mal", "the malignancy fine-tuning")
+analyze = _not_built("nodule-analyze", "the end-to-end analysis")
+
+
+if __name__ == "__main__":  # python -m p2ch_app.cli <command> ...
+    COMMANDS[sys.argv.pop(1)]()

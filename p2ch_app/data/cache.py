@@ -1,0 +1,198 @@
+"""The preprocessed cache that `luna-prep` builds and every trainer and the analysis read.
+
+Layout under the cache directory:
+  volumes/<uid>.npy   the CT in clipped HU, int16 (index, row, col): read with mmap, so a crop
+                      or a slice stack touches only its own pages (measured: `make bench`).
+  meta/               a diskcache store, one record per series: shape, geometry, the nodule
+                      label mask (as flat voxel indices: masks are >99.9% empty), the slices
+                      holding nodule voxels, and a fingerprint of the annotations the mask came from.
+A series is cached when its record exists; the record is written only after its volume file is
+complete (temp file + rename), so a killed run leaves nothing half-built that looks whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from multiprocessing import get_context
+from pathlib import Path
+
+import diskcache
+import numpy as np
+from tqdm import tqdm
+
+from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, xyz_to_irc
+from p2ch_app.data.index import ANNOTATIONS_CSV, LunaIndex
+from p2ch_app.errors import UserError
+
+FORMAT_VERSION = 1
+MASK_THRESHOLD_HU = -700  # nodule tissue (solid and ground-glass) is denser than this; lung is not
+
+
+@dataclass(eq=False)
+class SeriesRecord:
+    uid: str
+    shape: tuple[int, int, int]
+    geometry: Geometry
+    mask_voxels: np.ndarray  # flat indices of nodule-label voxels
+    nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
+    fingerprint: str  # of the annotations the mask was grown from
+
+    def mask(self) -> np.ndarray:
+        flat = np.zeros(int(np.prod(self.shape)), bool)
+        flat[self.mask_voxels] = True
+        return flat.reshape(self.shape)
+
+    def to_dict(self) -> dict:
+        return {"version": FORMAT_VERSION, "uid": self.uid, "shape": list(self.shape),
+                "geometry": self.geometry.to_dict(), "mask_voxels": self.mask_voxels,
+                "nodule_slices": self.nodule_slices, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SeriesRecord:
+        return cls(d["uid"], tuple(d["shape"]), Geometry.from_dict(d["geometry"]), d["mask_voxels"],
+                   d["nodule_slices"], d["fingerprint"])
+
+
+def default_cache_dir(data_root: Path) -> Path:
+    return Path(data_root) / "cache"
+
+
+class LunaCache:
+    """Read access to a built cache; build() fills in what is missing."""
+
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir)
+        self._volumes: dict[str, np.ndarray] = {}
+        self._records: dict[str, SeriesRecord] = {}
+
+    @cached_property
+    def _meta(self) -> diskcache.Cache:
+        # Opened lazily: each DataLoader worker process then opens its own sqlite connection.
+        (self.dir / "volumes").mkdir(parents=True, exist_ok=True)
+        return diskcache.Cache(str(self.dir / "meta"))
+
+    def __getstate__(self):
+        return {"dir": self.dir, "_volumes": {}, "_records": {}}
+
+    def volume_path(self, uid: str) -> Path:
+        return self.dir / "volumes" / f"{uid}.npy"
+
+    def record(self, uid: str) -> SeriesRecord:
+        if uid not in self._records:
+            raw = self._meta.get(uid)
+            if raw is None or raw.get("version") != FORMAT_VERSION:
+                raise UserError(f"series {uid} is not in the cache {self.dir}; run luna-prep first")
+            self._records[uid] = SeriesRecord.from_dict(raw)
+        return self._records[uid]
+
+    def volume(self, uid: str) -> np.ndarray:
+        """The CT as a read-only memory map (int16 HU)."""
+        if uid not in self._volumes:
+            self.record(uid)
+            self._volumes[uid] = np.load(self.volume_path(uid), mmap_mode="r")
+        return self._volumes[uid]
+
+    def crop(self, uid: str, center_xyz, size=CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+        """(crop, start_irc) around a patient-mm point: the one crop path for training and analysis."""
+        center_irc = xyz_to_irc(center_xyz, self.record(uid).geometry)
+        return extract_crop(self.volume(uid), center_irc, size)
+
+    def is_current(self, uid: str, fingerprint: str) -> bool:
+        raw = self._meta.get(uid)
+        return (raw is not None and raw.get("version") == FORMAT_VERSION
+                and raw.get("fingerprint") == fingerprint and self.volume_path(uid).is_file())
+
+    def cached_uids(self) -> list[str]:
+        return sorted(k for k in self._meta.iterkeys() if self.volume_path(k).is_file())
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+
+    def build(self, data_root: Path, index: LunaIndex, uids: list[str] | None = None, workers: int = 1,
+              progress: bool = True) -> dict:
+        """Cache every series of `uids` (default: all in the index) that is missing or stale.
+
+        Returns counts: built, skipped (already current), bytes (cache size after).
+        """
+        uids = list(index.series_uids if uids is None else uids)
+        self._remove_stale_temp_files()
+        jobs = []
+        for uid in uids:
+            rows = index.for_series(uid)
+            centers = rows.center_xyz[rows.has_annotation]
+            key = fingerprint(centers, rows.line[rows.has_annotation])
+            if not self.is_current(uid, key):
+                jobs.append((Path(data_root), uid, centers, rows.line[rows.has_annotation],
+                             str(self.volume_path(uid)), key))
+        bar = tqdm(total=len(jobs), desc="luna-prep", unit="CT", disable=not progress)
+        if jobs and workers > 1:
+            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for record in pool.imap_unordered(_build_series, jobs):
+                    self._meta.set(record.uid, record.to_dict())
+                    bar.update()
+        else:
+            for job in jobs:
+                record = _build_series(job)
+                self._meta.set(record.uid, record.to_dict())
+                bar.update()
+        bar.close()
+        return {"built": len(jobs), "skipped": len(uids) - len(jobs), "bytes": self.size_bytes(),
+                "series": len(self.cached_uids())}
+
+    def _remove_stale_temp_files(self) -> None:
+        for tmp in (self.dir / "volumes").glob("*.tmp.npy"):
+            tmp.unlink()
+
+
+def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray) -> str:
+    """Identifies the annotations of a series, so a changed annotations.csv rebuilds its masks."""
+    digest = hashlib.sha1(np.ascontiguousarray(centers_xyz, np.float64).tobytes())
+    digest.update(np.ascontiguousarray(lines, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _build_series(job) -> SeriesRecord:
+    data_root, uid, centers_xyz, lines, volume_path, key = job
+    ct = load_series(data_root, uid)
+    centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
+    outside = ~ct.contains(centers_irc)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise UserError(f"{data_root / ANNOTATIONS_CSV}:{lines[i]}: nodule at {np.round(centers_xyz[i], 1).tolist()} mm "
+                        f"lies outside CT {uid} (shape {list(ct.hu.shape)}); fix the row or the CT")
+    mask = grow_nodule_mask(ct.hu, centers_irc)
+    tmp = volume_path[: -len(".npy")] + ".tmp.npy"
+    np.save(tmp, ct.hu)
+    os.replace(tmp, volume_path)
+    voxels = np.flatnonzero(mask)
+    return SeriesRecord(uid, ct.hu.shape, ct.geometry, voxels,
+                        np.unique(voxels // (ct.hu.shape[1] * ct.hu.shape[2])), key)
+
+
+def grow_nodule_mask(hu: np.ndarray, centers_irc, threshold: int = MASK_THRESHOLD_HU) -> np.ndarray:
+    """Label mask from annotation centres alone (LUNA16 has no outlines).
+
+    From each centre, a half-width per axis grows until the voxels at +-r along that axis fall to
+    lung density; the box so found, intersected with the voxels denser than the threshold, is
+    the nodule. Vessels leaving the nodule are cut at the box.
+    """
+    mask = np.zeros(hu.shape, bool)
+    upper = np.array(hu.shape) - 1
+    for center in np.rint(np.asarray(centers_irc, float).reshape(-1, 3)).astype(int):
+        radius = np.zeros(3, int)
+        for axis in range(3):
+            r = 1
+            while True:
+                lo, hi = center.copy(), center.copy()
+                lo[axis] -= r
+                hi[axis] += r
+                if lo[axis] < 0 or hi[axis] > upper[axis] or hu[tuple(lo)] <= threshold or hu[tuple(hi)] <= threshold:
+                    break
+                r += 1
+            radius[axis] = r
+        box = tuple(slice(max(c - r, 0), c + r + 1) for c, r in zip(center, radius))
+        mask[box] |= hu[box] > threshold
+    return mask
