@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny hand-made LUNA16 data roots whose contents every test knows exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pickle
+
+import diskcache
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT.parent / "shared"
+REAL_DICOM = SHARED / "data" / "real-ct" / "cptac-C3N-00247-lung-3.0-B70f"
+REAL_LUNA_CSVS = SHARED / "data" / "luna16"
+BOOK_MODELS = SHARED / "models" / "book"
+
+requires_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"{SHARED} is absent (real CT, LUNA16 CSVs and book models live there)")
+
+
+def write_image(path: Path, hu: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> Path:
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection([float(d) for d in direction])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@dataclass
+class TinySeries:
+    uid: str
+    mhd: Path
+    spacing: tuple[float, float, float]  # xyz
+    origin: tuple[float, float, float]
+    nodules_irc: list[tuple[int, int, int]]
+    radius_vox: int
+
+
+@dataclass
+class TinyRoot:
+    root: Path
+    series: list[TinySeries]
+
+
+def make_tiny_root(root: Path, n_series: int = 3, shape=(36, 56, 56), seed: int = 0) -> TinyRoot:
+    """n_series CTs of lung-like background with one or two solid spheres each, plus the three CSVs.
+
+    Series i has uid 1.2.840.99.<i+1>, sits in subset<i % 2>, has nodules at known voxels, one class-1
+    candidate 1 voxel off its first nodule (merges), one class-1 candidate far away (kept, no
+    diameter) in series 0, and four class-0 candidates per series.
+    """
+    rng = np.random.default_rng(seed)
+    made = []
+    cand_rows, ann_rows, mal_rows = [], [], []
+    for i in range(n_series):
+        uid = f"1.2.840.99.{i + 1}"
+        spacing = (0.8 + 0.1 * i, 0.8 + 0.1 * i, 1.5)
+        origin = (-20.0 * (i + 1), -25.0, -100.0 - 7 * i)
+        hu = rng.normal(-850, 15, shape).round().astype(np.int16)
+        hu[:, :, :3] = -3024  # outside the reconstruction circle, as in real scans: must clip
+        nodules = [(18, 20 + i, 28)] + ([(10, 40, 14)] if i % 2 == 0 else [])
+        r = 3
+        grid = np.indices(shape)
+        for c in nodules:
+            inside = sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= r * r
+            hu[inside] = 40
+        mhd = write_image(root / f"subset{i % 2}" / f"{uid}.mhd", hu, spacing, origin)
+        made.append(TinySeries(uid, mhd, spacing, origin, nodules, r))
+        to_xyz = lambda irc: tuple(o + s * v for o, s, v in zip(origin, spacing, irc[::-1]))
+        for k, c in enumerate(nodules):
+            x, y, z = to_xyz(c)
+            diameter = 2 * r * spacing[0]
+            ann_rows.append(f"{uid},{x},{y},{z},{diameter}")
+            mal_rows.append(f'{uid},{x},{y},{z},{diameter},{"True" if k == 0 else "False"},"[4, 3]",'
+                            f"{x - 2},{y - 2},{z - 2},{x + 2},{y + 2},{z + 2},2")
+        x, y, z = to_xyz((nodules[0][0], nodules[0][1] + 1, nodules[0][2]))
+        cand_rows.append(f"{uid},{x},{y},{z},1")
+        if i == 0:
+            x, y, z = to_xyz((5, 5, 50))
+            cand_rows.append(f"{uid},{x},{y},{z},1")
+        for _ in range(4):
+            x, y, z = to_xyz(tuple(int(rng.integers(4, n - 4)) for n in shape))
+            cand_rows.append(f"{uid},{x},{y},{z},0")
+    cand_rows.append("1.2.840.99.777,1.0,2.0,3.0,0")  # a series that is not on disk
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "\n".join(cand_rows) + "\n")
+    (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n" + "\n".join(ann_rows) + "\n")
+    (root / "annotations_with_malignancy.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,diameter_mm,mal_bool,mal_details,bboxLowX,bboxLowY,bboxLowZ,"
+        "bboxHighX,bboxHighY,bboxHighZ,len_mal_details\n" + "\n".join(mal_rows) + "\n")
+    return TinyRoot(root, made)
+
+
+@pytest.fixture
+def tiny_root(tmp_path) -> TinyRoot:
+    return make_tiny_root(tmp_path / "luna")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder with its bytes, to prove a failed command changed nothing.
+
+    sqlite files (diskcache) change on mere opening, so their records are compared instead.
+    """
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and ".db" not in p.name}
+    for db in folder.rglob("cache.db"):
+        with diskcache.Cache(str(db.parent)) as store:
+            files[str(db.relative_to(folder))] = pickle.dumps(sorted((k, pickle.dumps(store[k])) for k in store))
+    return files

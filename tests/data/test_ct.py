@@ -1,0 +1,170 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from p2ch_app.data.ct import (
+    CROP_SIZE, Geometry, check_uid, crop_starts, extract_crop, find_series, irc_to_xyz, load_ct,
+    load_series, xyz_to_irc,
+)
+from p2ch_app.errors import UserError
+from tests.conftest import REAL_DICOM, requires_shared, write_image
+
+
+def random_rotation(rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def test_round_trip_with_rotated_direction_and_anisotropic_spacing():
+    rng = np.random.default_rng(1)
+    geometry = Geometry(np.array([-170.5, 12.0, -310.25]), np.array([0.7, 0.7, 2.5]), random_rotation(rng))
+    irc = rng.uniform(0, 300, size=(50, 3))
+    assert np.allclose(xyz_to_irc(irc_to_xyz(irc, geometry), geometry), irc)
+    xyz = rng.uniform(-200, 200, size=(50, 3))
+    assert np.allclose(irc_to_xyz(xyz_to_irc(xyz, geometry), geometry), xyz)
+
+
+def test_conversion_agrees_with_itk_for_a_rotated_image():
+    rng = np.random.default_rng(2)
+    image = sitk.Image(10, 20, 30, sitk.sitkInt16)
+    image.SetOrigin((5.0, -3.0, 100.0))
+    image.SetSpacing((0.6, 0.9, 1.7))
+    image.SetDirection(random_rotation(rng).reshape(-1).tolist())
+    geometry = Geometry.from_image(image)
+    for col, row, index in [(0, 0, 0), (9, 19, 29), (3, 7, 11)]:
+        expected = image.TransformIndexToPhysicalPoint((col, row, index))
+        assert np.allclose(irc_to_xyz((index, row, col), geometry), expected)
+        assert np.allclose(xyz_to_irc(expected, geometry), (index, row, col))
+
+
+def test_flipped_x_axis_counts_voxels_towards_negative_x():
+    geometry = Geometry(np.array([10.0, 0.0, 0.0]), np.ones(3), np.diag([-1.0, 1.0, 1.0]))
+    assert np.allclose(irc_to_xyz((0, 0, 3), geometry), (7.0, 0.0, 0.0))
+    assert np.allclose(xyz_to_irc((7.0, 0.0, 0.0), geometry), (0, 0, 3))
+    assert np.allclose(xyz_to_irc((12.0, 0.0, 0.0), geometry), (0, 0, -2))
+
+
+@pytest.mark.parametrize("name", ["ct.mhd", "ct.mha", "ct.nii", "ct.nii.gz"])
+def test_load_file_formats_and_clip_hu(tmp_path, name):
+    hu = np.zeros((4, 5, 6), np.int16)
+    hu[0, 0, 0], hu[1, 1, 1], hu[2, 2, 2] = -3024, 3071, 123
+    write_image(tmp_path / name, hu, spacing=(0.5, 0.75, 2.0), origin=(1.0, 2.0, 3.0))
+    ct = load_ct(tmp_path / name)
+    assert ct.hu.dtype == np.int16 and ct.hu.shape == (4, 5, 6)
+    assert (ct.hu[0, 0, 0], ct.hu[1, 1, 1], ct.hu[2, 2, 2]) == (-1000, 1000, 123)
+    assert np.allclose(ct.geometry.spacing, (0.5, 0.75, 2.0))
+    assert np.allclose(ct.geometry.origin, (1.0, 2.0, 3.0))
+    assert ct.series_uid == "ct"
+
+
+def write_dicom_series(folder: Path, series_uid: str, z_positions, names) -> None:
+    """One 8x8 slice per z position; the pixel value of each slice is its z, so order is checkable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z, name in zip(z_positions, names):
+        image = sitk.GetImageFromArray(np.full((1, 8, 8), int(z), np.int16))
+        image.SetSpacing((0.5, 0.5, 2.0))
+        for tag, value in [("0008|0060", "CT"), ("0020|000d", "1.2.3"), ("0020|000e", series_uid),
+                           ("0020|0032", f"0\\0\\{z}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0013", str(int(z))), ("0008|0018", f"{series_uid}.{int(z) + 100}")]:
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / name))
+        writer.Execute(image)
+
+
+def test_dicom_folder_is_sorted_by_position_not_file_name(tmp_path):
+    zs = [30, 10, 20, 0, 40]
+    write_dicom_series(tmp_path / "dcm", "1.2.3.4", zs, ["a.dcm", "b.dcm", "c.dcm", "d.dcm", "e.dcm"])
+    ct = load_ct(tmp_path / "dcm")
+    assert ct.hu.shape == (5, 8, 8)
+    assert ct.hu[:, 0, 0].tolist() == [0, 10, 20, 30, 40]
+    assert np.allclose(irc_to_xyz((4, 0, 0), ct.geometry)[2], 40.0)
+
+
+def test_dicom_folder_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no DICOM images"):
+        load_ct(tmp_path / "empty")
+    write_dicom_series(tmp_path / "two", "1.2.3.4", [0, 2], ["a.dcm", "b.dcm"])
+    write_dicom_series(tmp_path / "two", "1.2.3.5", [0, 2], ["c.dcm", "d.dcm"])
+    with pytest.raises(UserError, match="holds 2 DICOM series"):
+        load_ct(tmp_path / "two")
+
+
+@requires_shared
+def test_real_dicom_series_geometry():
+    ct = load_ct(REAL_DICOM)
+    assert ct.hu.shape == (99, 512, 512)
+    assert np.allclose(ct.geometry.spacing, (0.564453125, 0.564453125, 3.0))
+    assert irc_to_xyz((0, 0, 0), ct.geometry)[2] == pytest.approx(-288.0)
+    assert irc_to_xyz((98, 0, 0), ct.geometry)[2] == pytest.approx(6.0)
+    assert ct.hu.min() == -1000 and ct.hu.max() == 1000
+    # Slice k holds the file whose ImagePositionPatient z is the k-th smallest.
+    by_z = {}
+    for path in REAL_DICOM.glob("*.dcm"):
+        image = sitk.ReadImage(str(path))
+        by_z[image.GetOrigin()[2]] = path
+    for k, z in enumerate(sorted(by_z)[:3] + sorted(by_z)[-2:]):
+        k = k if k < 3 else 99 - 5 + k
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(str(by_z[z])))[0]
+        assert np.array_equal(np.clip(raw, -1000, 1000), ct.hu[k])
+
+
+def test_mhd_with_missing_or_truncated_raw(tmp_path):
+    mhd = write_image(tmp_path / "x.mhd", np.zeros((4, 4, 4), np.int16))
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(raw.read_bytes()[:50])
+    with pytest.raises(UserError, match=r"truncated \(50 of 128 bytes\)"):
+        load_ct(mhd)
+    raw.unlink()
+    with pytest.raises(UserError, match="x.raw, which is missing"):
+        load_ct(mhd)
+
+
+def test_unsupported_and_missing_paths(tmp_path):
+    (tmp_path / "scan.png").write_bytes(b"png")
+    with pytest.raises(UserError, match="unsupported CT file"):
+        load_ct(tmp_path / "scan.png")
+    with pytest.raises(UserError, match="CT not found"):
+        load_ct(tmp_path / "nope.mhd")
+
+
+@pytest.mark.parametrize("uid", ["../subset0/x", "1.2.*", "1.2;rm", "", "1..2", "1.2 ", "a.b"])
+def test_check_uid_refuses_anything_but_digits_and_dots(uid):
+    with pytest.raises(UserError, match="is not a series UID"):
+        check_uid(uid)
+
+
+def test_find_and_load_series_by_uid(tiny_root):
+    series = tiny_root.series[1]
+    assert find_series(tiny_root.root, series.uid) == series.mhd
+    ct = load_series(tiny_root.root, series.uid)
+    assert ct.series_uid == series.uid and ct.hu[:, :, :3].min() == -1000
+    with pytest.raises(UserError, match="is not on disk"):
+        find_series(tiny_root.root, "1.2.3")
+
+
+def test_crop_is_centred_inside_and_shifted_at_edges():
+    volume = np.arange(40 * 60 * 70, dtype=np.int32).reshape(40, 60, 70)
+    crop, start = extract_crop(volume, (20, 30, 35))
+    assert crop.shape == CROP_SIZE and start.tolist() == [4, 6, 11]
+    assert crop[16, 24, 24] == volume[20, 30, 35]
+    crop, start = extract_crop(volume, (1.4, 58.6, 0.2))
+    assert crop.shape == CROP_SIZE and start.tolist() == [0, 12, 0]
+    assert np.array_equal(crop, volume[0:32, 12:60, 0:48])
+
+
+def test_crop_of_a_volume_smaller_than_the_crop_is_padded_with_air():
+    volume = np.zeros((10, 60, 60), np.int16)
+    crop, start = extract_crop(volume, (5, 30, 30))
+    assert crop.shape == CROP_SIZE and start[0] == 0
+    assert (crop[:10] == 0).all() and (crop[10:] == -1000).all()
+
+
+def test_crop_starts_is_vectorised():
+    starts = crop_starts((40, 60, 70), np.array([[20, 30, 35], [0, 0, 0], [39, 59, 69]]))
+    assert starts.tolist() == [[4, 6, 11], [0, 0, 0], [8, 12, 22]]

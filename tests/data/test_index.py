@@ -1,0 +1,114 @@
+import shutil
+
+import numpy as np
+import pytest
+
+from p2ch_app.data.index import build_index
+from p2ch_app.errors import UserError
+from tests.conftest import REAL_LUNA_CSVS, make_tiny_root, requires_shared
+
+
+def test_merge_rules(tiny_root):
+    index = build_index(tiny_root.root)
+    assert index.series_uids == [s.uid for s in tiny_root.series]  # 1.2.840.99.777 is not on disk
+    annotated = index.has_annotation
+    assert annotated.sum() == 5  # series 0 and 2 have two nodules, series 1 has one
+    assert (index.diameter_mm[annotated] > 0).all()
+    # the class-1 candidate one voxel off a nodule merged into its annotation; the far one stayed
+    extra = index.is_nodule & ~annotated
+    assert extra.sum() == 1 and index.uids()[extra].tolist() == ["1.2.840.99.1"]
+    assert index[int(np.flatnonzero(extra)[0])].diameter_mm == 0.0
+    assert index[int(np.flatnonzero(extra)[0])].is_malignant is None
+    assert (~index.is_nodule).sum() == 12 and (index.malignancy[~index.is_nodule] == 0).all()
+    assert index.malignancy[annotated].tolist().count(1) == 3  # first nodule of each series
+
+
+def test_records_and_order(tiny_root):
+    index = build_index(tiny_root.root)
+    first = index[0]
+    assert first.series_uid == "1.2.840.99.1" and first.is_nodule and first.has_annotation
+    assert first.is_malignant is True and first.line == 2
+    codes = index.series_code
+    assert (np.diff(codes) >= 0).all()  # grouped by series, nodules first in each
+    for code in range(len(index.series_uids)):
+        flags = index.is_nodule[codes == code]
+        assert (np.diff(flags.astype(int)) <= 0).all()
+
+
+def test_without_malignancy_file_malignancy_is_unknown(tiny_root):
+    (tiny_root.root / "annotations_with_malignancy.csv").unlink()
+    index = build_index(tiny_root.root)
+    assert (index.malignancy[index.has_annotation] == -1).all()
+
+
+def test_index_can_include_series_not_on_disk(tiny_root):
+    assert "1.2.840.99.777" in build_index(tiny_root.root, require_on_disk=False).series_uids
+
+
+def test_split_by_series_is_deterministic_and_disjoint(tmp_path):
+    root = make_tiny_root(tmp_path, n_series=12, shape=(24, 48, 48))
+    index = build_index(root.root)
+    train, val = index.split(val_stride=5)
+    assert val.series_uids == [index.series_uids[i] for i in (0, 5, 10)]
+    assert set(train.series_uids).isdisjoint(val.series_uids)
+    assert len(train) + len(val) == len(index)
+    again_train, again_val = build_index(root.root).split(val_stride=5)
+    assert again_val.series_uids == val.series_uids
+    assert np.array_equal(again_train.center_xyz, train.center_xyz)
+    assert build_index(root.root).split()[1].series_uids == [index.series_uids[0], index.series_uids[10]]
+    with pytest.raises(UserError, match="at least 2"):
+        index.split(1)
+
+
+@requires_shared
+def test_real_luna16_annotation_files(tmp_path):
+    for name in ("annotations.csv", "annotations_with_malignancy.csv"):
+        shutil.copy(REAL_LUNA_CSVS / name, tmp_path / name)
+    (tmp_path / "candidates.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,class\n1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860,0,0,0,0\n")
+    index = build_index(tmp_path, require_on_disk=False)
+    annotated = index.has_annotation
+    assert annotated.sum() == 1186
+    assert (index.malignancy[annotated] >= 0).sum() == 1182
+    assert (index.malignancy[annotated] == 1).sum() == 378
+    assert len(index.series_uids) == 601
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("candidates.csv", "", "candidates.csv is empty"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n", "has a header but no rows"),
+    ("candidates.csv", "seriesuid,coordX,coordZ,class\n1.2,1,2,0\n", "candidates.csv:1: header lacks column"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,0\n1.2,1,2\n",
+     "candidates.csv:3: row has 3 fields, expected 5"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,0\n\n1.2,1,,3,0\n",
+     "candidates.csv:4: field coordY is missing"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,0\n1.2,1,2,abc,0\n",
+     "candidates.csv:3: field coordZ 'abc' is not a number"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,nan,0\n",
+     "candidates.csv:2: field coordZ 'nan' is not a finite number"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,2\n", "candidates.csv:2: field class is not 0 or 1"),
+    ("annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,-4\n",
+     "annotations.csv:2: field diameter_mm is not a positive diameter"),
+    ("annotations_with_malignancy.csv",
+     "seriesuid,coordX,coordY,coordZ,diameter_mm,mal_bool\n1.2,1,2,3,4,maybe\n",
+     "annotations_with_malignancy.csv:2: field mal_bool 'maybe' is not True or False"),
+])
+def test_bad_csvs_name_file_and_line(tiny_root, name, content, message):
+    (tiny_root.root / name).write_text(content)
+    with pytest.raises(UserError, match=message):
+        build_index(tiny_root.root)
+
+
+def test_missing_csv_and_missing_root(tiny_root, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_index(tmp_path / "nowhere")
+    (tiny_root.root / "annotations.csv").unlink()
+    with pytest.raises(UserError, match="annotations.csv is missing"):
+        build_index(tiny_root.root)
+
+
+def test_no_series_on_disk(tiny_root):
+    for s in tiny_root.series:
+        s.mhd.unlink()
+    with pytest.raises(UserError, match="none of the series"):
+        build_index(tiny_root.root)
