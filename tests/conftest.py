@@ -111,5 +111,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
              if p.is_file() and ".db" not in p.name}
     for db in folder.rglob("cache.db"):
         with diskcache.Cache(str(db.parent)) as store:
-            files[str(db.relative_to(folder))] = pickle.dumps(sorted((k, pickle.dumps(store[k])) for k in store))
+            for key in store:
+                files[f"{db.relative_to(folder)}:{key}"] = pickle.dumps(store[key])
     return files

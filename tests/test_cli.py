@@ -1,0 +1,90 @@
+"""Bad input through the real commands: one line naming problem and fix, exit 2, nothing harmed."""
+
+import pytest
+from click.testing import CliRunner
+
+from p2ch_app.cli import COMMANDS, prep
+from tests.conftest import snapshot
+
+
+def run(command, args):
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+@pytest.fixture
+def prepared(tiny_root):
+    """A data root whose first series is already cached, so we can see that failures keep it."""
+    result = run(prep, ["--data-root", tiny_root.root, "--series", tiny_root.series[0].uid, "--workers", 1])
+    assert result.exit_code == 0, result.output
+    return tiny_root
+
+
+def break_csv(path, old, new):
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+CASES = {
+    "missing CSV": (lambda r: (r / "candidates.csv").unlink(), "candidates.csv is missing"),
+    "empty CSV": (lambda r: (r / "annotations.csv").write_text(""), "annotations.csv is empty"),
+    "missing field": (lambda r: break_csv(r / "candidates.csv", ",1\n", ",\n"), "field class is missing"),
+    "non-numeric field": (lambda r: break_csv(r / "annotations.csv", "\n1.2.840.99.1,", "\n1.2.840.99.1,x"),
+                          "annotations.csv:2: field coordX 'x"),
+    "raw missing": (lambda r: (r / "subset1" / "1.2.840.99.2.raw").unlink(), "1.2.840.99.2.raw, which is missing"),
+    "raw truncated": (lambda r: (r / "subset1" / "1.2.840.99.2.raw").write_bytes(b"\0" * 100), "is truncated"),
+    "annotation outside CT": (lambda r: (r / "annotations.csv").write_text(
+        (r / "annotations.csv").read_text() + "1.2.840.99.3,500,500,500,6\n"), "lies outside CT 1.2.840.99.3"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_keeps_data_and_cache(prepared, case):
+    root = prepared.root
+    breaks, message = CASES[case]
+    breaks(root)
+    before = snapshot(root)
+    result = run(prep, ["--data-root", root, "--workers", 1])
+    assert_one_line_error(result, message)
+    after = snapshot(root)
+    assert all(after.get(k) == v for k, v in before.items())  # new entries may appear, nothing changes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-root", "{tmp}/nowhere"], "data root {tmp}/nowhere does not exist"),
+    (["--series", "1.2.840.99.9"], "series 1.2.840.99.9 is not on disk"),
+    (["--series", "../subset0/1.2.840.99.1"], "'../subset0/1.2.840.99.1' is not a series UID"),
+    (["--series", "1.2.*"], "'1.2.*' is not a series UID"),
+    (["--config", "{tmp}/bad.toml"], "unknown key 'wokers' in [luna-prep]"),
+])
+def test_bad_arguments(prepared, tmp_path, args, message):
+    (tmp_path / "bad.toml").write_text("[luna-prep]\nwokers = 2\n")
+    before = snapshot(prepared.root)
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run(prep, ["--data-root", prepared.root, *args])
+    assert_one_line_error(result, message.format(tmp=tmp_path))
+    assert snapshot(prepared.root) == before
+
+
+def test_every_command_has_help():
+    for name, command in COMMANDS.items():
+        result = run(command, ["--help"])
+        assert result.exit_code == 0 and "--config" in result.output and "--data-root" in result.output, name
+
+
+@pytest.mark.parametrize("name", ["luna-train-cls", "luna-train-seg", "luna-finetune-mal", "nodule-analyze"])
+def test_commands_of_later_issues_say_so_and_exit_2(name):
+    assert_one_line_error(run(COMMANDS[name], ["--epochs", 1]), "is not built yet")
+
+
+def test_prep_reports_what_it_built(tiny_root):
+    result = run(prep, ["--data-root", tiny_root.root, "--workers", 2])
+    assert result.exit_code == 0, result.output
+    assert "built 3, already current 0; 3 series" in result.stdout and "MB per CT" in result.stdout
+    result = run(prep, ["--data-root", tiny_root.root])
+    assert "built 0, already current 3" in result.stdout

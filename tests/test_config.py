@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from p2ch_app.cli import DEFAULT_DATA_ROOT, prep, resolve_options
+from p2ch_app.config import read_config
+from p2ch_app.errors import UserError
+
+OPTIONS = {"luna-prep": {"data_root", "workers"}, "luna-synth": {"data_root", "series"}}
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_top_level_keys_reach_every_command_that_has_them_and_sections_override(tmp_path):
+    config = read_config(write(tmp_path, 'data_root = "a"\nworkers = 3\n[luna-prep]\ndata_root = "b"\n'), OPTIONS)
+    assert config["luna-prep"] == {"data_root": "b", "workers": 3}
+    assert config["luna-synth"] == {"data_root": "a"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus = 1\n", "unknown key 'bogus' in .*c.toml; no command has an option --bogus"),
+    ("[luna-prep]\nseries = 2\n", r"unknown key 'series' in \[luna-prep\] of .*c.toml"),
+    ("[luna-prepp]\nworkers = 2\n", r"unknown section \[luna-prepp\] in .*c.toml"),
+    ("workers = \n", "is not valid TOML"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        read_config(write(tmp_path, text), OPTIONS)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_config(tmp_path / "none.toml", OPTIONS)
+
+
+def resolved(args):
+    return resolve_options(prep.make_context("luna-prep", list(args)))
+
+
+def test_precedence_command_line_over_config_over_default(tmp_path):
+    config = write(tmp_path, 'data_root = "from-config"\n[luna-prep]\nworkers = 1\n')
+    defaults = resolved([])
+    assert defaults["data_root"] == DEFAULT_DATA_ROOT and defaults["workers"] >= 1
+    from_file = resolved(["--config", str(config)])
+    assert from_file["data_root"] == Path("from-config") and from_file["workers"] == 1
+    both = resolved(["--config", str(config), "--workers", "3", "--data-root", "cli"])
+    assert both["workers"] == 3 and both["data_root"] == Path("cli")
+
+
+def test_config_value_of_the_wrong_type(tmp_path):
+    config = write(tmp_path, '[luna-prep]\nworkers = "many"\n')
+    with pytest.raises(UserError, match="bad value 'many' for 'workers'"):
+        resolved(["--config", str(config)])
+
+
+@pytest.mark.parametrize("name", ["default.toml", "demo.toml"])
+def test_shipped_configs_are_valid_for_every_command(name):
+    from p2ch_app.cli import COMMANDS
+
+    for command in COMMANDS.values():
+        resolve_options(command.make_context(command.name, ["--config", str(Path("configs") / name)]))
