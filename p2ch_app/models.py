@@ -1,0 +1,144 @@
+"""The two networks: a 3D CNN that classifies candidate crops, a 2D U-Net that segments slices.
+
+Parameter names follow the book's published checkpoints (tail_batchnorm, block1.conv1, ...,
+input_batchnorm, unet.down_path.N.block.M, ...) so those files load with strict=True.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ConvPool3d(nn.Module):
+    """Two 3x3x3 convolutions with ReLU, then a 2x max-pool: halves the crop, widens the features."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool3d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+
+
+class NoduleClassifier(nn.Module):
+    """Nodule vs non-nodule (or benign vs malignant) from a 1x32x48x48 HU crop."""
+
+    def __init__(self, width: int = 8, crop_size=(32, 48, 48), classes: int = 2):
+        super().__init__()
+        self.tail_batchnorm = nn.BatchNorm3d(1)  # normalises raw HU; the book's name for it
+        self.block1 = _ConvPool3d(1, width)
+        self.block2 = _ConvPool3d(width, width * 2)
+        self.block3 = _ConvPool3d(width * 2, width * 4)
+        self.block4 = _ConvPool3d(width * 4, width * 8)
+        features = width * 8 * math.prod(s // 16 for s in crop_size)
+        self.head_linear = nn.Linear(features, classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def blocks(self) -> list[nn.Module]:
+        """Trainable stages from input to head, for fine-tuning the last N of them."""
+        return [self.tail_batchnorm, self.block1, self.block2, self.block3, self.block4, self.head_linear]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.tail_batchnorm(x)
+        for block in (self.block1, self.block2, self.block3, self.block4):
+            y = block(y)
+        logits = self.head_linear(y.flatten(1))
+        return logits, logits.softmax(dim=1)
+
+
+def _conv_block(in_channels: int, out_channels: int, padding: bool, batch_norm: bool) -> nn.Sequential:
+    layers = []
+    for c_in in (in_channels, out_channels):
+        layers += [nn.Conv2d(c_in, out_channels, 3, padding=int(padding)), nn.ReLU()]
+        layers.append(nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity())
+    return nn.Sequential(*layers)
+
+
+class _DownStep(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, padding: bool, batch_norm: bool):
+        super().__init__()
+        self.block = _conv_block(in_channels, out_channels, padding, batch_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _UpStep(nn.Module):
+    """Upsample, join the skip connection (centre-cropped when unpadded convs shrank it), convolve."""
+
+    def __init__(self, in_channels: int, out_channels: int, up_mode: str, padding: bool, batch_norm: bool):
+        super().__init__()
+        if up_mode == "upconv":
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        else:
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                    nn.Conv2d(in_channels, out_channels, 1))
+        self.conv_block = _DownStep(in_channels, out_channels, padding, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dy, dx = (skip.shape[-2] - x.shape[-2]) // 2, (skip.shape[-1] - x.shape[-1]) // 2
+        skip = skip[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+        return self.conv_block(torch.cat([x, skip], dim=1))
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, depth: int, wf: int, padding: bool,
+                 batch_norm: bool, up_mode: str):
+        super().__init__()
+        widths = [2 ** (wf + i) for i in range(depth)]
+        self.down_path = nn.ModuleList(
+            _DownStep(c_in, c_out, padding, batch_norm) for c_in, c_out in zip([in_channels] + widths, widths))
+        self.up_path = nn.ModuleList(
+            _UpStep(c_in, c_out, up_mode, padding, batch_norm)
+            for c_in, c_out in zip(widths[::-1], widths[::-1][1:]))
+        self.last = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, down in enumerate(self.down_path):
+            x = down(x)
+            if i < len(self.down_path) - 1:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for up, skip in zip(self.up_path, reversed(skips)):
+            x = up(x, skip)
+        return self.last(x)
+
+
+class NoduleSegmenter(nn.Module):
+    """Per-pixel nodule probability for the centre slice of a (2C+1)-slice stack.
+
+    Defaults are the book's published model: 7 channels, depth 3, 16 first-level filters
+    (wf=4), padding, batch norm, transposed-conv up-sampling. Any slice size works: inputs are
+    padded to a multiple of 2^(depth-1) and the output cropped back.
+    """
+
+    def __init__(self, in_channels: int = 7, depth: int = 3, wf: int = 4, padding: bool = True,
+                 batch_norm: bool = True, up_mode: str = "upconv"):
+        super().__init__()
+        if up_mode not in ("upconv", "upsample"):
+            raise ValueError(f"up_mode must be 'upconv' or 'upsample', got {up_mode!r}")
+        self.input_batchnorm = nn.BatchNorm2d(in_channels)
+        self.unet = UNet(in_channels, 1, depth, wf, padding, batch_norm, up_mode)
+        self.multiple = 2 ** (depth - 1)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.multiple, -w % self.multiple
+        y = self.input_batchnorm(x)
+        if pad_h or pad_w:
+            y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
+        y = self.unet(y)
+        if self.padding:
+            y = y[..., :h, :w]
+        return torch.sigmoid(y)
