@@ -1,0 +1,154 @@
+import csv
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from p2ch_app.data.ct import irc_to_xyz, load_ct, xyz_to_irc
+from p2ch_app.data.synth import (
+    PRESETS, SynthGeometry, _place_nodules, _sample_chest, _vessel_trees, make_series, write_dataset,
+)
+from p2ch_app.errors import UserError
+from tests.conftest import snapshot
+
+SMALL = SynthGeometry(96, (3.2, 3.6), (3.0, 3.5))  # demo anatomy on a coarser grid: fast tests
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    written = write_dataset(root, series=3, subsets=2, seed=7, geometry=SMALL, progress=False)
+    return root, written
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_layout_headers_and_uids(dataset):
+    root, written = dataset
+    assert sorted(p.name for p in root.iterdir()) == [
+        "annotations.csv", "annotations_with_malignancy.csv", "candidates.csv", "subset0", "subset1"]
+    assert [p.parent.name for _, p in written] == ["subset0", "subset1", "subset0"]
+    for uid, mhd in written:
+        assert (mhd.with_suffix(".raw")).is_file() and mhd.stem == uid
+        assert len(uid) <= 64 and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)
+    assert read_rows(root / "candidates.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "class"]
+    assert read_rows(root / "annotations.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+    mal = read_rows(root / "annotations_with_malignancy.csv")
+    assert mal[0] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details",
+                      "bboxLowX", "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"]
+    for row in mal[1:]:
+        ratings = [int(r) for r in row[6].strip("[]").split(",")]
+        assert row[5] in ("True", "False") and (np.mean(ratings) > 3) == (row[5] == "True")
+        assert int(row[13]) == len(ratings)
+
+
+def test_files_read_back_with_simpleitk(dataset):
+    _, written = dataset
+    for uid, mhd in written:
+        image = sitk.ReadImage(str(mhd))
+        assert image.GetPixelID() == sitk.sitkInt16 and image.GetSize()[:2] == (96, 96)
+        assert 3.2 <= image.GetSpacing()[0] <= 3.6 and 3.0 <= image.GetSpacing()[2] <= 3.5
+        ct = load_ct(mhd)
+        assert ct.series_uid == uid and ct.hu.shape == image.GetSize()[::-1]
+
+
+def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
+    root, _ = dataset
+    write_dataset(tmp_path / "again", series=3, subsets=2, seed=7, geometry=SMALL, progress=False)
+    assert snapshot(tmp_path / "again") == snapshot(root)
+    write_dataset(tmp_path / "other", series=1, subsets=2, seed=8, geometry=SMALL, progress=False)
+    assert (tmp_path / "other" / "candidates.csv").read_bytes() != (root / "candidates.csv").read_bytes()
+
+
+def test_annotations_inside_their_ct_on_nodule_tissue_and_class1_within_radius(dataset):
+    root, written = dataset
+    cts = {uid: load_ct(mhd) for uid, mhd in written}
+    annotations = read_rows(root / "annotations.csv")[1:]
+    assert annotations, "seed 7 must give nodules"
+    for uid, x, y, z, diameter in annotations:
+        ct = cts[uid]
+        irc = np.rint(xyz_to_irc((float(x), float(y), float(z)), ct.geometry)).astype(int)
+        assert ct.contains(irc)
+        assert ct.hu[tuple(irc)] > -700, (uid, irc)
+    by_series = {}
+    for uid, x, y, z, d in annotations:
+        by_series.setdefault(uid, []).append((np.array([float(x), float(y), float(z)]), float(d)))
+    for uid, x, y, z, label in read_rows(root / "candidates.csv")[1:]:
+        if label == "1":
+            point = np.array([float(x), float(y), float(z)])
+            assert any(np.linalg.norm(point - c) <= d / 2 for c, d in by_series[uid])
+
+
+def inner_mean(series, nodule) -> float:
+    """Mean HU within half the nodule's radius: its tissue, not its partial-volume rim."""
+    shape = np.array(series.hu.shape)
+    idx = np.stack(np.indices(shape), -1).reshape(-1, 3)
+    center = xyz_to_irc(nodule.center_xyz, series.geometry)
+    near = idx[np.all(np.abs(idx - center) <= nodule.diameter_mm / series.geometry.spacing[::-1].min(), axis=1)]
+    dist = np.linalg.norm(irc_to_xyz(near, series.geometry) - nodule.center_xyz, axis=1)
+    return float(series.hu[tuple(near[dist <= nodule.diameter_mm / 4].T)].mean())
+
+
+def test_ground_glass_is_darker_than_solid():
+    means = {"solid": [], "ground-glass": []}
+    for seed in (20, 26, 28, 29):  # seeds whose series hold both kinds
+        series = make_series(seed, SMALL)
+        for n in series.nodules:
+            if n.diameter_mm >= 6:
+                means[n.kind].append(inner_mean(series, n))
+    assert len(means["solid"]) >= 3 and len(means["ground-glass"]) >= 3
+    assert max(means["ground-glass"]) < min(means["solid"]) - 200
+    assert all(-700 < m < -250 for m in means["ground-glass"]) and all(m > -100 for m in means["solid"])
+
+
+def test_anatomy_intensities():
+    series = make_series(3, SMALL)
+    hu = np.clip(series.hu, -1000, 1000)
+    z = hu.shape[0] // 2
+    slab = hu[z - 2:z + 3]
+    assert (slab > 300).any()  # bone: ribs and spine
+    assert ((slab > -150) & (slab < -50)).mean() > 0.005  # fat
+    assert ((slab > 0) & (slab < 80)).mean() > 0.05  # soft tissue
+    lung_like = slab[(slab > -950) & (slab < -750)]
+    assert lung_like.size > 0.05 * slab.size and -900 < lung_like.mean() < -800
+    assert (hu[:, :3, :3] == -1000).all()  # air (or blanked field) in the corners
+
+
+def sample_nodules(seed: int):
+    """Nodules as make_series places them, without rendering a volume (fast)."""
+    rng = np.random.default_rng(seed)
+    chest = _sample_chest(rng, 340.0)
+    return _place_nodules(chest, _vessel_trees(chest, rng), rng)[0]
+
+
+def test_nodule_mix_over_many_series():
+    nodules = [n for seed in range(150) for n in sample_nodules(seed)]
+    diameters = np.array([n.diameter_mm for n in nodules])
+    assert 3 <= diameters.min() and diameters.max() <= 30 and 5 < np.median(diameters) < 9
+    assert {n.shape for n in nodules} == {"round", "lobulated", "spiculated"}
+    assert {n.attached for n in nodules} == {"isolated", "pleural", "vascular"}
+    assert {n.kind for n in nodules} == {"solid", "ground-glass"}
+    malignant = np.array([n.malignant for n in nodules])
+    assert 0.15 < malignant.mean() < 0.6
+    big = diameters > np.median(diameters)
+    assert malignant[big].mean() > malignant[~big].mean()  # correlated with size, not decided by it
+    assert malignant[big].mean() < 1 and malignant[~big].mean() > 0
+    spiculated = np.array([n.shape == "spiculated" for n in nodules])
+    assert malignant[spiculated].mean() > malignant[~spiculated].mean()
+
+
+def test_refuses_to_overwrite_without_the_flag(dataset, tmp_path):
+    root, _ = dataset
+    before = snapshot(root)
+    with pytest.raises(UserError, match="already holds a dataset.*--overwrite"):
+        write_dataset(root, series=1, seed=1, geometry=SMALL, progress=False)
+    assert snapshot(root) == before
+
+
+def test_presets_match_luna16_and_demo_geometry():
+    assert PRESETS["full"].matrix == 512 and PRESETS["full"].inplane_mm == (0.5, 0.9)
+    assert PRESETS["full"].slice_mm == (0.6, 2.5) and PRESETS["demo"].matrix == 128
