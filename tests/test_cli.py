@@ -88,3 +88,28 @@ def test_prep_reports_what_it_built(tiny_root):
     assert "built 3, already current 0; 3 series" in result.stdout and "MB per CT" in result.stdout
     result = run(prep, ["--data-root", tiny_root.root])
     assert "built 0, already current 3" in result.stdout
+
+
+def test_synth_writes_refuses_to_overwrite_then_overwrites(tmp_path):
+    from p2ch_app.cli import synth
+
+    root = tmp_path / "synth"
+    args = ["--data-root", root, "--series", 1, "--matrix", 64, "--inplane-mm", 5, 5.5, "--slice-mm", 5, 5.5]
+    result = run(synth, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 synthetic series" in result.stdout
+    mhd = next(root.glob("subset0/*.mhd"))
+    assert "DimSize = 64 64" in mhd.read_text()
+    before = snapshot(root)
+    assert_one_line_error(run(synth, args), "already holds a dataset")
+    assert snapshot(root) == before
+    assert run(synth, [*args, "--overwrite", "--seed", 5]).exit_code == 0
+    assert snapshot(root) != before
+
+
+def test_synth_rejects_an_empty_spacing_range(tmp_path):
+    from p2ch_app.cli import synth
+
+    result = run(synth, ["--data-root", tmp_path, "--inplane-mm", 0.9, 0.5])
+    assert_one_line_error(result, "--inplane-mm 0.9 0.5: give 0 < MIN <= MAX")
+    assert not list(tmp_path.iterdir())

@@ -23,7 +23,7 @@ import diskcache
 import numpy as np
 from tqdm import tqdm
 
-from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, xyz_to_irc
+from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, series_on_disk, xyz_to_irc
 from p2ch_app.data.index import ANNOTATIONS_CSV, LunaIndex
 from p2ch_app.errors import UserError
 
@@ -118,12 +118,13 @@ class LunaCache:
         Returns counts: built, skipped (already current), bytes (cache size after).
         """
         uids = list(index.series_uids if uids is None else uids)
+        on_disk = series_on_disk(data_root)
         self._remove_stale_temp_files()
         jobs = []
         for uid in uids:
             rows = index.for_series(uid)
             centers = rows.center_xyz[rows.has_annotation]
-            key = fingerprint(centers, rows.line[rows.has_annotation])
+            key = fingerprint(centers, rows.line[rows.has_annotation], on_disk.get(uid))
             if not self.is_current(uid, key):
                 jobs.append((Path(data_root), uid, centers, rows.line[rows.has_annotation],
                              str(self.volume_path(uid)), key))
@@ -147,10 +148,16 @@ class LunaCache:
             tmp.unlink()
 
 
-def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray) -> str:
-    """Identifies the annotations of a series, so a changed annotations.csv rebuilds its masks."""
+def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray, mhd: Path | None = None) -> str:
+    """Identifies what a series' cache entry was built from: its annotations and its CT files
+    (size and modification time), so a changed annotations.csv or a rewritten CT is rebuilt."""
     digest = hashlib.sha1(np.ascontiguousarray(centers_xyz, np.float64).tobytes())
     digest.update(np.ascontiguousarray(lines, np.int64).tobytes())
+    if mhd is not None:
+        for path in (mhd, mhd.with_suffix(".raw")):
+            if path.exists():
+                stat = path.stat()
+                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 

@@ -65,6 +65,13 @@ def test_second_build_skips_and_changed_annotations_rebuild_one_series(tiny_root
     index = build_index(tiny_root.root)
     redone = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
     assert redone["built"] == 1 and redone["skipped"] == 2
+    raw = tiny_root.series[0].mhd.with_suffix(".raw")
+    data = bytearray(raw.read_bytes())
+    data[:2] = (123).to_bytes(2, "little", signed=True)
+    raw.write_bytes(bytes(data))  # a rewritten CT is cached again, with its new values
+    cache = LunaCache(tmp_path / "cache")
+    assert cache.build(tiny_root.root, index, progress=False)["built"] == 1
+    assert cache.volume(tiny_root.series[0].uid)[0, 0, 0] == 123
 
 
 def test_parallel_build_matches_serial(tiny_root, tmp_path):
