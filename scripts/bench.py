@@ -17,6 +17,7 @@ import diskcache
 import numpy as np
 
 from p2ch_app.data.cache import LunaCache
+from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
 from p2ch_app.data.synth import PRESETS, write_dataset
 
@@ -73,7 +74,7 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
     def read_memmap():
         cache = LunaCache(cache_dir)
         for uid, xyz in picks:
-            cache.crop(uid, xyz)[0].sum()
+            cache.crop(uid, xyz)  # a contiguous copy, ready for a batch
 
     volumes = list((cache_dir / "volumes").glob("*.npy"))
     read_memmap()
@@ -91,7 +92,7 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
     def read_store():
         with diskcache.Cache(str(store_dir)) as store:
             for k in range(n):
-                np.frombuffer(store[k], np.int16).sum()
+                np.frombuffer(store[k], np.int16).reshape(CROP_SIZE)
 
     read_store()
     store_warm, _ = timed(read_store)
@@ -105,7 +106,7 @@ def write_luna_scale_csvs(folder: Path) -> None:
     """candidates.csv with the real row count (551,065) over 888 series, plus 1186 annotations."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{rng.integers(10**29, 10**30)}" for _ in range(LUNA_SERIES)]
+    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{int.from_bytes(rng.bytes(12), 'big') + 10**29}" for _ in range(LUNA_SERIES)]
     which = rng.integers(0, LUNA_SERIES, LUNA_CANDIDATE_ROWS)
     xyz = rng.uniform(-300, 300, (LUNA_CANDIDATE_ROWS, 3))
     label = (rng.random(LUNA_CANDIDATE_ROWS) < 1557 / LUNA_CANDIDATE_ROWS).astype(int)

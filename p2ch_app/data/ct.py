@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,15 @@ class Geometry:
         return {"origin": self.origin.tolist(), "spacing": self.spacing.tolist(),
                 "direction": self.direction.reshape(-1).tolist()}
 
+    @cached_property
+    def inverse_direction(self) -> np.ndarray:
+        return np.linalg.inv(self.direction)
+
 
 def xyz_to_irc(xyz, geometry: Geometry) -> np.ndarray:
     """Patient mm (..., 3) -> continuous array indices (..., 3) as (index, row, col)."""
     offset = np.asarray(xyz, float) - geometry.origin
-    cri = offset @ np.linalg.inv(geometry.direction).T / geometry.spacing
+    cri = offset @ geometry.inverse_direction.T / geometry.spacing
     return cri[..., ::-1]
 
 
@@ -184,13 +189,13 @@ def crop_starts(shape, centers_irc, size=CROP_SIZE) -> np.ndarray:
 
 
 def extract_crop(volume: np.ndarray, center_irc, size=CROP_SIZE, fill: int = HU_MIN):
-    """A fixed-size crop around a point; returns (crop, start_irc).
+    """A fixed-size crop around a point, copied out of the volume; returns (crop, start_irc).
 
     The crop is shifted to stay inside the volume; only a volume smaller than the crop is padded
     (with fill), so every crop has exactly `size`.
     """
     start = crop_starts(volume.shape, center_irc, size)
-    crop = np.asarray(volume[tuple(slice(s, s + n) for s, n in zip(start, size))])
+    crop = np.array(volume[tuple(slice(s, s + n) for s, n in zip(start, size))])  # a copy: owns its memory
     if crop.shape != tuple(size):
         crop = np.pad(crop, [(0, n - c) for n, c in zip(size, crop.shape)], constant_values=fill)
     return crop, start
