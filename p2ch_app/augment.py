@@ -1,0 +1,67 @@
+"""Batched augmentation on the training device: one random affine per sample, applied to the
+whole batch by a single affine_grid + grid_sample, so images and their masks move together.
+
+Works for 3D crops (N, C, D, H, W) and 2D slice stacks (N, C, H, W). Rotation is about the
+index (slice) axis only: CT voxels are rarely isotropic along it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise")
+
+
+def parse_augmentations(text: str | None) -> tuple[str, ...]:
+    """'flip,noise' -> ('flip', 'noise'); '' or None -> none; an unknown name is a ValueError."""
+    names = tuple(n.strip() for n in (text or "").split(",") if n.strip())
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r}; choose from {','.join(AUGMENTATIONS)}")
+    return names
+
+
+def random_affines(n: int, dims: int, enabled, generator: torch.Generator, device,
+                   max_offset: float = 0.1, max_scale: float = 0.2) -> torch.Tensor:
+    """(n, dims, dims + 1) matrices in affine_grid's normalised coordinates (x = last axis first)."""
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    matrix = torch.eye(dims, device=device).repeat(n, 1, 1)
+    if "flip" in enabled:
+        signs = torch.where(uniform(n, dims) < 0.5, -1.0, 1.0)
+        matrix = matrix * signs[:, None, :]
+    if "scale" in enabled:
+        matrix = matrix * (1 + max_scale * (2 * uniform(n, dims) - 1))[:, None, :]
+    if "rotate" in enabled:
+        angle = uniform(n) * 2 * math.pi
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.eye(dims, device=device).repeat(n, 1, 1)
+        rotation[:, 0, 0], rotation[:, 0, 1], rotation[:, 1, 0], rotation[:, 1, 1] = cos, -sin, sin, cos
+        matrix = rotation @ matrix
+    shift = torch.zeros(n, dims, 1, device=device)
+    if "offset" in enabled:
+        shift = (2 * max_offset * (2 * uniform(n, dims, 1) - 1))  # the crop spans 2 normalised units
+    return torch.cat([matrix, shift], dim=2)
+
+
+def augment(images: torch.Tensor, enabled, generator: torch.Generator, masks: torch.Tensor | None = None,
+            noise_hu: float = 25.0):
+    """Augment a batch of HU images (and masks, moved identically); returns (images, masks)."""
+    enabled = tuple(enabled)
+    geometric = [e for e in enabled if e != "noise"]
+    dims = images.dim() - 2
+    if geometric:
+        theta = random_affines(images.shape[0], dims, geometric, generator, images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if masks is not None:
+            moved = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            masks = moved > 0.5
+    if "noise" in enabled:
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        images = images + noise_hu * noise
+    return images, masks

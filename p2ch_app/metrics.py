@@ -1,0 +1,56 @@
+"""Metrics shared by every trainer and the evaluation: one definition of precision, recall, AUC."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def scores_from_counts(tp: float, fp: float, fn: float, tn: float | None = None) -> dict[str, float]:
+    """Precision, recall, F1 (and negative-class accuracy when tn is known) from confusion counts.
+
+    Used for candidates (one count per sample) and for segmentation (one count per pixel). An
+    undefined ratio (0/0) is reported as 0, so a model that predicts nothing scores 0, not NaN.
+    """
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    out = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+    if tn is not None:
+        out["accuracy_neg"] = float(tn / (tn + fp)) if tn + fp else 0.0
+        out["accuracy_pos"] = out["recall"]
+        out["accuracy"] = float((tp + tn) / (tp + tn + fp + fn)) if tp + tn + fp + fn else 0.0
+    return out
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative
+    (ties count half). NaN when either class is absent."""
+    labels = np.asarray(labels, bool)
+    scores = np.asarray(scores, float)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # average the ranks of tied scores
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first[counts > 1], counts[counts > 1]):
+        ranks[order[start:start + count]] = start + (count + 1) / 2
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_metrics(labels, probs, threshold: float = 0.5, loss: float | None = None) -> dict[str, float]:
+    """Every per-sample metric the trainers log: counts-based scores, ROC AUC and the mean loss."""
+    labels = np.asarray(labels, bool)
+    predicted = np.asarray(probs, float) >= threshold
+    tp = float(np.sum(predicted & labels))
+    fp = float(np.sum(predicted & ~labels))
+    fn = float(np.sum(~predicted & labels))
+    tn = float(np.sum(~predicted & ~labels))
+    out = scores_from_counts(tp, fp, fn, tn)
+    out["auc"] = roc_auc(labels, probs)
+    if loss is not None:
+        out["loss"] = float(loss)
+    return out
