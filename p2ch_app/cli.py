@@ -1,7 +1,8 @@
 """Command-line entry points: thin click wrappers that resolve options and call library code.
 
 Every command takes --config FILE and --data-root DIR. An option's value comes from the command
-line if given there, else from the config file, else from the default shown in --help.
+line if given there, else from the run being resumed (--resume), else from the config file, else
+from the default shown in --help.
 """
 
 from __future__ import annotations
@@ -63,18 +64,24 @@ def app_command(name: str, **settings):
 def resolve_options(ctx: click.Context) -> dict:
     """Merge the config file into the options the user did not give on the command line."""
     params = dict(ctx.params)
-    path = params.get("config")
-    if path is None:
-        return params
-    names = {cmd: {p.name for p in c.params if p.name != "config"} for cmd, c in COMMANDS.items()}
     by_name = {p.name: p for p in ctx.command.params}
-    for name, value in read_config(path, names)[ctx.command.name].items():
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-            continue
-        try:
-            params[name] = by_name[name].type_cast_value(ctx, value)
-        except click.BadParameter as err:
-            raise UserError(f"bad value {value!r} for '{name}' in {path}: {err.message}") from None
+    layers = []  # later layers win over earlier ones; the command line wins over all
+    if params.get("config") is not None:
+        names = {cmd: {p.name for p in c.params if p.name != "config"} for cmd, c in COMMANDS.items()}
+        layers.append((str(params["config"]), read_config(params["config"], names)[ctx.command.name]))
+    if params.get("resume") is not None:
+        from p2ch_app.training import load_checkpoint
+
+        saved = load_checkpoint(params["resume"]).get("config", {}).get("options", {})
+        layers.append((str(params["resume"]), {k: v for k, v in saved.items() if k in by_name and k != "resume"}))
+    for source, values in layers:
+        for name, value in values.items():
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                continue
+            try:
+                params[name] = by_name[name].type_cast_value(ctx, value)
+            except click.BadParameter as err:
+                raise UserError(f"bad value {value!r} for '{name}' in {source}: {err.message}") from None
     return params
 
 
@@ -151,18 +158,127 @@ def prep(data_root, config, cache_dir, workers, series_uids):
                f"{done['series']} series, {mb:.1f} MB ({per_ct:.1f} MB per CT)")
 
 
+def training_options(epochs: int, lr: float, optimizer: str, epoch_samples: int, augment: str):
+    """The options every trainer shares, with the defaults of the calling trainer."""
+    options = [
+        click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="The luna-prep cache [default: <data-root>/cache]."),
+        click.option("--epochs", type=click.IntRange(1), default=epochs, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+        click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+                     help="Data-loading processes (0: load in the training process)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=lr, show_default=True,
+                     help="Learning rate."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=optimizer, show_default=True,
+                     help="sgd: momentum 0.99; both with weight decay 1e-4."),
+        click.option("--epoch-samples", type=click.IntRange(1), default=epoch_samples, show_default=True,
+                     help="Training samples per epoch (drawn afresh every epoch)."),
+        click.option("--augment", default=augment, show_default=True,
+                     help="Comma-separated: flip,offset,scale,rotate,noise."),
+        click.option("--no-augment", is_flag=True, help="Train without augmentation."),
+        click.option("--val-stride", type=click.IntRange(2), default=10, show_default=True,
+                     help="Every Nth series (sorted by UID) validates."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same run."),
+        click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Continue a run from its last.pt; its saved options fill in what you do not give."),
+        click.option("--comment", default="", help="Suffix of the run directory name."),
+        click.option("--runs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+                     show_default=True, help="Where runs/<command>/<time>-<comment>/ go."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def _training_data(opts: dict):
+    """The index, validation mask and cache directory every candidate trainer starts from."""
+    from p2ch_app.data.index import build_index
+    from p2ch_app.tasks import require_cached
+
+    require_dir(opts["data_root"], "data root", "pass --data-root DIR (or run luna-synth to make one)")
+    index = build_index(opts["data_root"])
+    cache_dir = _cache_dir(opts["data_root"], opts["cache_dir"])
+    require_cached(cache_dir, index, opts["data_root"])
+    return index, index.is_validation(opts["val_stride"]), cache_dir
+
+
+def _augmentations(opts: dict) -> tuple[str, ...]:
+    from p2ch_app.augment import parse_augmentations
+
+    if opts["no_augment"]:
+        return ()
+    try:
+        return parse_augmentations(opts["augment"])
+    except ValueError as err:
+        raise UserError(f"--augment: {err}") from None
+
+
+def _fit(task, opts: dict, command: str) -> None:
+    from p2ch_app.training import TrainConfig, fit
+
+    keys = ("epochs", "batch_size", "workers", "lr", "optimizer", "device", "seed", "comment", "runs_dir")
+    cfg = TrainConfig(command=command, options=opts, **{k: opts[k] for k in keys})
+    _, run_dir = fit(task, cfg, resume=opts["resume"])
+    if run_dir is not None:
+        click.echo(f"{command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
+                   f"see the curves with: make tensorboard")
+
+
+@app_command("luna-train-cls")
+@training_options(epochs=10, lr=0.001, optimizer="sgd", epoch_samples=20000, augment="flip,offset,scale,rotate,noise")
+@click.option("--balance", type=click.IntRange(0), default=1, show_default=True,
+              help="Negatives per positive in training batches (0: the natural ratio).")
+def train_cls(**opts):
+    """Train the 3D CNN that tells nodules from non-nodules among candidate crops.
+
+    The best checkpoint is the one with the highest validation F1.
+    """
+    from p2ch_app.tasks import nodule_task
+
+    index, is_val, cache_dir = _training_data(opts)
+    task = nodule_task(cache_dir, index, is_val, opts["balance"], opts["epoch_samples"], _augmentations(opts),
+                       opts["seed"])
+    _fit(task, opts, "luna-train-cls")
+
+
+@app_command("luna-finetune-mal")
+@training_options(epochs=10, lr=0.001, optimizer="sgd", epoch_samples=3000, augment="flip,offset,scale,rotate,noise")
+@click.option("--from", "from_checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A nodule classifier checkpoint (ours or the book's .state) to start from.  [required]")
+@click.option("--depth", type=click.IntRange(1), default=1, show_default=True,
+              help="How many blocks, counted from the head, to train (1: the head only).")
+def finetune_mal(**opts):
+    """Fine-tune a nodule classifier into a benign/malignant classifier.
+
+    The best checkpoint is the one with the highest validation ROC AUC; the diameter-only
+    baseline AUC is printed and logged beside it.
+    """
+    from p2ch_app.tasks import malignancy_task
+
+    if opts["from_checkpoint"] is None:
+        raise UserError("--from CHECKPOINT is required: a nodule classifier from luna-train-cls or the book")
+    index, is_val, cache_dir = _training_data(opts)
+    task = malignancy_task(cache_dir, index, is_val, opts["epoch_samples"], _augmentations(opts), opts["seed"],
+                           opts["from_checkpoint"], opts["depth"])
+    _fit(task, opts, "luna-finetune-mal")
+
+
 def _not_built(name: str, issue: str):
     @app_command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def command(data_root, config):
-        raise UserError(f"{name} is not built yet ({issue}); only luna-synth and luna-prep work in this version")
+        raise UserError(f"{name} is not built yet ({issue}); luna-synth, luna-prep, luna-train-cls and "
+                        "luna-finetune-mal work in this version")
 
     command.help = f"Not built yet: {issue}."
     return command
 
 
-train_cls = _not_built("luna-train-cls", "the nodule classifier trainer")
 train_seg = _not_built("luna-train-seg", "the segmentation trainer")
-finetune_mal = _not_built("luna-finetune-mal", "the malignancy fine-tuning")
 analyze = _not_built("nodule-analyze", "the end-to-end analysis")
 
 

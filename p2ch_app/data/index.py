@@ -73,11 +73,16 @@ class LunaIndex:
         code = self.series_uids.index(uid) if uid in self.series_uids else -1
         return self.select(self.series_code == code)
 
-    def split(self, val_stride: int = 10) -> tuple[LunaIndex, LunaIndex]:
-        """(train, validation) by series: every val_stride-th series (sorted by UID) validates."""
+    def is_validation(self, val_stride: int = 10) -> np.ndarray:
+        """Per row: whether its series validates. Every val_stride-th series (sorted by UID) does,
+        so a series is never in both sets."""
         if val_stride < 2:
             raise UserError(f"val_stride must be at least 2, got {val_stride}")
-        is_val = (self.series_code % val_stride) == 0
+        return (self.series_code % val_stride) == 0
+
+    def split(self, val_stride: int = 10) -> tuple[LunaIndex, LunaIndex]:
+        """(train, validation) by series."""
+        is_val = self.is_validation(val_stride)
         return self.select(~is_val), self.select(is_val)
 
 

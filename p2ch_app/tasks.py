@@ -1,0 +1,154 @@
+"""The trainers, as Tasks for the shared loop: they differ only in data, model, loss and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2ch_app.augment import augment
+from p2ch_app.data.cache import LunaCache
+from p2ch_app.data.datasets import CropDataset, interleave
+from p2ch_app.data.index import LunaIndex
+from p2ch_app.errors import UserError
+from p2ch_app.metrics import binary_metrics, roc_auc
+from p2ch_app.models import NoduleClassifier
+from p2ch_app.training import Task, load_checkpoint
+
+
+def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
+    cache = LunaCache(cache_dir)
+    cached = set(cache.cached_uids()) if (Path(cache_dir) / "meta").is_dir() else set()
+    missing = [u for u in index.series_uids if u not in cached]
+    if missing:
+        raise UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {cache_dir}; "
+                        f"run luna-prep --data-root {data_root} first")
+
+
+class CandidateTask(Task):
+    """Classify candidate crops: nodule vs non-nodule, or malignant vs benign."""
+
+    memory_format = torch.channels_last_3d
+
+    def __init__(self, name: str, cache_dir: Path, index: LunaIndex, labels: np.ndarray,
+                 train_groups: list[np.ndarray], pattern: list[int], val_rows: np.ndarray, epoch_samples: int,
+                 augmentations: tuple[str, ...], seed: int, best_metric: str,
+                 make_model: Callable[[], nn.Module], label_names: tuple[str, str] = ("non-nodule", "nodule")):
+        self.name, self.best_metric, self.seed = name, best_metric, seed
+        self.cache_dir, self.index, self.labels = cache_dir, index, labels
+        self.train_groups, self.pattern, self.val_rows = train_groups, pattern, val_rows
+        self.epoch_samples, self.augmentations = epoch_samples, tuple(augmentations)
+        self.make_model, self.label_names = make_model, label_names
+        self._uids = index.uids()
+
+    def model(self) -> nn.Module:
+        return self.make_model()
+
+    def _dataset(self, rows):
+        return CropDataset(self.cache_dir, self._uids, self.index.center_xyz, self.labels, rows)
+
+    def train_dataset(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        return self._dataset(interleave(self.train_groups, self.pattern, self.epoch_samples, rng))
+
+    def val_dataset(self):
+        return self._dataset(self.val_rows)
+
+    def step(self, model, batch, device, generator):
+        crops, labels, rows = batch
+        x = crops.to(device, non_blocking=True).float()
+        if generator is not None and self.augmentations:
+            x, _ = augment(x, self.augmentations, generator)
+        logits, probs = model(x.contiguous(memory_format=self.memory_format))
+        losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
+        record = {"label": labels.numpy(), "prob": probs[:, 1].detach().float().cpu().numpy(),
+                  "loss": losses.detach().cpu().numpy(), "row": rows.numpy()}
+        return losses.mean(), record
+
+    def summarize(self, record: dict) -> dict[str, float]:
+        if not record:
+            return {}
+        return binary_metrics(record["label"], record["prob"], loss=record["loss"].mean())
+
+    def log_extra(self, writer, phase, record, step, epoch):
+        if not record:
+            return
+        labels, probs = record["label"].astype(bool), record["prob"]
+        writer.add_pr_curve(f"{phase}/pr_curve", labels, probs, step)
+        for flag, name in ((True, self.label_names[1]), (False, self.label_names[0])):
+            if np.any(labels == flag):
+                writer.add_histogram(f"{phase}/prob_{name.replace('-', '_')}", probs[labels == flag], step)
+
+
+def nodule_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, balance: int, epoch_samples: int,
+                augmentations, seed: int) -> CandidateTask:
+    """Nodule vs non-nodule; `balance` negatives per positive (0: the natural ratio)."""
+    labels = index.is_nodule.astype(np.int64)
+    positives = np.flatnonzero(~is_val & (labels == 1))
+    negatives = np.flatnonzero(~is_val & (labels == 0))
+    if balance > 0:
+        if len(positives) == 0 or len(negatives) == 0:
+            raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
+                            "add series or use --balance 0")
+        groups, pattern = [positives, negatives], [0] + [1] * balance
+    else:
+        groups, pattern = [np.flatnonzero(~is_val)], [0]
+    return CandidateTask("luna-train-cls", cache_dir, index, labels, groups, pattern, np.flatnonzero(is_val),
+                         epoch_samples, augmentations, seed, "f1", NoduleClassifier)
+
+
+class MalignancyTask(CandidateTask):
+    """Benign vs malignant, fine-tuned; also reports the diameter-only baseline AUC."""
+
+    summary_metrics = ("loss", "auc", "diameter_auc", "f1")
+
+    def summarize(self, record):
+        metrics = super().summarize(record)
+        if record:
+            rows = record["row"]
+            nodules = self.index.has_annotation[rows]
+            metrics["diameter_auc"] = roc_auc(record["label"][nodules], self.index.diameter_mm[rows][nodules])
+        return metrics
+
+
+def malignancy_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, epoch_samples: int, augmentations,
+                    seed: int, from_checkpoint: Path, depth: int) -> MalignancyTask:
+    """Training draws malignant / benign / non-nodule in turn, so non-nodules are learnt as not
+    malignant; validation is the validation series' benign and malignant nodules."""
+    labels = (index.malignancy == 1).astype(np.int64)
+    known = index.has_annotation & (index.malignancy >= 0)
+    groups = [np.flatnonzero(~is_val & known & (index.malignancy == 1)),
+              np.flatnonzero(~is_val & known & (index.malignancy == 0)),
+              np.flatnonzero(~is_val & ~index.is_nodule)]
+    if any(len(g) == 0 for g in groups):
+        raise UserError("the training series need malignant, benign and non-nodule candidates; malignancy comes "
+                        "from annotations_with_malignancy.csv in the data root")
+    val_rows = np.flatnonzero(is_val & known)
+    if len(val_rows) == 0:
+        raise UserError("the validation series hold no nodules of known malignancy; add series or change --val-stride")
+    state = load_checkpoint(from_checkpoint)["model_state"]
+    make_model = lambda: fine_tunable(state, depth)
+    return MalignancyTask("luna-finetune-mal", cache_dir, index, labels, groups, [0, 1, 2], val_rows, epoch_samples,
+                          augmentations, seed, "auc", make_model, label_names=("benign", "malignant"))
+
+
+def fine_tunable(state: dict, depth: int) -> NoduleClassifier:
+    """A nodule classifier from `state` whose last `depth` blocks train (1: the head only); the head
+    starts afresh, everything before the trained blocks is frozen."""
+    model = NoduleClassifier()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"--from checkpoint is not a nodule classifier ({str(err).splitlines()[0][:100]})") from None
+    blocks = model.blocks()
+    if not 1 <= depth <= len(blocks):
+        raise UserError(f"--depth must be between 1 (head only) and {len(blocks)} (everything), got {depth}")
+    fresh = NoduleClassifier()
+    model.head_linear.load_state_dict(fresh.head_linear.state_dict())
+    for i, block in enumerate(blocks):
+        block.requires_grad_(i >= len(blocks) - depth)
+    return model
