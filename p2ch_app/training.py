@@ -121,10 +121,12 @@ def load_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:120]
-        raise UserError(f"refused to load {path}: it holds objects beyond tensors and plain values, and "
-                        f"unpickling them could run code ({first}); use a checkpoint written by p2ch_app "
-                        "or the book") from None
+        refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise UserError(f"refused to load {path}: it holds objects beyond tensors and plain values, and "
+                            f"unpickling them could run code ({refused[0][:100]}); use a checkpoint written "
+                            "by p2ch_app or the book") from None
+        raise UserError(f"{path} is not a readable checkpoint; it may be truncated or another kind of file") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
                         "it may be truncated") from None
@@ -250,6 +252,9 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
             train_records.append(record)
             epoch_samples += len(batch[0]) * ddp.world
         samples_seen += epoch_samples
+        if ddp.world > 1:  # DDP syncs buffers (batch-norm statistics) only at the next forward
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         train_seconds = time.monotonic() - started
         model.eval()
         val_records = []

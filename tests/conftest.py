@@ -114,3 +114,24 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             for key in store:
                 files[f"{db.relative_to(folder)}:{key}"] = pickle.dumps(store[key])
     return files
+
+
+def small_geometry():
+    """The demo anatomy on a coarser grid, so tests run in seconds."""
+    from p2ch_app.data.synth import SynthGeometry
+
+    return SynthGeometry(96, (3.2, 3.6), (3.0, 3.5))
+
+
+@pytest.fixture(scope="session")
+def prepared_synth(tmp_path_factory):
+    """Six small synthetic series (seed 0) with their luna-prep cache. With val_stride 3 both the
+    training and the validation series hold malignant and benign nodules and non-nodules."""
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.data.index import build_index
+    from p2ch_app.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("prepared") / "luna"
+    write_dataset(root, series=6, subsets=2, seed=0, geometry=small_geometry(), progress=False)
+    LunaCache(root / "cache").build(root, build_index(root), workers=1, progress=False)
+    return root
