@@ -1,0 +1,57 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from p2ch_app.data.ct import extract_crop, load_ct
+from p2ch_app.models import NoduleClassifier, NoduleSegmenter
+from p2ch_app.training import load_checkpoint
+from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared
+
+# A spiculated nodule of about 15 mm in the right lung of the real CT (found by eye, slices 30-34),
+# and three points in aerated lung far from any vessel or wall.
+REAL_NODULE_IRC = (32, 165, 110)
+EMPTY_LUNG_IRC = [(45, 250, 100), (60, 200, 380), (45, 280, 420)]
+
+
+def test_classifier_shapes_and_init():
+    model = NoduleClassifier()
+    logits, probs = model(torch.randn(3, 1, 32, 48, 48))
+    assert logits.shape == probs.shape == (3, 2)
+    assert torch.allclose(probs.sum(1), torch.ones(3))
+    fan_in = 8 * 27
+    assert model.block1.conv2.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
+    assert model.head_linear.in_features == 64 * 2 * 3 * 3
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (67, 93), (33, 50), (128, 128)])
+@pytest.mark.parametrize("up_mode", ["upconv", "upsample"])
+def test_segmenter_keeps_any_slice_size(shape, up_mode):
+    model = NoduleSegmenter(up_mode=up_mode).eval()
+    out = model(torch.randn(2, 7, *shape))
+    assert out.shape == (2, 1, *shape) and out.min() >= 0 and out.max() <= 1
+
+
+def book_checkpoint(prefix: str) -> dict:
+    return load_checkpoint(next(BOOK_MODELS.glob(f"{prefix}_*.state")))
+
+
+@requires_shared
+def test_book_segmentation_checkpoint_loads_strictly():
+    model = NoduleSegmenter()
+    model.load_state_dict(book_checkpoint("seg")["model_state"], strict=True)
+
+
+@requires_shared
+def test_book_classifier_loads_strictly_and_prefers_a_real_nodule_to_empty_lung():
+    model = NoduleClassifier()
+    model.load_state_dict(book_checkpoint("cls")["model_state"], strict=True)
+    model.eval()
+    ct = load_ct(REAL_DICOM)
+    assert ct.hu[REAL_NODULE_IRC] > -300 and all(ct.hu[c] < -700 for c in EMPTY_LUNG_IRC)
+    crops = np.stack([extract_crop(ct.hu, c)[0] for c in [REAL_NODULE_IRC, *EMPTY_LUNG_IRC]])
+    with torch.inference_mode():
+        _, probs = model(torch.from_numpy(crops).float()[:, None])
+    nodule, empty = probs[0, 1].item(), probs[1:, 1]
+    assert nodule > 0.9 and (empty < 0.1).all() and (nodule > empty).all()
