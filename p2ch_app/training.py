@@ -167,6 +167,11 @@ def _merge(records: list[dict]) -> dict:
     return {k: np.concatenate([np.atleast_1d(r[k]) for r in records]) for k in records[0]}
 
 
+def _sample_bar(loader: DataLoader, desc: str, show: bool) -> tqdm:
+    """A progress bar counted in samples, so its rate reads in samples/s."""
+    return tqdm(total=len(loader.dataset), desc=desc, unit="sample", leave=False, disable=not show)
+
+
 def _batch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
@@ -240,9 +245,9 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         generator = torch.Generator(device=device).manual_seed(_batch_seed(cfg.seed, epoch, ddp.rank))
         _set_train_mode(wrapped)
         train_records, epoch_samples = [], 0
-        batches = tqdm(loader(task.train_dataset(epoch), shard=True, drop_uneven=True), desc=f"epoch {epoch} train",
-                       unit="batch", leave=False, disable=not (progress and ddp.is_main))
-        for batch in batches:
+        train_loader = loader(task.train_dataset(epoch), shard=True, drop_uneven=True)
+        bar = _sample_bar(train_loader, f"epoch {epoch} train", progress and ddp.is_main)
+        for batch in train_loader:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss, record = task.step(wrapped, batch, device, generator)
@@ -251,6 +256,8 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
             scaler.update()
             train_records.append(record)
             epoch_samples += len(batch[0]) * ddp.world
+            bar.update(len(batch[0]))
+        bar.close()
         samples_seen += epoch_samples
         if ddp.world > 1:  # DDP syncs buffers (batch-norm statistics) only at the next forward
             for buffer in model.buffers():
@@ -258,11 +265,14 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         train_seconds = time.monotonic() - started
         model.eval()
         val_records = []
+        val_loader = loader(val_data, shard=True, drop_uneven=False)
+        bar = _sample_bar(val_loader, f"epoch {epoch} val", progress and ddp.is_main)
         with torch.inference_mode():
-            for batch in tqdm(loader(val_data, shard=True, drop_uneven=False), desc=f"epoch {epoch} val",
-                              unit="batch", leave=False, disable=not (progress and ddp.is_main)):
+            for batch in val_loader:
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     val_records.append(task.step(model, batch, device, None)[1])
+                bar.update(len(batch[0]))
+        bar.close()
         train_record, val_record = _merge(train_records), _merge(val_records)
         if ddp.world > 1:
             gathered = [None] * ddp.world
@@ -280,15 +290,16 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         value = metrics["val"].get(task.best_metric, float("nan"))
         improved = bool(value > best)  # NaN never improves
         best = value if improved else best
+        rate = epoch_samples / max(train_seconds, 1e-9)
         state = {"model_state": model.state_dict(), "model_name": type(model).__name__,
                  "optimizer_state": optimizer.state_dict(), "optimizer_name": type(optimizer).__name__,
                  "epoch": epoch, "samples_seen": samples_seen, "rng": _rng_state(),
                  "config": _plain({**asdict(cfg), "options": cfg.options}), "metrics": metrics,
-                 "best_metric": task.best_metric, "best_value": best}
+                 "best_metric": task.best_metric, "best_value": best,
+                 "timing": {"train_seconds": train_seconds, "train_samples_per_s": rate}}
         save_checkpoint(run_dir / "last.pt", state)
         if improved:
             save_checkpoint(run_dir / "best.pt", state)
-        rate = epoch_samples / max(train_seconds, 1e-9)
         line = " | ".join(
             f"{phase} " + " ".join(f"{k} {values[k]:.4f}" for k in task.summary_metrics if k in values)
             for phase, values in metrics.items())

@@ -1,4 +1,4 @@
-"""`make bench`: the speed figures of the data layer, printed and saved to bench-results/bench.json.
+"""`make bench`: speed and quality figures, printed and saved to bench-results/bench.json.
 
 Works on its own copy of the demo dataset under data-unversioned/bench/, so the demo's data and
 cache are never touched. Run from the project root.
@@ -19,7 +19,10 @@ import numpy as np
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
+from p2ch_app.cli import finetune_mal, train_cls
 from p2ch_app.data.synth import PRESETS, write_dataset
+from p2ch_app.tasks import nodule_task
+from p2ch_app.training import load_checkpoint
 
 BENCH_DIR = Path("data-unversioned/bench")
 RESULTS = Path("bench-results/bench.json")
@@ -128,13 +131,59 @@ def bench_index(folder: Path) -> dict:
             "index_rows": len(runs[0][1])}
 
 
+def newest_run(runs: Path, command: str) -> Path:
+    return max((runs / command).iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def bench_training(root: Path, samples: int = 384) -> dict:
+    """Classifier training throughput with and without augmentation (one epoch, no DataLoader workers)."""
+    runs = BENCH_DIR / "runs"
+    out = {}
+    for name, extra in (("augmented", []), ("no_augment", ["--no-augment"])):
+        train_cls.main(["--data-root", str(root), "--epochs", "1", "--epoch-samples", str(samples), "--workers", "0",
+                        "--runs-dir", str(runs), "--comment", f"bench-{name}"], standalone_mode=False)
+        timing = load_checkpoint(newest_run(runs, "luna-train-cls") / "last.pt")["timing"]
+        out[f"train_samples_per_s_{name}"] = timing["train_samples_per_s"]
+    return out
+
+
+def bench_loading(root: Path, samples: int = 2000) -> dict:
+    """Data loading alone: the classifier's training batches, with the DataLoader settings of the demo."""
+    from torch.utils.data import DataLoader
+
+    index = build_index(root)
+    task = nodule_task(root / "cache", index, index.is_validation(10), 1, samples, (), seed=0)
+    out = {}
+    for workers in (0, 2):
+        loader = DataLoader(task.train_dataset(1), batch_size=32, num_workers=workers)
+        seconds, n = timed(lambda: sum(len(b[0]) for b in loader))
+        out[f"load_samples_per_s_workers{workers}"] = n / seconds
+    return out
+
+
+def bench_demo_models(root: Path) -> dict:
+    """The demo's classifier and malignancy training (configs/demo.toml) and their validation figures."""
+    runs = BENCH_DIR / "runs"
+    common = ["--config", "configs/demo.toml", "--data-root", str(root), "--runs-dir", str(runs)]
+    train_cls.main([*common, "--comment", "bench-demo"], standalone_mode=False)
+    cls_best = newest_run(runs, "luna-train-cls") / "best.pt"
+    finetune_mal.main([*common, "--from", str(cls_best), "--comment", "bench-demo"], standalone_mode=False)
+    cls_val = load_checkpoint(cls_best)["metrics"]["val"]
+    mal_val = load_checkpoint(newest_run(runs, "luna-finetune-mal") / "best.pt")["metrics"]["val"]
+    return {"cls_val_f1": cls_val["f1"], "cls_val_auc": cls_val["auc"], "mal_val_auc": mal_val["auc"],
+            "mal_val_diameter_auc": mal_val["diameter_auc"]}
+
+
 def main() -> None:
     results = {}
     demo = BENCH_DIR / "demo"
     steps = [("luna_synth_demo", lambda: bench_synth(demo)),
              ("luna_prep_demo", lambda: bench_prep(demo, workers=min(2, os.cpu_count() or 1))),
              ("crop_extraction", lambda: bench_crops(demo)),
-             ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv"))]
+             ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv")),
+             ("cls_training", lambda: bench_training(demo)),
+             ("cls_data_loading", lambda: bench_loading(demo)),
+             ("demo_models", lambda: bench_demo_models(demo))]
     for name, step in steps:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results[name] = step()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 CONFIG = "configs/demo.toml"
 DATA_ROOT = Path("data-unversioned/demo")
+RUNS = Path("runs")
 BIN = Path(sys.executable).parent
 
 
@@ -23,6 +24,10 @@ def step(*args: str) -> None:
         sys.exit(f"demo stopped: {args[0]} failed with exit code {done.returncode}")
 
 
+def newest(folder: Path) -> Path:
+    return max(folder.iterdir(), key=lambda p: p.stat().st_mtime)
+
+
 def main() -> None:
     start = time.monotonic()
     if (DATA_ROOT / "candidates.csv").is_file():
@@ -30,9 +35,14 @@ def main() -> None:
     else:
         step("luna-synth", "--config", CONFIG)
     step("luna-prep", "--config", CONFIG)
+    step("luna-train-cls", "--config", CONFIG, "--comment", "demo")
+    classifier = newest(RUNS / "luna-train-cls") / "best.pt"
+    step("luna-finetune-mal", "--config", CONFIG, "--from", str(classifier), "--comment", "demo")
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
-          f"{DATA_ROOT / 'cache'}.\nTraining and analysis join the demo as luna-train-cls, luna-train-seg, "
-          "luna-finetune-mal and nodule-analyze are built.")
+          f"{DATA_ROOT / 'cache'}, the trained models in {RUNS}/.\n"
+          "See the training curves with:  make tensorboard   (then open http://localhost:6006)\n"
+          "Segmentation training and the end-to-end analysis join the demo as luna-train-seg and "
+          "nodule-analyze are built.")
 
 
 if __name__ == "__main__":
