@@ -13,13 +13,21 @@ def scores_from_counts(tp: float, fp: float, fn: float, tn: float | None = None)
     """
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    out = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+    out = {"precision": float(precision), "recall": float(recall), "f1": f_beta(precision, recall, 1.0),
+           "f2": f_beta(precision, recall, 2.0)}
     if tn is not None:
         out["accuracy_neg"] = float(tn / (tn + fp)) if tn + fp else 0.0
         out["accuracy_pos"] = out["recall"]
         out["accuracy"] = float((tp + tn) / (tp + tn + fp + fn)) if tp + tn + fp + fn else 0.0
     return out
+
+
+def f_beta(precision: float, recall: float, beta: float) -> float:
+    """Weighted harmonic mean: recall counts beta times as much as precision (F2 for segmentation,
+    where a missed nodule is lost for good and a false alarm is filtered later)."""
+    b2 = beta * beta
+    denominator = b2 * precision + recall
+    return float((1 + b2) * precision * recall / denominator) if denominator else 0.0
 
 
 def roc_auc(labels, scores) -> float:

@@ -12,11 +12,11 @@ from torch import nn
 
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.datasets import CropDataset, interleave
+from p2ch_app.data.datasets import CropDataset, SliceDataset, interleave, pad_collate
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
-from p2ch_app.metrics import binary_metrics, roc_auc
-from p2ch_app.models import NoduleClassifier
+from p2ch_app.metrics import binary_metrics, roc_auc, scores_from_counts
+from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import Task, load_checkpoint
 
 
@@ -74,7 +74,7 @@ class CandidateTask(Task):
             return {}
         return binary_metrics(record["label"], record["prob"], loss=record["loss"].mean())
 
-    def log_extra(self, writer, phase, record, step, epoch):
+    def log_extra(self, writer, phase, record, step, epoch, model):
         if not record:
             return
         labels, probs = record["label"].astype(bool), record["prob"]
@@ -152,3 +152,112 @@ def fine_tunable(state: dict, depth: int) -> NoduleClassifier:
     for i, block in enumerate(blocks):
         block.requires_grad_(i >= len(blocks) - depth)
     return model
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per sample: 0 when pred matches target (or both are empty), towards 1 when disjoint."""
+    dims = tuple(range(1, pred.dim()))
+    overlap = (pred * target).sum(dims)
+    return 1 - (2 * overlap + eps) / (pred.sum(dims) + target.sum(dims) + eps)
+
+
+class SegmentationTask(Task):
+    """Per-pixel nodule masks from (2C+1)-slice stacks. Loss: Dice plus fn_weight times the Dice of
+    the prediction restricted to the nodule, which only a missed nodule pixel raises."""
+
+    name = "luna-train-seg"
+    best_metric = "f2"
+    summary_metrics = ("loss", "precision", "recall", "f1", "f2")
+    collate = staticmethod(pad_collate)
+
+    def __init__(self, cache_dir: Path, uids: list[str], train_samples: np.ndarray, val_samples: np.ndarray,
+                 context: int, crop: int, window: int, epoch_samples: int, augmentations, seed: int,
+                 fn_weight: float, make_model: Callable[[], nn.Module], image_every: int = 2, images: int = 4):
+        self.cache_dir, self.uids, self.context = cache_dir, uids, context
+        self.train_samples, self.val_samples = train_samples, val_samples
+        self.crop, self.window, self.epoch_samples = crop, window, epoch_samples
+        self.augmentations, self.seed, self.fn_weight = tuple(augmentations), seed, fn_weight
+        self.make_model, self.image_every, self.images = make_model, image_every, images
+
+    def model(self) -> nn.Module:
+        return self.make_model()
+
+    def train_dataset(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        picks = interleave([np.arange(len(self.train_samples))], [0], self.epoch_samples, rng)
+        return SliceDataset(self.cache_dir, self.uids, self.train_samples[picks], self.context, self.crop,
+                            self.window, self.seed, epoch)
+
+    def val_dataset(self):
+        return SliceDataset(self.cache_dir, self.uids, self.val_samples, self.context)
+
+    def step(self, model, batch, device, generator):
+        stacks, masks = batch
+        x, target = stacks.to(device, non_blocking=True).float(), masks.to(device, non_blocking=True)
+        if generator is not None and self.augmentations:
+            x, target = augment(x, self.augmentations, generator, masks=target)
+        pred = model(x).float()
+        truth = target.float()
+        losses = dice_loss(pred, truth) + self.fn_weight * dice_loss(pred * truth, truth)
+        with torch.no_grad():
+            hard = pred > 0.5
+            counts = {k: torch.sum(v).item() for k, v in
+                      (("tp", hard & target), ("fp", hard & ~target), ("fn", ~hard & target))}
+        record = {"loss": losses.detach().cpu().numpy(), **{k: np.array([v]) for k, v in counts.items()}}
+        return losses.mean(), record
+
+    def summarize(self, record: dict) -> dict[str, float]:
+        if not record:
+            return {}
+        scores = scores_from_counts(record["tp"].sum(), record["fp"].sum(), record["fn"].sum())
+        return {"loss": float(record["loss"].mean()), **scores}
+
+    def log_extra(self, writer, phase, record, step, epoch, model):
+        """Every image_every epochs: fixed validation slices, CT in grey, prediction red, label green."""
+        if phase != "val" or (epoch - 1) % self.image_every:
+            return
+        dataset = self.val_dataset()
+        items = [dataset[i] for i in range(min(self.images, len(dataset)))]
+        if not items:
+            return
+        stacks, masks = pad_collate(items)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            pred = model(stacks.to(device).float()).cpu()[:, 0] > 0.5
+        grey = ((stacks[:, self.context].float().clamp(-1000, 400) + 1000) / 1400)
+        rgb = grey[:, None].repeat(1, 3, 1, 1)
+        rgb[:, 0][pred] = 1.0
+        rgb[:, 1][masks[:, 0]] = 1.0
+        writer.add_images("val/slices_red_predicted_green_label", rgb, step)
+
+
+def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndarray:
+    """(uid code, slice) for every slice holding nodule voxels in the given series."""
+    cache = LunaCache(cache_dir)
+    rows = [(code, k) for code in series_codes for k in cache.record(index.series_uids[code]).nodule_slices]
+    return np.array(rows, np.int64).reshape(-1, 2)
+
+
+def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, context: int, crop: int, window: int,
+                      epoch_samples: int, augmentations, seed: int, fn_weight: float, depth: int, wf: int,
+                      up_mode: str) -> SegmentationTask:
+    """Training: the nodule slices of the training series, cropped around a nodule. Validation: the
+    whole nodule slices of the validation series plus as many nodule-free slices, evenly spaced."""
+    codes = np.arange(len(index.series_uids))
+    is_val = codes % val_stride == 0
+    train = nodule_slices(cache_dir, index, codes[~is_val])
+    val = nodule_slices(cache_dir, index, codes[is_val])
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("segmentation needs nodules in both the training and the validation series; "
+                        "add series or change --val-stride")
+    cache = LunaCache(cache_dir)
+    empty = []
+    for code in codes[is_val]:
+        record = cache.record(index.series_uids[code])
+        free = np.setdiff1d(np.arange(record.shape[0]), record.nodule_slices)
+        want = int(np.sum(val[:, 0] == code))
+        empty += [(code, k) for k in free[np.linspace(0, len(free) - 1, min(want, len(free))).astype(int)]]
+    val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
+    make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
+    return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
+                            augmentations, seed, fn_weight, make_model)

@@ -49,6 +49,7 @@ class Task:
     best_metric = "f1"  # validation metric that picks the best checkpoint (higher is better)
     summary_metrics = ("loss", "precision", "recall", "f1", "auc")
     memory_format = torch.contiguous_format  # channels_last(_3d) makes oneDNN/cuDNN convolutions ~2x faster
+    collate = None  # a DataLoader collate_fn, when items do not stack as they are
 
     def model(self) -> nn.Module:
         raise NotImplementedError
@@ -67,7 +68,7 @@ class Task:
     def summarize(self, record: dict) -> dict[str, float]:
         raise NotImplementedError
 
-    def log_extra(self, writer, phase: str, record: dict, step: int, epoch: int) -> None:
+    def log_extra(self, writer, phase: str, record: dict, step: int, epoch: int, model: nn.Module) -> None:
         """Optional TensorBoard extras (curves, histograms, images)."""
 
 
@@ -235,7 +236,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
             n = len(dataset) // ddp.world * ddp.world if drop_uneven else len(dataset)
             dataset = torch.utils.data.Subset(dataset, range(ddp.rank, n, ddp.world))
         return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-                          pin_memory=device.type == "cuda", persistent_workers=False)
+                          pin_memory=device.type == "cuda", collate_fn=task.collate)
 
     val_data = task.val_dataset()
     epochs = tqdm(range(start_epoch, cfg.epochs + 1), desc=task.name, unit="epoch", disable=not (progress and ddp.is_main),
@@ -285,7 +286,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         for phase, values in metrics.items():
             for name, value in values.items():
                 writer.add_scalar(f"{phase}/{name}", value, samples_seen)
-            task.log_extra(writer, phase, train_record if phase == "train" else val_record, samples_seen, epoch)
+            task.log_extra(writer, phase, train_record if phase == "train" else val_record, samples_seen, epoch, model)
         writer.flush()
         value = metrics["val"].get(task.best_metric, float("nan"))
         improved = bool(value > best)  # NaN never improves

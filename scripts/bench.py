@@ -131,6 +131,13 @@ def bench_index(folder: Path) -> dict:
             "index_rows": len(runs[0][1])}
 
 
+def run_command(command, args: list[str]) -> None:
+    """Run a click command in this process; a failure stops the bench instead of skewing it."""
+    code = command.main(args, standalone_mode=False)
+    if code:
+        sys.exit(f"bench stopped: {command.name} {' '.join(args)} exited with {code}")
+
+
 def newest_run(runs: Path, command: str) -> Path:
     return max((runs / command).iterdir(), key=lambda p: p.stat().st_mtime)
 
@@ -140,8 +147,8 @@ def bench_training(root: Path, samples: int = 384) -> dict:
     runs = BENCH_DIR / "runs"
     out = {}
     for name, extra in (("augmented", []), ("no_augment", ["--no-augment"])):
-        train_cls.main(["--data-root", str(root), "--epochs", "1", "--epoch-samples", str(samples), "--workers", "0",
-                        "--runs-dir", str(runs), "--comment", f"bench-{name}"], standalone_mode=False)
+        run_command(train_cls, ["--data-root", str(root), "--epochs", "1", "--epoch-samples", str(samples),
+                                "--workers", "0", "--runs-dir", str(runs), "--comment", f"bench-{name}", *extra])
         timing = load_checkpoint(newest_run(runs, "luna-train-cls") / "last.pt")["timing"]
         out[f"train_samples_per_s_{name}"] = timing["train_samples_per_s"]
     return out
@@ -165,9 +172,9 @@ def bench_demo_models(root: Path) -> dict:
     """The demo's classifier and malignancy training (configs/demo.toml) and their validation figures."""
     runs = BENCH_DIR / "runs"
     common = ["--config", "configs/demo.toml", "--data-root", str(root), "--runs-dir", str(runs)]
-    train_cls.main([*common, "--comment", "bench-demo"], standalone_mode=False)
+    run_command(train_cls, [*common, "--comment", "bench-demo"])
     cls_best = newest_run(runs, "luna-train-cls") / "best.pt"
-    finetune_mal.main([*common, "--from", str(cls_best), "--comment", "bench-demo"], standalone_mode=False)
+    run_command(finetune_mal, [*common, "--from", str(cls_best), "--comment", "bench-demo"])
     cls_val = load_checkpoint(cls_best)["metrics"]["val"]
     mal_val = load_checkpoint(newest_run(runs, "luna-finetune-mal") / "best.pt")["metrics"]["val"]
     return {"cls_val_f1": cls_val["f1"], "cls_val_auc": cls_val["auc"], "mal_val_auc": mal_val["auc"],

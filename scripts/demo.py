@@ -35,14 +35,14 @@ def main() -> None:
     else:
         step("luna-synth", "--config", CONFIG)
     step("luna-prep", "--config", CONFIG)
+    step("luna-train-seg", "--config", CONFIG, "--comment", "demo")
     step("luna-train-cls", "--config", CONFIG, "--comment", "demo")
     classifier = newest(RUNS / "luna-train-cls") / "best.pt"
     step("luna-finetune-mal", "--config", CONFIG, "--from", str(classifier), "--comment", "demo")
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
           f"{DATA_ROOT / 'cache'}, the trained models in {RUNS}/.\n"
           "See the training curves with:  make tensorboard   (then open http://localhost:6006)\n"
-          "Segmentation training and the end-to-end analysis join the demo as luna-train-seg and "
-          "nodule-analyze are built.")
+          "The end-to-end analysis joins the demo when nodule-analyze is built.")
 
 
 if __name__ == "__main__":

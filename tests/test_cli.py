@@ -77,7 +77,7 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "--config" in result.output and "--data-root" in result.output, name
 
 
-@pytest.mark.parametrize("name", ["luna-train-seg", "nodule-analyze"])
+@pytest.mark.parametrize("name", ["nodule-analyze"])
 def test_commands_of_later_issues_say_so_and_exit_2(name):
     assert_one_line_error(run(COMMANDS[name], ["--epochs", 1]), "is not built yet")
 

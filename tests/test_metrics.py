@@ -38,6 +38,8 @@ def test_auc_matches_pair_counting_on_random_data():
 
 
 def test_counts_with_nothing_predicted_score_zero_not_nan():
-    assert scores_from_counts(0, 0, 5) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert scores_from_counts(0, 0, 5) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "f2": 0.0}
     pixel = scores_from_counts(tp=30, fp=10, fn=20)
     assert pixel["precision"] == 0.75 and pixel["recall"] == 0.6 and pixel["f1"] == pytest.approx(2 / 3)
+    # F2 = 5 P R / (4 P + R) = 5 * 0.75 * 0.6 / (3 + 0.6)
+    assert pixel["f2"] == pytest.approx(2.25 / 3.6)

@@ -40,6 +40,14 @@ class SeriesRecord:
     nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
     fingerprint: str  # of the annotations the mask was grown from
 
+    def mask_slice(self, index: int) -> np.ndarray:
+        """The label mask of one slice, without building the whole volume's mask."""
+        plane = self.shape[1] * self.shape[2]
+        lo, hi = np.searchsorted(self.mask_voxels, [index * plane, (index + 1) * plane])
+        flat = np.zeros(plane, bool)
+        flat[self.mask_voxels[lo:hi] - index * plane] = True
+        return flat.reshape(self.shape[1:])
+
     def mask(self) -> np.ndarray:
         flat = np.zeros(int(np.prod(self.shape)), bool)
         flat[self.mask_voxels] = True

@@ -199,3 +199,12 @@ def extract_crop(volume: np.ndarray, center_irc, size=CROP_SIZE, fill: int = HU_
     if crop.shape != tuple(size):
         crop = np.pad(crop, [(0, n - c) for n, c in zip(size, crop.shape)], constant_values=fill)
     return crop, start
+
+
+def slice_stack(volume: np.ndarray, index: int, context: int, rows: slice = slice(None),
+                cols: slice = slice(None)) -> np.ndarray:
+    """Slices index-context .. index+context (beyond the volume the edge slice repeats), cut to
+    rows x cols: the segmentation input for one centre slice, read from a memory map without
+    touching the rest of the volume."""
+    picks = np.clip(np.arange(index - context, index + context + 1), 0, volume.shape[0] - 1)
+    return np.asarray(volume[picks, rows, cols])

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.ct import CROP_SIZE
+from p2ch_app.data.ct import CROP_SIZE, slice_stack
 
 
 def interleave(groups: list[np.ndarray], pattern: list[int], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -46,3 +46,53 @@ class CropDataset(Dataset):
         row = int(self.rows[i])
         crop, _ = self.cache.crop(self.uids[row], self.centers[row], self.size)
         return torch.from_numpy(crop)[None], int(self.labels[row]), row
+
+
+class SliceDataset(Dataset):
+    """(2C+1)-slice stacks with the centre slice's nodule mask: items are (int16 stack, bool 1xHxW mask).
+
+    With `crop`, each item is a crop x crop patch at a random place inside a window x window
+    square around a random nodule pixel of the slice (cheap batches that always hold nodule);
+    without, the whole slice. Randomness comes from (seed, epoch, item), so epochs repeat exactly.
+    """
+
+    def __init__(self, cache_dir: Path, uids: list[str], samples: np.ndarray, context: int,
+                 crop: int | None = None, window: int = 96, seed: int = 0, epoch: int = 0):
+        self.cache = LunaCache(cache_dir)
+        self.uids, self.samples = uids, np.asarray(samples).reshape(-1, 2)  # rows of (uid code, slice)
+        self.context, self.crop, self.window = context, crop, max(window, crop or 0)
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        code, index = (int(v) for v in self.samples[i])
+        uid = self.uids[code]
+        record = self.cache.record(uid)
+        mask = record.mask_slice(index)
+        height, width = mask.shape
+        rows, cols = slice(None), slice(None)
+        if self.crop:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            ys, xs = np.nonzero(mask)
+            pick = rng.integers(len(ys)) if len(ys) else None
+            cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
+            dy, dx = rng.integers(0, self.window - self.crop + 1, size=2)
+            r0 = int(np.clip(cy - self.window // 2 + dy, 0, max(height - self.crop, 0)))
+            c0 = int(np.clip(cx - self.window // 2 + dx, 0, max(width - self.crop, 0)))
+            rows, cols = slice(r0, r0 + self.crop), slice(c0, c0 + self.crop)
+        stack = slice_stack(self.cache.volume(uid), index, self.context, rows, cols)
+        return torch.from_numpy(stack), torch.from_numpy(mask[rows, cols].copy())[None]
+
+
+def pad_collate(batch):
+    """Stack items of different slice sizes by padding to the largest (air for images, no nodule for masks)."""
+    height = max(item[0].shape[-2] for item in batch)
+    width = max(item[0].shape[-1] for item in batch)
+    stacks, masks = [], []
+    for stack, mask in batch:
+        pad = (0, width - stack.shape[-1], 0, height - stack.shape[-2])
+        stacks.append(torch.nn.functional.pad(stack, pad, value=-1000))
+        masks.append(torch.nn.functional.pad(mask, pad, value=False))
+    return torch.stack(stacks), torch.stack(masks)

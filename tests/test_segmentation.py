@@ -1,0 +1,87 @@
+"""The segmentation trainer: Dice loss, slice stacks, and a tiny run through the shared loop."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from p2ch_app.cli import train_seg
+from p2ch_app.data.cache import LunaCache
+from p2ch_app.data.datasets import SliceDataset, pad_collate
+from p2ch_app.data.index import build_index
+from p2ch_app.models import NoduleSegmenter
+from p2ch_app.tasks import dice_loss, nodule_slices
+from p2ch_app.training import load_checkpoint
+
+
+def square(size=20, lo=5, hi=15) -> torch.Tensor:
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., lo:hi, lo:hi] = 1
+    return mask
+
+
+def test_dice_loss_perfect_empty_and_half():
+    target = square()  # 100 pixels
+    assert dice_loss(target, target).item() == pytest.approx(0, abs=1e-6)
+    assert dice_loss(torch.zeros_like(target), torch.zeros_like(target)).item() == pytest.approx(0)
+    assert dice_loss(torch.zeros_like(target), target).item() == pytest.approx(1 - 1 / 101)
+    half = target.clone()
+    half[..., 10:15, :] = 0  # the prediction covers 50 of the 100 pixels and nothing else
+    assert dice_loss(half, target).item() == pytest.approx(1 - (2 * 50 + 1) / (50 + 100 + 1))
+
+
+def test_missed_pixels_cost_more_than_extra_ones_with_fn_weight():
+    target = square()
+    missing = target.clone()
+    missing[..., 5:10, 5:15] = 0  # 50 nodule pixels missed
+    extra = target.clone()
+    extra[..., 15:20, 5:15] = 1  # 50 false pixels added
+    weighted = lambda p: (dice_loss(p, target) + 8 * dice_loss(p * target, target)).item()
+    assert weighted(missing) > 5 * weighted(extra)
+
+
+def test_slice_stacks_repeat_edges_and_crop_around_a_nodule(prepared_synth):
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    samples = nodule_slices(prepared_synth / "cache", index, range(len(index.series_uids)))
+    assert len(samples) > 0
+    code, k = samples[0]
+    record = cache.record(index.series_uids[code])
+    assert np.array_equal(record.mask_slice(k), record.mask()[k])
+    cropped = SliceDataset(prepared_synth / "cache", index.series_uids, samples, context=3, crop=32, window=48)
+    for i in range(len(samples)):
+        stack, mask = cropped[i]
+        assert stack.shape == (7, 32, 32) and mask.shape == (1, 32, 32) and mask.any()
+    whole = SliceDataset(prepared_synth / "cache", index.series_uids, [(code, 0)], context=3)
+    stack, mask = whole[0]
+    volume = cache.volume(index.series_uids[code])
+    assert stack.shape == (7, *volume.shape[1:])
+    for channel, source in enumerate([0, 0, 0, 0, 1, 2, 3]):  # slices above the first repeat it
+        assert np.array_equal(stack[channel].numpy(), volume[source])
+
+
+def test_pad_collate_stacks_different_slice_sizes():
+    items = [(torch.zeros(7, 10, 12, dtype=torch.int16), torch.ones(1, 10, 12, dtype=torch.bool)),
+             (torch.zeros(7, 14, 9, dtype=torch.int16), torch.ones(1, 14, 9, dtype=torch.bool))]
+    stacks, masks = pad_collate(items)
+    assert stacks.shape == (2, 7, 14, 12) and masks.shape == (2, 1, 14, 12)
+    assert stacks[0, :, 10:].eq(-1000).all() and not masks[1, :, :, 9:].any() and masks[1, :, :, :9].all()
+
+
+def test_tiny_segmentation_run(prepared_synth, tmp_path):
+    args = ["--data-root", prepared_synth, "--epochs", 1, "--epoch-samples", 16, "--batch-size", 8, "--crop", 32,
+            "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--up-mode", "upsample"]
+    result = CliRunner().invoke(train_seg, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "luna-train-seg epoch 1/1" in result.output and "f2" in result.output
+    run_dir = next((tmp_path / "luna-train-seg").iterdir())
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    assert checkpoint["best_metric"] == "f2"
+    assert set(checkpoint["metrics"]["val"]) >= {"loss", "precision", "recall", "f1", "f2"}
+    model = NoduleSegmenter(up_mode="upsample")
+    model.load_state_dict(checkpoint["model_state"], strict=True)
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert "val/slices_red_predicted_green_label" in events.Tags()["images"]
+    assert {"train/recall", "val/precision", "val/f2"} <= set(events.Tags()["scalars"])
