@@ -277,6 +277,9 @@ def finetune_mal(**opts):
 @click.option("--window", type=click.IntRange(16), default=96, show_default=True)
 @click.option("--fn-weight", type=click.FloatRange(0), default=8.0, show_default=True,
               help="Extra loss weight on missed nodule pixels (recall matters more than precision).")
+@click.option("--bce-weight", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Add pixelwise cross-entropy with this weight: converges far sooner on small nodules "
+                   "(coarse voxels); 0 keeps the pure Dice loss.")
 @click.option("--unet-depth", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--width-factor", type=click.IntRange(1), default=4, show_default=True,
               help="First-level filters = 2**width_factor, doubling per level.")
@@ -292,7 +295,7 @@ def train_seg(**opts):
     index, _, cache_dir = _training_data(opts)
     task = segmentation_task(cache_dir, index, opts["val_stride"], opts["context"], opts["crop"], opts["window"],
                              opts["epoch_samples"], _augmentations(opts), opts["seed"], opts["fn_weight"],
-                             opts["unet_depth"], opts["width_factor"], opts["up_mode"])
+                             opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"])
     _fit(task, opts, "luna-train-seg")
 
 

@@ -163,7 +163,10 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
 
 class SegmentationTask(Task):
     """Per-pixel nodule masks from (2C+1)-slice stacks. Loss: Dice plus fn_weight times the Dice of
-    the prediction restricted to the nodule, which only a missed nodule pixel raises."""
+    the prediction restricted to the nodule, which only a missed nodule pixel raises; plus, with
+    bce_weight, pixelwise binary cross-entropy. Dice alone gives background pixels almost no
+    gradient when nodules are a fraction of a percent of a patch (coarse voxels): the model marks
+    everything for thousands of steps. The cross-entropy term gives every pixel its own gradient."""
 
     name = "luna-train-seg"
     best_metric = "f2"
@@ -172,11 +175,13 @@ class SegmentationTask(Task):
 
     def __init__(self, cache_dir: Path, uids: list[str], train_samples: np.ndarray, val_samples: np.ndarray,
                  context: int, crop: int, window: int, epoch_samples: int, augmentations, seed: int,
-                 fn_weight: float, make_model: Callable[[], nn.Module], image_every: int = 2, images: int = 4):
+                 fn_weight: float, make_model: Callable[[], nn.Module], bce_weight: float = 0.0,
+                 image_every: int = 2, images: int = 4):
         self.cache_dir, self.uids, self.context = cache_dir, uids, context
         self.train_samples, self.val_samples = train_samples, val_samples
         self.crop, self.window, self.epoch_samples = crop, window, epoch_samples
         self.augmentations, self.seed, self.fn_weight = tuple(augmentations), seed, fn_weight
+        self.bce_weight = bce_weight
         self.make_model, self.image_every, self.images = make_model, image_every, images
 
     def model(self) -> nn.Module:
@@ -199,6 +204,10 @@ class SegmentationTask(Task):
         pred = model(x).float()
         truth = target.float()
         losses = dice_loss(pred, truth) + self.fn_weight * dice_loss(pred * truth, truth)
+        if self.bce_weight:
+            with torch.autocast(device.type, enabled=False):  # BCE on probabilities is unsafe in float16
+                bce = F.binary_cross_entropy(pred, truth, reduction="none").mean(dim=(1, 2, 3))
+            losses = losses + self.bce_weight * bce
         with torch.no_grad():
             hard = pred > 0.5
             counts = {k: torch.sum(v).item() for k, v in
@@ -240,7 +249,7 @@ def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndarray
 
 def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, context: int, crop: int, window: int,
                       epoch_samples: int, augmentations, seed: int, fn_weight: float, depth: int, wf: int,
-                      up_mode: str) -> SegmentationTask:
+                      up_mode: str, bce_weight: float = 0.0) -> SegmentationTask:
     """Training: the nodule slices of the training series, cropped around a nodule. Validation: the
     whole nodule slices of the validation series plus as many nodule-free slices, evenly spaced."""
     codes = np.arange(len(index.series_uids))
@@ -260,4 +269,4 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
     make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
     return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
-                            augmentations, seed, fn_weight, make_model)
+                            augmentations, seed, fn_weight, make_model, bce_weight)

@@ -19,7 +19,7 @@ import numpy as np
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
-from p2ch_app.cli import finetune_mal, train_cls
+from p2ch_app.cli import finetune_mal, train_cls, train_seg
 from p2ch_app.data.synth import PRESETS, write_dataset
 from p2ch_app.tasks import nodule_task
 from p2ch_app.training import load_checkpoint
@@ -169,15 +169,19 @@ def bench_loading(root: Path, samples: int = 2000) -> dict:
 
 
 def bench_demo_models(root: Path) -> dict:
-    """The demo's classifier and malignancy training (configs/demo.toml) and their validation figures."""
+    """The demo's three trainings (configs/demo.toml) and their validation figures and speeds."""
     runs = BENCH_DIR / "runs"
     common = ["--config", "configs/demo.toml", "--data-root", str(root), "--runs-dir", str(runs)]
+    run_command(train_seg, [*common, "--comment", "bench-demo"])
+    seg = load_checkpoint(newest_run(runs, "luna-train-seg") / "best.pt")
     run_command(train_cls, [*common, "--comment", "bench-demo"])
     cls_best = newest_run(runs, "luna-train-cls") / "best.pt"
     run_command(finetune_mal, [*common, "--from", str(cls_best), "--comment", "bench-demo"])
     cls_val = load_checkpoint(cls_best)["metrics"]["val"]
     mal_val = load_checkpoint(newest_run(runs, "luna-finetune-mal") / "best.pt")["metrics"]["val"]
-    return {"cls_val_f1": cls_val["f1"], "cls_val_auc": cls_val["auc"], "mal_val_auc": mal_val["auc"],
+    return {"seg_train_samples_per_s": seg["timing"]["train_samples_per_s"],
+            "seg_val_recall": seg["metrics"]["val"]["recall"], "seg_val_precision": seg["metrics"]["val"]["precision"],
+            "cls_val_f1": cls_val["f1"], "cls_val_auc": cls_val["auc"], "mal_val_auc": mal_val["auc"],
             "mal_val_diameter_auc": mal_val["diameter_auc"]}
 
 

@@ -11,7 +11,7 @@ from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.datasets import SliceDataset, pad_collate
 from p2ch_app.data.index import build_index
 from p2ch_app.models import NoduleSegmenter
-from p2ch_app.tasks import dice_loss, nodule_slices
+from p2ch_app.tasks import dice_loss, nodule_slices, segmentation_task
 from p2ch_app.training import load_checkpoint
 
 
@@ -85,3 +85,19 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     events.Reload()
     assert "val/slices_red_predicted_green_label" in events.Tags()["images"]
     assert {"train/recall", "val/precision", "val/f2"} <= set(events.Tags()["scalars"])
+
+
+def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
+    index = build_index(prepared_synth)
+    make = lambda weight: segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 3, 4,
+                                            "upconv", bce_weight=weight)
+    plain, mixed = make(0.0), make(2.0)
+    batch = pad_collate([plain.train_dataset(1)[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = plain.model().eval()
+    with torch.no_grad():
+        loss_plain, _ = plain.step(model, batch, torch.device("cpu"), None)
+        loss_mixed, _ = mixed.step(model, batch, torch.device("cpu"), None)
+        pred = model(batch[0].float())
+        bce = torch.nn.functional.binary_cross_entropy(pred, batch[1].float(), reduction="none").mean(dim=(1, 2, 3))
+    assert loss_mixed.item() == pytest.approx(loss_plain.item() + 2.0 * bce.mean().item(), rel=1e-5)

@@ -20,7 +20,7 @@ from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
 from p2ch_app.tasks import fine_tunable, nodule_task
 from p2ch_app.training import TrainConfig, fit, load_checkpoint, select_device
-from tests.conftest import PROJECT
+from tests.conftest import BOOK_MODELS, PROJECT, requires_shared
 
 TINY = ["--epochs", "2", "--epoch-samples", "32", "--batch-size", "16", "--workers", "0", "--val-stride", "3"]
 
@@ -233,3 +233,15 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             select_device("cuda")
+
+
+@requires_shared
+def test_finetune_malignancy_from_the_book_classifier(prepared_synth, tmp_path):
+    book = next(BOOK_MODELS.glob("cls_*.state"))
+    result = run(finetune_mal, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                                "--from", book])
+    assert result.exit_code == 0, result.output
+    best = load_checkpoint(only_run_dir(tmp_path, "luna-finetune-mal") / "best.pt")
+    source = load_checkpoint(book)["model_state"]
+    assert torch.equal(best["model_state"]["block4.conv2.weight"], source["block4.conv2.weight"])  # depth 1: frozen
+    assert not torch.equal(best["model_state"]["head_linear.weight"], source["head_linear.weight"])
