@@ -289,8 +289,9 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
             task.log_extra(writer, phase, train_record if phase == "train" else val_record, samples_seen, epoch, model)
         writer.flush()
         value = metrics["val"].get(task.best_metric, float("nan"))
-        improved = bool(value > best)  # NaN never improves
+        improved = bool(value > best)  # NaN never improves...
         best = value if improved else best
+        improved = improved or not (run_dir / "best.pt").exists()  # ...but every run has a best.pt
         rate = epoch_samples / max(train_seconds, 1e-9)
         state = {"model_state": model.state_dict(), "model_name": type(model).__name__,
                  "optimizer_state": optimizer.state_dict(), "optimizer_name": type(optimizer).__name__,

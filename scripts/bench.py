@@ -19,14 +19,12 @@ import numpy as np
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
-from p2ch_app.cli import finetune_mal, train_cls, train_seg
-from p2ch_app.data.synth import PRESETS, write_dataset
+from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
 from p2ch_app.tasks import nodule_task
 from p2ch_app.training import load_checkpoint
 
 BENCH_DIR = Path("data-unversioned/bench")
 RESULTS = Path("bench-results/bench.json")
-DEMO_SERIES = 30  # as configs/demo.toml
 LUNA_CANDIDATE_ROWS = 551_065
 LUNA_SERIES = 888
 
@@ -38,10 +36,11 @@ def timed(fn, *args, **kwargs):
 
 
 def bench_synth(root: Path) -> dict:
+    """luna-synth with the demo's own config, so the bench measures exactly the demo dataset."""
     shutil.rmtree(root, ignore_errors=True)
-    seconds, _ = timed(write_dataset, root, series=DEMO_SERIES, subsets=10, seed=1,
-                       geometry=PRESETS["demo"], progress=False)
-    return {"series": DEMO_SERIES, "seconds": seconds, "seconds_per_series": seconds / DEMO_SERIES}
+    seconds, _ = timed(run_command, synth, ["--config", "configs/demo.toml", "--data-root", str(root)])
+    series = len(list(root.glob("subset*/*.mhd")))
+    return {"series": series, "seconds": seconds, "seconds_per_series": seconds / series}
 
 
 def bench_prep(root: Path, workers: int) -> dict:
@@ -159,7 +158,7 @@ def bench_loading(root: Path, samples: int = 2000) -> dict:
     from torch.utils.data import DataLoader
 
     index = build_index(root)
-    task = nodule_task(root / "cache", index, index.is_validation(10), 1, samples, (), seed=0)
+    task = nodule_task(root / "cache", index, index.is_validation(4), 1, samples, (), seed=0)
     out = {}
     for workers in (0, 2):
         loader = DataLoader(task.train_dataset(1), batch_size=32, num_workers=workers)

@@ -245,3 +245,15 @@ def test_finetune_malignancy_from_the_book_classifier(prepared_synth, tmp_path):
     source = load_checkpoint(book)["model_state"]
     assert torch.equal(best["model_state"]["block4.conv2.weight"], source["block4.conv2.weight"])  # depth 1: frozen
     assert not torch.equal(best["model_state"]["head_linear.weight"], source["head_linear.weight"])
+
+
+def test_a_run_whose_metric_is_undefined_still_has_a_best_checkpoint(prepared_synth, tmp_path):
+    # one epoch on a validation set of a single class: AUC is NaN, yet best.pt must exist
+    index = build_index(prepared_synth)
+    is_val = index.is_validation(3)
+    task = nodule_task(prepared_synth / "cache", index, is_val, 1, 16, (), seed=0)
+    task.best_metric = "auc"
+    task.val_rows = task.val_rows[task.labels[task.val_rows] == 0][:8]
+    _, run_dir = fit(task, TrainConfig(command="nan", epochs=1, batch_size=8, workers=0, device="cpu",
+                                       runs_dir=tmp_path), progress=False)
+    assert np.isnan(load_checkpoint(run_dir / "best.pt")["metrics"]["val"]["auc"])
