@@ -207,7 +207,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adam")
 
     start_epoch, samples_seen, best = 1, 0, float("-inf")
-    run_dir = None
+    run_dir, scaler_state = None, None
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         if "optimizer_name" not in checkpoint or "rng" not in checkpoint:
@@ -218,6 +218,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         start_epoch, samples_seen = checkpoint["epoch"] + 1, checkpoint["samples_seen"]
         best = checkpoint.get("best_value", best)
         run_dir = Path(resume).parent
+        scaler_state = checkpoint.get("scaler_state")
     if ddp.is_main and run_dir is None:
         run_dir = _new_run_dir(cfg)
     wrapped = model
@@ -225,6 +226,8 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
     writer = None
     if ddp.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -295,6 +298,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         rate = epoch_samples / max(train_seconds, 1e-9)
         state = {"model_state": model.state_dict(), "model_name": type(model).__name__,
                  "optimizer_state": optimizer.state_dict(), "optimizer_name": type(optimizer).__name__,
+                 "scaler_state": scaler.state_dict(),
                  "epoch": epoch, "samples_seen": samples_seen, "rng": _rng_state(),
                  "config": _plain({**asdict(cfg), "options": cfg.options}), "metrics": metrics,
                  "best_metric": task.best_metric, "best_value": best,
