@@ -1,0 +1,135 @@
+"""Scoring detections against annotations: the LUNA16 FROC / CPM and the confusion table.
+
+A scan's detections are centres in patient mm with a nodule probability (and optionally a
+malignancy probability); its truth is the annotated nodules (centre, diameter, malignancy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class ScanResult:
+    """One scan's detections and truth, all in patient mm."""
+
+    detections_xyz: np.ndarray  # (D, 3)
+    nodule_prob: np.ndarray  # (D,)
+    nodules_xyz: np.ndarray  # (N, 3)
+    diameters_mm: np.ndarray  # (N,)
+    malignant: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # (N,) 1, 0, or -1 unknown
+    malignancy_prob: np.ndarray | None = None  # (D,)
+
+
+def _distances(scan: ScanResult) -> np.ndarray:
+    det = np.asarray(scan.detections_xyz, float).reshape(-1, 3)
+    nod = np.asarray(scan.nodules_xyz, float).reshape(-1, 3)
+    return np.linalg.norm(det[:, None, :] - nod[None, :, :], axis=2)  # (D, N)
+
+
+def _froc_points(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Per nodule its best hitting probability (-inf when missed), and every false-positive probability.
+
+    A detection hits a nodule when its centre lies within the nodule's radius (the LUNA16 rule);
+    several detections on one nodule count once, with the highest probability.
+    """
+    nodule_scores, fp_probs = [np.zeros(0)], [np.zeros(0)]
+    for scan in scans:
+        hits = _distances(scan) <= np.asarray(scan.diameters_mm, float)[None, :] / 2  # (D, N)
+        probs = np.asarray(scan.nodule_prob, float)
+        nodule_scores.append(np.where(hits, probs[:, None], -np.inf).max(axis=0, initial=-np.inf))
+        fp_probs.append(probs[~hits.any(axis=1)])
+    return np.concatenate(nodule_scores), np.concatenate(fp_probs)
+
+
+def froc(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
+    """The FROC curve from the threshold above every probability (0 FPs, sensitivity 0) down:
+    (false positives per scan, sensitivity), FP rate ascending."""
+    nodule_scores, fp_probs = _froc_points(scans)
+    if len(nodule_scores) == 0:
+        return np.zeros(1), np.zeros(1)
+    thresholds = np.unique(np.concatenate([nodule_scores[np.isfinite(nodule_scores)], fp_probs]))[::-1]
+    fp_sorted, hit_sorted = np.sort(fp_probs), np.sort(nodule_scores)
+    fps = (len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left")) / len(scans)
+    sens = (len(hit_sorted) - np.searchsorted(hit_sorted, thresholds, side="left")) / len(hit_sorted)
+    return np.concatenate([[0.0], fps]), np.concatenate([[0.0], sens])
+
+
+def sensitivities_at(fps: np.ndarray, sens: np.ndarray, rates=FROC_FP_RATES) -> np.ndarray:
+    """Sensitivity at each FP rate, interpolated linearly along the curve as the LUNA16 evaluation
+    does; where one FP rate has several sensitivities the best counts, and beyond the curve's end
+    the last value holds."""
+    rates_seen = np.unique(fps)
+    best = np.array([sens[fps == r].max() for r in rates_seen])
+    return np.interp(np.asarray(rates, float), rates_seen, best)
+
+
+def cpm(scans: list[ScanResult], bootstrap: int = 1000, seed: int = 0) -> dict:
+    """LUNA16's competition performance metric: mean sensitivity at 1/8 ... 8 FPs per scan, with a
+    bootstrap 95% interval over scans."""
+    fps, sens = froc(scans)
+    at = sensitivities_at(fps, sens)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap if len(scans) > 1 else 0):
+        picks = [scans[i] for i in rng.integers(0, len(scans), len(scans))]
+        samples.append(sensitivities_at(*froc(picks)).mean())
+    low, high = (np.percentile(samples, [2.5, 97.5]) if samples else (float("nan"), float("nan")))
+    return {"cpm": float(at.mean()), "cpm_ci95": [float(low), float(high)],
+            "sensitivity_at": {str(r): float(s) for r, s in zip(FROC_FP_RATES, at)},
+            "froc_fps": fps.tolist(), "froc_sensitivity": sens.tolist()}
+
+
+ROWS = ("Non-nodule", "Benign", "Malignant")
+
+
+def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: float = 0.5,
+              match_fraction: float = 0.7) -> dict[str, dict[str, int]]:
+    """The table LUNA practitioners know: what became of each true nodule and of each other detection.
+
+    A true nodule is found when a detection lies within match_fraction of its diameter; it is then
+    "Filtered out" when that detection's nodule probability is under threshold, else predicted as a
+    nodule (benign or malignant by malignancy probability when there is one). Detections near no
+    nodule are the Non-nodule row. Nodules of unknown malignancy count as Benign.
+    """
+    with_mal = any(s.malignancy_prob is not None for s in scans)
+    columns = ["Complete miss", "Filtered out"] + (["Pred. benign", "Pred. malignant"] if with_mal else ["Pred. nodule"])
+    table = {row: {c: 0 for c in columns} for row in ROWS}
+    for scan in scans:
+        dist = _distances(scan)
+        near = dist <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
+        probs = np.asarray(scan.nodule_prob, float)
+        mal = scan.malignancy_prob
+        malignant = np.resize(np.asarray(scan.malignant, np.int8), dist.shape[1])
+
+        def predicted(i: int) -> str:
+            if probs[i] < threshold:
+                return "Filtered out"
+            if mal is None:
+                return "Pred. nodule" if not with_mal else "Pred. benign"
+            return "Pred. malignant" if mal[i] >= mal_threshold else "Pred. benign"
+
+        for j in range(dist.shape[1]):
+            row = "Malignant" if malignant[j] == 1 else "Benign"
+            matched = np.flatnonzero(near[:, j])
+            if len(matched) == 0:
+                table[row]["Complete miss"] += 1
+            else:
+                table[row][predicted(int(matched[np.argmax(probs[matched])]))] += 1
+        for i in np.flatnonzero(~near.any(axis=1)) if near.size else range(len(probs)):
+            table["Non-nodule"][predicted(int(i))] += 1
+    return table
+
+
+def format_confusion(table: dict[str, dict[str, int]]) -> str:
+    columns = list(next(iter(table.values())))
+    width = max(len(c) for c in columns) + 2
+    lines = ["".ljust(12) + "".join(c.rjust(width) for c in columns)]
+    for row, counts in table.items():
+        cells = ["-" if row == "Non-nodule" and c == "Complete miss" else str(counts[c]) for c in columns]
+        lines.append(row.ljust(12) + "".join(v.rjust(width) for v in cells))
+    return "\n".join(lines)
