@@ -1,0 +1,160 @@
+"""The end-to-end pipeline on one CT: segment, group voxels into candidates, classify, score malignancy.
+
+Every stage works on whole batches: slice stacks come from a sliding-window view of the volume and
+candidate crops from one fancy-indexing gather, so no Python loop runs per slice or per candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from p2ch_app.data.ct import CROP_SIZE, HU_MIN, CtVolume, crop_starts, irc_to_xyz
+from p2ch_app.errors import UserError
+from p2ch_app.models import NoduleClassifier, NoduleSegmenter
+from p2ch_app.training import load_checkpoint
+
+BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
+
+
+@dataclass
+class Detection:
+    center_xyz: tuple[float, float, float]
+    center_irc: tuple[float, float, float]
+    nodule_prob: float
+    malignancy_prob: float | None
+    diameter_mm: float  # of a sphere with the component's volume
+    voxels: int
+    inside_body: bool
+
+
+@dataclass
+class Models:
+    segmenter: NoduleSegmenter
+    context: int
+    classifier: NoduleClassifier
+    malignancy: NoduleClassifier | None
+    paths: dict[str, str]
+
+
+def newest_best(runs_dir: Path, command: str) -> Path | None:
+    """The most recent best.pt of a trainer under runs_dir, if any."""
+    found = sorted(Path(runs_dir).glob(f"{command}/*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def load_models(seg: Path, cls: Path, mal: Path | None, device: torch.device) -> Models:
+    """Our checkpoints or the book's .state files; the segmenter's shape comes from its saved options."""
+    checkpoint = load_checkpoint(seg)
+    options = checkpoint.get("config", {}).get("options", {})
+    context = int(options.get("context", 3))
+    segmenter = NoduleSegmenter(in_channels=2 * context + 1, depth=int(options.get("unet_depth", 3)),
+                                wf=int(options.get("width_factor", 4)), up_mode=options.get("up_mode", "upconv"))
+    _load_state(segmenter, checkpoint, seg, "segmentation (luna-train-seg)")
+    classifier = _load_state(NoduleClassifier(), load_checkpoint(cls), cls, "nodule classifier (luna-train-cls)")
+    malignancy = None
+    if mal is not None:
+        malignancy = _load_state(NoduleClassifier(), load_checkpoint(mal), mal, "malignancy (luna-finetune-mal)")
+    for model in (segmenter, classifier, malignancy):
+        if model is not None:
+            model.to(device).eval()
+    return Models(segmenter, context, classifier, malignancy,
+                  {"seg": str(seg), "cls": str(cls), "mal": str(mal) if mal else None})
+
+
+def _load_state(model: torch.nn.Module, checkpoint: dict, path: Path, what: str):
+    try:
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{path} is not a {what} checkpoint ({str(err).splitlines()[0][:90]})") from None
+    return model
+
+
+def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, batch_size: int, device: torch.device,
+            progress: bool = False) -> np.ndarray:
+    """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion."""
+    padded = np.pad(hu, ((context, context), (0, 0), (0, 0)), mode="edge")  # edge slices repeat
+    stacks = np.lib.stride_tricks.sliding_window_view(padded, 2 * context + 1, axis=0)  # (Z, H, W, 2C+1)
+    mask = np.empty(hu.shape, bool)
+    with torch.inference_mode():
+        for start in tqdm(range(0, hu.shape[0], batch_size), desc="segment", unit="batch", disable=not progress):
+            batch = stacks[start:start + batch_size].transpose(0, 3, 1, 2).copy()  # C-order, writable
+            x = torch.from_numpy(batch).to(device).float()
+            mask[start:start + len(batch)] = (model(x)[:, 0] > 0.5).cpu().numpy()
+    return ndimage.binary_erosion(mask, iterations=1)
+
+
+def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components (face connectivity): centres weighted by clipped HU + 1001, voxel counts."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros((0, 3)), np.zeros(0, np.int64)
+    index = np.arange(1, count + 1)
+    centers = np.array(ndimage.center_of_mass(hu.astype(np.float32) - HU_MIN + 1, labels, index)).reshape(-1, 3)
+    return centers, np.bincount(labels.ravel())[1:]
+
+
+def gather_crops(hu: np.ndarray, centers_irc: np.ndarray, size=CROP_SIZE) -> np.ndarray:
+    """(N, *size) crops centred on the rounded centres, shifted inside the volume, in one gather."""
+    starts = crop_starts(hu.shape, centers_irc, size)
+    offsets = [np.arange(n) for n in size]
+    idx = [np.clip(starts[:, k, None] + offsets[k], 0, hu.shape[k] - 1) for k in range(3)]
+    return hu[idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
+
+
+def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,
+             device: torch.device) -> np.ndarray:
+    """Class-1 softmax probability for each candidate crop."""
+    probs = np.zeros(len(centers_irc))
+    with torch.inference_mode():
+        for start in range(0, len(centers_irc), batch_size):
+            crops = gather_crops(hu, centers_irc[start:start + batch_size])
+            x = torch.from_numpy(crops).to(device).float()[:, None]
+            probs[start:start + len(crops)] = model(x)[1][:, 1].float().cpu().numpy()
+    return probs
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient: the largest 3D component denser than BODY_HU, with the holes of each axial slice
+    (lungs, airways) filled. Tubes, cables and the table fall outside it."""
+    dense = hu > BODY_HU
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    filled = ndimage.binary_fill_holes(dense, structure=in_plane)
+    labels, count = ndimage.label(filled)
+    if count == 0:
+        return filled
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 16, keep_outside: bool = False,
+            device: torch.device = torch.device("cpu"), progress: bool = False) -> list[Detection]:
+    """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
+    mask = segment(ct.hu, models.segmenter, models.context, batch_size, device, progress)
+    centers, voxels = group(mask, ct.hu)
+    inside = body_mask(ct.hu)[tuple(np.rint(centers).astype(int).T)] if len(centers) else np.zeros(0, bool)
+    if not keep_outside:
+        centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
+    nodule = classify(ct.hu, centers, models.classifier, batch_size, device)
+    malignancy = np.full(len(centers), np.nan)
+    if models.malignancy is not None:
+        chosen = np.flatnonzero(nodule >= threshold)
+        malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, batch_size, device)
+    xyz = irc_to_xyz(centers, ct.geometry) if len(centers) else np.zeros((0, 3))
+    voxel_mm3 = float(np.prod(ct.geometry.spacing))
+    diameters = 2 * np.cbrt(3 * voxels * voxel_mm3 / (4 * np.pi))
+    order = np.argsort(-nodule, kind="stable")
+    return [Detection(tuple(xyz[i].round(2).tolist()), tuple(centers[i].round(2).tolist()), float(nodule[i]),
+                      None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
+                      int(voxels[i]), bool(inside[i])) for i in order]
+
+
+def detection_rows(detections: list[Detection]) -> list[dict]:
+    return [asdict(d) for d in detections]
