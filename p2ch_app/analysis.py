@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from p2ch_app.data.ct import CROP_SIZE, HU_MIN, CtVolume, crop_starts, irc_to_xyz
+from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz
 from p2ch_app.errors import UserError
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import load_checkpoint
@@ -97,14 +97,6 @@ def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index = np.arange(1, count + 1)
     centers = np.array(ndimage.center_of_mass(hu.astype(np.float32) - HU_MIN + 1, labels, index)).reshape(-1, 3)
     return centers, np.bincount(labels.ravel())[1:]
-
-
-def gather_crops(hu: np.ndarray, centers_irc: np.ndarray, size=CROP_SIZE) -> np.ndarray:
-    """(N, *size) crops centred on the rounded centres, shifted inside the volume, in one gather."""
-    starts = crop_starts(hu.shape, centers_irc, size)
-    offsets = [np.arange(n) for n in size]
-    idx = [np.clip(starts[:, k, None] + offsets[k], 0, hu.shape[k] - 1) for k in range(3)]
-    return hu[idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :]]
 
 
 def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,

@@ -5,18 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from p2ch_app.analysis import body_mask, gather_crops, group, segment
-from p2ch_app.data.ct import extract_crop, slice_stack
-
-
-def test_gather_crops_equals_extract_crop_everywhere():
-    rng = np.random.default_rng(0)
-    hu = rng.integers(-1000, 1000, (40, 60, 70)).astype(np.int16)
-    centers = np.array([[20, 30, 35], [0.4, 0, 0], [39, 59, 69], [10.6, 50.2, 3.9]])
-    crops = gather_crops(hu, centers)
-    assert crops.shape == (4, 32, 48, 48)
-    for crop, center in zip(crops, centers):
-        assert np.array_equal(crop, extract_crop(hu, center)[0])
+from p2ch_app.analysis import body_mask, group, segment
+from p2ch_app.data.ct import slice_stack
+from tests.conftest import BOOK_MODELS, requires_shared
 
 
 def test_group_weights_centres_by_density_and_counts_voxels():
@@ -72,3 +63,79 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
     assert stacks.shape == (9, 5, 12, 12)
     for k in (0, 4, 8):
         assert np.array_equal(stacks[k].numpy(), slice_stack(hu, k, 2).astype(np.float32))
+
+
+class CentreVoxelClassifier(nn.Module):
+    """Stands in for the CNN: nodule probability rises with the density at the crop centre."""
+
+    def forward(self, x):
+        centre = x[:, 0, 16, 24, 24]
+        logits = torch.stack([torch.zeros_like(centre), centre / 100], dim=1)
+        return logits, logits.softmax(dim=1)
+
+
+def hand_made_ct():
+    from p2ch_app.data.ct import CtVolume, Geometry
+
+    z, y, x = np.indices((36, 80, 80))
+    hu = np.full((36, 80, 80), -1000, np.int16)
+    hu[((y - 40) / 30) ** 2 + ((x - 40) / 35) ** 2 <= 1] = 40
+    hu[((y - 40) / 15) ** 2 + ((x - 28) / 10) ** 2 <= 1] = -850
+    hu[(z - 18) ** 2 + (y - 40) ** 2 + (x - 28) ** 2 <= 4] = 600  # a nodule in the lung
+    hu[10:25, 2:5, 5:9] = 600  # a tube outside the patient
+    geometry = Geometry(np.array([-40.0, -40.0, -100.0]), np.array([1.0, 1.0, 2.0]), np.eye(3))
+    return CtVolume(hu, geometry, "1.2.3")
+
+
+def test_analyze_end_to_end_with_stand_in_models():
+    from p2ch_app.analysis import Models, analyze
+    from p2ch_app.data.ct import irc_to_xyz
+
+    ct = hand_made_ct()
+    models = Models(CentreSliceThreshold(context=1), 1, CentreVoxelClassifier(), CentreVoxelClassifier(), {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 500).float()
+    found = analyze(ct, models)
+    assert len(found) == 1  # the tube is outside the body
+    nodule = found[0]
+    assert nodule.center_irc == pytest.approx((18, 40, 28), abs=0.01) and nodule.inside_body
+    assert nodule.center_xyz == pytest.approx(tuple(irc_to_xyz((18, 40, 28), ct.geometry)), abs=0.01)
+    assert nodule.nodule_prob > 0.99 and nodule.malignancy_prob > 0.99
+    assert nodule.diameter_mm == pytest.approx(2 * (3 * nodule.voxels * 2.0 / (4 * np.pi)) ** (1 / 3))
+    both = analyze(ct, models, keep_outside=True)
+    assert len(both) == 2 and sorted(d.inside_body for d in both) == [False, True]
+
+
+def test_malignancy_is_scored_only_above_the_nodule_threshold():
+    from p2ch_app.analysis import Models, analyze
+
+    ct = hand_made_ct()
+    models = Models(CentreSliceThreshold(context=1), 1, CentreVoxelClassifier(), CentreVoxelClassifier(), {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 500).float()
+    (nodule,) = analyze(ct, models, threshold=1.1)
+    assert nodule.malignancy_prob is None
+
+
+def test_newest_best(tmp_path):
+    import os
+
+    from p2ch_app.analysis import newest_best
+
+    assert newest_best(tmp_path, "luna-train-cls") is None
+    for i, name in enumerate(["2026-01-01_10.00.00", "2026-01-02_10.00.00"]):
+        path = tmp_path / "luna-train-cls" / name / "best.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    assert newest_best(tmp_path, "luna-train-cls").parent.name == "2026-01-02_10.00.00"
+
+
+@requires_shared
+def test_load_the_book_models_and_refuse_swapped_ones():
+    from p2ch_app.analysis import load_models
+    from p2ch_app.errors import UserError
+
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    models = load_models(seg, cls, None, torch.device("cpu"))
+    assert models.context == 3 and not models.segmenter.training and models.malignancy is None
+    with pytest.raises(UserError, match="is not a segmentation"):
+        load_models(cls, cls, None, torch.device("cpu"))

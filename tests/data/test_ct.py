@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from p2ch_app.data.ct import (
-    CROP_SIZE, Geometry, check_uid, crop_starts, extract_crop, find_series, irc_to_xyz, load_ct,
+    CROP_SIZE, Geometry, check_uid, crop_starts, extract_crop, find_series, gather_crops, irc_to_xyz, load_ct,
     load_series, xyz_to_irc,
 )
 from p2ch_app.errors import UserError
@@ -168,3 +168,14 @@ def test_crop_of_a_volume_smaller_than_the_crop_is_padded_with_air():
 def test_crop_starts_is_vectorised():
     starts = crop_starts((40, 60, 70), np.array([[20, 30, 35], [0, 0, 0], [39, 59, 69]]))
     assert starts.tolist() == [[4, 6, 11], [0, 0, 0], [8, 12, 22]]
+
+
+@pytest.mark.parametrize("shape", [(40, 60, 70), (12, 60, 40)])  # the second is smaller than a crop
+def test_gather_crops_equals_extract_crop_everywhere(shape):
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-999, 1000, shape).astype(np.int16)
+    centers = np.array([[20, 30, 35], [0.4, 0, 0], [39, 59, 69], [10.6, 50.2, 3.9]])
+    crops = gather_crops(hu, centers)
+    assert crops.shape == (4, *CROP_SIZE)
+    for crop, center in zip(crops, centers):
+        assert np.array_equal(crop, extract_crop(hu, center)[0])
