@@ -299,16 +299,93 @@ def train_seg(**opts):
     _fit(task, opts, "luna-train-seg")
 
 
-def _not_built(name: str, issue: str):
-    @app_command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command(data_root, config):
-        raise UserError(f"{name} is not built yet ({issue}); every other command works in this version")
+@app_command("nodule-analyze")
+@click.argument("series_uid", required=False)
+@click.option("--ct", "ct_path", type=click.Path(path_type=Path), default=None,
+              help="Analyse this CT instead: .mhd/.mha, .nii/.nii.gz or a DICOM series folder.")
+@click.option("--seg-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Segmentation checkpoint [default: newest runs/luna-train-seg/*/best.pt].")
+@click.option("--cls-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Nodule classifier checkpoint [default: newest runs/luna-train-cls/*/best.pt].")
+@click.option("--mal-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Nodule probability from which a candidate is reported and scored for malignancy.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the rows to FILE.json or FILE.csv.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--runs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
+              show_default=True, help="Where the default models are looked for.")
+def analyze(data_root, config, series_uid, ct_path, seg_model, cls_model, mal_model, threshold, batch_size,
+            keep_outside, output, device, runs_dir):
+    """Find nodules in one CT: segment, group voxels into candidates, classify, score malignancy.
 
-    command.help = f"Not built yet: {issue}."
-    return command
+    Give a LUNA series UID (looked up under --data-root) or --ct PATH. Candidates outside the
+    patient's body (tubes, table, cables) are dropped unless --keep-outside.
+    """
+    from p2ch_app.analysis import analyze as run_analysis
+    from p2ch_app.analysis import load_models, newest_best
+    from p2ch_app.data.ct import load_ct, load_series
+    from p2ch_app.training import select_device
+
+    if (series_uid is None) == (ct_path is None):
+        raise UserError("give either a SERIES_UID or --ct PATH (exactly one)")
+    if output is not None and output.suffix.lower() not in (".json", ".csv"):
+        raise UserError(f"--output {output}: use a .json or .csv file name")
+    trainers = {"seg": ("luna-train-seg", seg_model), "cls": ("luna-train-cls", cls_model)}
+    paths = {}
+    for key, (command, given) in trainers.items():
+        paths[key] = given or newest_best(runs_dir, command)
+        if paths[key] is None:
+            raise UserError(f"no trained model under {runs_dir}/{command}/; train one with {command} "
+                            f"or pass --{key}-model (the book's .state files work)")
+    paths["mal"] = mal_model or newest_best(runs_dir, "luna-finetune-mal")
+    torch_device = select_device(device)
+    ct = load_ct(ct_path) if ct_path is not None else load_series(data_root, series_uid)
+    models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
+    found = run_analysis(ct, models, threshold, batch_size, keep_outside, torch_device, progress=True)
+    rows = [d for d in found if d.nodule_prob >= threshold]
+    click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= {threshold}")
+    click.echo(_detection_table(rows))
+    if output is not None:
+        _write_detections(output, ct.series_uid, rows, models.paths)
+        click.echo(f"wrote {output}")
 
 
-analyze = _not_built("nodule-analyze", "the end-to-end analysis")
+def _detection_table(rows) -> str:
+    head = f"{'rank':>4} {'x mm':>8} {'y mm':>8} {'z mm':>8} {'index':>6} {'row':>6} {'col':>6} " \
+           f"{'nodule':>7} {'malig.':>7} {'diam mm':>8}"
+    lines = [head]
+    for rank, d in enumerate(rows, 1):
+        mal = "-" if d.malignancy_prob is None else f"{d.malignancy_prob:.3f}"
+        lines.append(f"{rank:>4} {d.center_xyz[0]:>8.1f} {d.center_xyz[1]:>8.1f} {d.center_xyz[2]:>8.1f} "
+                     f"{d.center_irc[0]:>6.1f} {d.center_irc[1]:>6.1f} {d.center_irc[2]:>6.1f} "
+                     f"{d.nodule_prob:>7.3f} {mal:>7} {d.diameter_mm:>8.1f}")
+    return "\n".join(lines)
+
+
+def _write_detections(path: Path, uid: str, rows, model_paths: dict) -> None:
+    """The table's rows with the series UID and the models used, written through a temporary file."""
+    import csv
+    import json
+
+    records = [{"rank": i, "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
+                "z_mm": d.center_xyz[2], "index": d.center_irc[0], "row": d.center_irc[1], "col": d.center_irc[2],
+                "nodule_prob": d.nodule_prob, "malignancy_prob": d.malignancy_prob, "diameter_mm": d.diameter_mm,
+                "seg_model": model_paths["seg"], "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
+               for i, d in enumerate(rows, 1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        if path.suffix.lower() == ".json":
+            json.dump({"series_uid": uid, "models": model_paths, "detections": records}, f, indent=2)
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank", "series_uid"])
+            writer.writeheader()
+            writer.writerows(records)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":  # python -m p2ch_app.cli <command> ...

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from p2ch_app.cli import COMMANDS, prep
-from tests.conftest import snapshot
+from tests.conftest import BOOK_MODELS, requires_shared, snapshot
 
 
 def run(command, args):
@@ -77,11 +77,6 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "--config" in result.output and "--data-root" in result.output, name
 
 
-@pytest.mark.parametrize("name", ["nodule-analyze"])
-def test_commands_of_later_issues_say_so_and_exit_2(name):
-    assert_one_line_error(run(COMMANDS[name], ["--epochs", 1]), "is not built yet")
-
-
 def test_prep_reports_what_it_built(tiny_root):
     result = run(prep, ["--data-root", tiny_root.root, "--workers", 2])
     assert result.exit_code == 0, result.output
@@ -113,3 +108,43 @@ def test_synth_rejects_an_empty_spacing_range(tmp_path):
     result = run(synth, ["--data-root", tmp_path, "--inplane-mm", 0.9, 0.5])
     assert_one_line_error(result, "--inplane-mm 0.9 0.5: give 0 < MIN <= MAX")
     assert not list(tmp_path.iterdir())
+
+
+def test_analyze_needs_exactly_one_input_and_trained_models(tmp_path, tiny_root):
+    from p2ch_app.cli import analyze
+
+    assert_one_line_error(run(analyze, ["--runs-dir", tmp_path]), "give either a SERIES_UID or --ct PATH")
+    assert_one_line_error(run(analyze, ["1.2.3", "--ct", tiny_root.series[0].mhd]), "exactly one")
+    assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--runs-dir", tmp_path]),
+                          "train one with luna-train-seg")
+    assert_one_line_error(run(analyze, ["../subset0/x", "--data-root", tiny_root.root, "--seg-model", "a.pt",
+                                        "--cls-model", "b.pt"]), "is not a series UID")
+    assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--output", tmp_path / "out.txt"]),
+                          "use a .json or .csv file name")
+
+
+@requires_shared
+def test_analyze_a_synthetic_series_with_the_book_models(prepared_synth, tmp_path):
+    import csv
+    import json
+
+    from p2ch_app.cli import analyze
+    from p2ch_app.data.index import build_index
+
+    uid = build_index(prepared_synth).series_uids[0]
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    common = [uid, "--data-root", prepared_synth, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
+              "--threshold", 0.0]
+    result = run(analyze, [*common, "--output", tmp_path / "out.json"])
+    assert result.exit_code == 0, result.output
+    assert f"{uid}: " in result.stdout and "rank" in result.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["series_uid"] == uid and report["models"]["seg"] == str(seg) and report["models"]["mal"] is None
+    assert run(analyze, [*common, "--output", tmp_path / "out.csv"]).exit_code == 0
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(report["detections"])
+    for row, detection in zip(rows, report["detections"]):
+        assert row["series_uid"] == uid and float(row["nodule_prob"]) == pytest.approx(detection["nodule_prob"])
+    probs = [d["nodule_prob"] for d in report["detections"]]
+    assert probs == sorted(probs, reverse=True)
