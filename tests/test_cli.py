@@ -77,6 +77,12 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "--config" in result.output and "--data-root" in result.output, name
 
 
+def test_prep_into_another_cache_dir(tiny_root, tmp_path):
+    result = run(prep, ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "c", "--workers", 1])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "c" / "volumes").glob("*.npy"))) == 3 and not (tiny_root.root / "cache").exists()
+
+
 def test_prep_reports_what_it_built(tiny_root):
     result = run(prep, ["--data-root", tiny_root.root, "--workers", 2])
     assert result.exit_code == 0, result.output
@@ -89,10 +95,12 @@ def test_synth_writes_refuses_to_overwrite_then_overwrites(tmp_path):
     from p2ch_app.cli import synth
 
     root = tmp_path / "synth"
-    args = ["--data-root", root, "--series", 1, "--matrix", 64, "--inplane-mm", 5, 5.5, "--slice-mm", 5, 5.5]
+    args = ["--data-root", root, "--series", 2, "--subsets", 1, "--matrix", 64, "--inplane-mm", 5, 5.5,
+            "--slice-mm", 5, 5.5, "--size", "demo"]
     result = run(synth, args)
     assert result.exit_code == 0, result.output
-    assert "wrote 1 synthetic series" in result.stdout
+    assert "wrote 2 synthetic series" in result.stdout
+    assert len(list(root.glob("subset0/*.mhd"))) == 2 and not (root / "subset1").exists()
     mhd = next(root.glob("subset0/*.mhd"))
     assert "DimSize = 64 64" in mhd.read_text()
     before = snapshot(root)
@@ -148,3 +156,11 @@ def test_analyze_a_synthetic_series_with_the_book_models(prepared_synth, tmp_pat
         assert row["series_uid"] == uid and float(row["nodule_prob"]) == pytest.approx(detection["nodule_prob"])
     probs = [d["nodule_prob"] for d in report["detections"]]
     assert probs == sorted(probs, reverse=True)
+    # the book classifier stands in as a malignancy model; outside-body candidates are kept
+    result = run(analyze, [*common, "--mal-model", cls, "--keep-outside", "--batch-size", 4, "--device", "cpu",
+                           "--output", tmp_path / "all.json"])
+    assert result.exit_code == 0, result.output
+    everything = json.loads((tmp_path / "all.json").read_text())
+    assert len(everything["detections"]) >= len(report["detections"])
+    assert all(d["malignancy_prob"] is not None for d in everything["detections"])
+    assert everything["models"]["mal"] == str(cls)

@@ -71,7 +71,8 @@ def test_pad_collate_stacks_different_slice_sizes():
 
 def test_tiny_segmentation_run(prepared_synth, tmp_path):
     args = ["--data-root", prepared_synth, "--epochs", 1, "--epoch-samples", 16, "--batch-size", 8, "--crop", 32,
-            "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--up-mode", "upsample"]
+            "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--up-mode", "upsample",
+            "--context", 2, "--unet-depth", 2, "--width-factor", 3, "--fn-weight", 4, "--bce-weight", 0.5]
     result = CliRunner().invoke(train_seg, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "luna-train-seg epoch 1/1" in result.output and "f2" in result.output
@@ -79,8 +80,9 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     checkpoint = load_checkpoint(run_dir / "best.pt")
     assert checkpoint["best_metric"] == "f2"
     assert set(checkpoint["metrics"]["val"]) >= {"loss", "precision", "recall", "f1", "f2"}
-    model = NoduleSegmenter(up_mode="upsample")
+    model = NoduleSegmenter(in_channels=5, depth=2, wf=3, up_mode="upsample")
     model.load_state_dict(checkpoint["model_state"], strict=True)
+    assert checkpoint["config"]["options"]["fn_weight"] == 4 and checkpoint["config"]["options"]["bce_weight"] == 0.5
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert "val/slices_red_predicted_green_label" in events.Tags()["images"]

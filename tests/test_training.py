@@ -257,3 +257,19 @@ def test_a_run_whose_metric_is_undefined_still_has_a_best_checkpoint(prepared_sy
     _, run_dir = fit(task, TrainConfig(command="nan", epochs=1, batch_size=8, workers=0, device="cpu",
                                        runs_dir=tmp_path), progress=False)
     assert np.isnan(load_checkpoint(run_dir / "best.pt")["metrics"]["val"]["auc"])
+
+
+def test_training_options_reach_the_run(prepared_synth, tmp_path):
+    import shutil
+
+    cache = tmp_path / "elsewhere"
+    shutil.copytree(prepared_synth / "cache", cache)
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--cache-dir", cache, "--optimizer", "adam", "--lr", 0.01, "--no-augment",
+                             "--balance", 2])
+    assert result.exit_code == 0, result.output
+    checkpoint = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")
+    assert checkpoint["optimizer_name"] == "Adam"
+    assert checkpoint["optimizer_state"]["param_groups"][0]["lr"] == 0.01
+    options = checkpoint["config"]["options"]
+    assert options["no_augment"] is True and options["balance"] == 2 and options["cache_dir"] == str(cache)
