@@ -6,7 +6,7 @@ candidate crops from one fancy-indexing gather, so no Python loop runs per slice
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,3 @@ def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: in
     return [Detection(tuple(xyz[i].round(2).tolist()), tuple(centers[i].round(2).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
                       int(voxels[i]), bool(inside[i])) for i in order]
-
-
-def detection_rows(detections: list[Detection]) -> list[dict]:
-    return [asdict(d) for d in detections]

@@ -253,7 +253,7 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     """Training: the nodule slices of the training series, cropped around a nodule. Validation: the
     whole nodule slices of the validation series plus as many nodule-free slices, evenly spaced."""
     codes = np.arange(len(index.series_uids))
-    is_val = codes % val_stride == 0
+    is_val = index.validation_series(val_stride)
     train = nodule_slices(cache_dir, index, codes[~is_val])
     val = nodule_slices(cache_dir, index, codes[is_val])
     if len(train) == 0 or len(val) == 0:

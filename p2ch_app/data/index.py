@@ -73,12 +73,16 @@ class LunaIndex:
         code = self.series_uids.index(uid) if uid in self.series_uids else -1
         return self.select(self.series_code == code)
 
-    def is_validation(self, val_stride: int = 10) -> np.ndarray:
-        """Per row: whether its series validates. Every val_stride-th series (sorted by UID) does,
-        so a series is never in both sets."""
+    def validation_series(self, val_stride: int = 10) -> np.ndarray:
+        """Per series (in series_uids order): whether it validates. Every val_stride-th series
+        (sorted by UID) does, so a series is never in both sets."""
         if val_stride < 2:
             raise UserError(f"val_stride must be at least 2, got {val_stride}")
-        return (self.series_code % val_stride) == 0
+        return np.arange(len(self.series_uids)) % val_stride == 0
+
+    def is_validation(self, val_stride: int = 10) -> np.ndarray:
+        """Per row: whether its series validates."""
+        return self.validation_series(val_stride)[self.series_code]
 
     def split(self, val_stride: int = 10) -> tuple[LunaIndex, LunaIndex]:
         """(train, validation) by series."""
