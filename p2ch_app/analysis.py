@@ -14,8 +14,10 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz
+from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
+from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
+from p2ch_app.evaluation import ScanResult
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import load_checkpoint
 
@@ -146,3 +148,30 @@ def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: in
     return [Detection(tuple(xyz[i].round(2).tolist()), tuple(centers[i].round(2).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
                       int(voxels[i]), bool(inside[i])) for i in order]
+
+
+def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -> ScanResult:
+    """A scan's detections beside its annotated nodules (those with a diameter), for scoring."""
+    nodules = truth.has_annotation
+    return ScanResult(
+        detections_xyz=np.array([d.center_xyz for d in detections], float).reshape(-1, 3),
+        nodule_prob=np.array([d.nodule_prob for d in detections], float),
+        nodules_xyz=truth.center_xyz[nodules], diameters_mm=truth.diameter_mm[nodules],
+        malignant=truth.malignancy[nodules],
+        malignancy_prob=np.array([np.nan if d.malignancy_prob is None else d.malignancy_prob for d in detections])
+        if with_mal else None)
+
+
+def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, threshold: float = 0.5,
+                   batch_size: int = 16, keep_outside: bool = False, device: torch.device = torch.device("cpu"),
+                   progress: bool = False, on_ct=None) -> list[tuple[str, list[Detection], ScanResult]]:
+    """analyze() over many LUNA series, each paired with its scoring against the annotations.
+    on_ct(ct, detections), when given, sees each CT while it is loaded (for reports)."""
+    results = []
+    for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
+        ct = load_series(data_root, uid)
+        detections = analyze(ct, models, threshold, batch_size, keep_outside, device)
+        if on_ct is not None:
+            on_ct(ct, detections)
+        results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None)))
+    return results

@@ -303,6 +303,11 @@ def train_seg(**opts):
 @click.argument("series_uid", required=False)
 @click.option("--ct", "ct_path", type=click.Path(path_type=Path), default=None,
               help="Analyse this CT instead: .mhd/.mha, .nii/.nii.gz or a DICOM series folder.")
+@click.option("--validation", is_flag=True,
+              help="Analyse every validation series of --data-root and score them against the annotations.")
+@click.option("--include-train", is_flag=True, help="With --validation: the training series too.")
+@click.option("--val-stride", type=click.IntRange(2), default=10, show_default=True,
+              help="Every Nth series (sorted by UID) is a validation series, as in training.")
 @click.option("--seg-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Segmentation checkpoint [default: newest runs/luna-train-seg/*/best.pt].")
 @click.option("--cls-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -315,25 +320,62 @@ def train_seg(**opts):
 @click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write a PNG (axial, coronal, sagittal views) per reported nodule and an index.html to DIR.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--runs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"),
-              show_default=True, help="Where the default models are looked for.")
-def analyze(data_root, config, series_uid, ct_path, seg_model, cls_model, mal_model, threshold, batch_size,
-            keep_outside, output, device, runs_dir):
-    """Find nodules in one CT: segment, group voxels into candidates, classify, score malignancy.
+              show_default=True, help="Where the default models are looked for and --validation results go.")
+@click.option("--comment", default="", help="Suffix for the --validation run folder name.")
+def analyze(data_root, config, series_uid, ct_path, validation, include_train, val_stride, seg_model, cls_model,
+            mal_model, threshold, batch_size, keep_outside, output, report_dir, device, runs_dir, comment):
+    """Find nodules in a CT: segment, group voxels into candidates, classify, score malignancy.
 
-    Give a LUNA series UID (looked up under --data-root) or --ct PATH. Candidates outside the
-    patient's body (tubes, table, cables) are dropped unless --keep-outside.
+    Give a LUNA series UID (looked up under --data-root), --ct PATH, or --validation to run every
+    validation series and print the confusion table and the LUNA16 FROC/CPM (results, FROC curve
+    and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
+    table, cables) are dropped unless --keep-outside.
     """
-    from p2ch_app.analysis import analyze as run_analysis
-    from p2ch_app.analysis import load_models, newest_best
-    from p2ch_app.data.ct import load_ct, load_series
+    from p2ch_app.analysis import load_models
     from p2ch_app.training import select_device
 
-    if (series_uid is None) == (ct_path is None):
-        raise UserError("give either a SERIES_UID or --ct PATH (exactly one)")
+    if sum((series_uid is not None, ct_path is not None, validation)) != 1:
+        raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
+    if include_train and not validation:
+        raise UserError("--include-train only goes with --validation")
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {output}: use a .json or .csv file name")
+    if report_dir is not None and report_dir.exists() and any(report_dir.iterdir()):
+        raise UserError(f"--report {report_dir} is not empty; choose a new folder")
+    paths = _model_paths(runs_dir, seg_model, cls_model, mal_model)
+    torch_device = select_device(device)
+    settings = dict(threshold=threshold, batch_size=batch_size, keep_outside=keep_outside, device=torch_device)
+    if validation:
+        require_dir(data_root, "data root", "pass --data-root DIR (or run luna-synth to make one)")
+        models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
+        _analyze_validation(data_root, val_stride, include_train, models, settings, output, report_dir, runs_dir,
+                            comment)
+        return
+    from p2ch_app.analysis import analyze as run_analysis
+    from p2ch_app.data.ct import load_ct, load_series
+
+    ct = load_ct(ct_path) if ct_path is not None else load_series(data_root, series_uid)
+    models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
+    found = run_analysis(ct, models, progress=True, **settings)
+    rows = [d for d in found if d.nodule_prob >= threshold]
+    click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= {threshold}")
+    click.echo(_detection_table(rows))
+    if output is not None:
+        _write_detections(output, [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
+        click.echo(f"wrote {output}")
+    if report_dir is not None:
+        from p2ch_app.report import write_report
+
+        click.echo(f"wrote {write_report(report_dir, ct, rows, title=f'nodule-analyze {ct.series_uid}')}")
+
+
+def _model_paths(runs_dir: Path, seg_model, cls_model, mal_model) -> dict:
+    from p2ch_app.analysis import newest_best
+
     trainers = {"seg": ("luna-train-seg", seg_model), "cls": ("luna-train-cls", cls_model)}
     paths = {}
     for key, (command, given) in trainers.items():
@@ -342,16 +384,48 @@ def analyze(data_root, config, series_uid, ct_path, seg_model, cls_model, mal_mo
             raise UserError(f"no trained model under {runs_dir}/{command}/; train one with {command} "
                             f"or pass --{key}-model (the book's .state files work)")
     paths["mal"] = mal_model or newest_best(runs_dir, "luna-finetune-mal")
-    torch_device = select_device(device)
-    ct = load_ct(ct_path) if ct_path is not None else load_series(data_root, series_uid)
-    models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
-    found = run_analysis(ct, models, threshold, batch_size, keep_outside, torch_device, progress=True)
-    rows = [d for d in found if d.nodule_prob >= threshold]
-    click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= {threshold}")
-    click.echo(_detection_table(rows))
+    return paths
+
+
+def _analyze_validation(data_root, val_stride, include_train, models, settings, output, report_dir, runs_dir,
+                        comment) -> None:
+    """Every validation series (and the training ones with include_train), scored and saved in a run folder."""
+    import numpy as np
+
+    from p2ch_app.analysis import analyze_series
+    from p2ch_app.data.index import build_index
+    from p2ch_app.evaluation import evaluate, format_summary, save_evaluation
+    from p2ch_app.training import new_run_dir
+
+    index = build_index(data_root)
+    chosen = np.ones(len(index.series_uids), bool) if include_train else index.validation_series(val_stride)
+    uids = [uid for uid, keep in zip(index.series_uids, chosen) if keep]
+    on_ct = None
+    if report_dir is not None:
+        from p2ch_app.report import write_report, write_report_index
+
+        entries = []
+
+        def on_ct(ct, detections):
+            shown = [d for d in detections if d.nodule_prob >= settings["threshold"]]
+            write_report(report_dir / ct.series_uid, ct, shown, title=f"nodule-analyze {ct.series_uid}")
+            entries.append((ct.series_uid, f"{ct.series_uid}/index.html", len(shown)))
+
+    results = analyze_series(data_root, index, uids, models, progress=True, on_ct=on_ct, **settings)
+    metrics = evaluate([scan for _, _, scan in results], settings["threshold"])
+    metrics.update(series=list(uids), models=models.paths, threshold=settings["threshold"],
+                   keep_outside=settings["keep_outside"], include_train=include_train, val_stride=val_stride)
+    run_dir = new_run_dir(runs_dir, "nodule-analyze", comment)
+    save_evaluation(run_dir, metrics)
+    rows = [(uid, d) for uid, detections, _ in results for d in detections]
+    _write_detections(run_dir / "detections.csv", rows, models.paths, list(uids))
     if output is not None:
-        _write_detections(output, ct.series_uid, rows, models.paths)
-        click.echo(f"wrote {output}")
+        _write_detections(output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings["threshold"]],
+                          models.paths, list(uids))
+    if report_dir is not None:
+        write_report_index(report_dir, entries, title="nodule-analyze validation")
+    click.echo(format_summary(metrics))
+    click.echo(f"results in {run_dir} (metrics.json, froc.png, detections.csv, TensorBoard: make tensorboard)")
 
 
 def _detection_table(rows) -> str:
@@ -366,21 +440,26 @@ def _detection_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _write_detections(path: Path, uid: str, rows, model_paths: dict) -> None:
-    """The table's rows with the series UID and the models used, written through a temporary file."""
+def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
+    """(series UID, detection) rows, ranked within their series, with the models used, written through
+    a temporary file. series: the one UID analysed, or the list of them."""
     import csv
     import json
+    from collections import Counter
 
-    records = [{"rank": i, "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
+    ranks = Counter()
+    records = [{"rank": ranks.update([uid]) or ranks[uid], "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
                 "z_mm": d.center_xyz[2], "index": d.center_irc[0], "row": d.center_irc[1], "col": d.center_irc[2],
                 "nodule_prob": d.nodule_prob, "malignancy_prob": d.malignancy_prob, "diameter_mm": d.diameter_mm,
-                "seg_model": model_paths["seg"], "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
-               for i, d in enumerate(rows, 1)]
+                "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
+                "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
+               for uid, d in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         if path.suffix.lower() == ".json":
-            json.dump({"series_uid": uid, "models": model_paths, "detections": records}, f, indent=2)
+            json.dump({"series_uid": series, "models": model_paths,
+                       "detections": records}, f, indent=2)
         else:
             writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank", "series_uid"])
             writer.writeheader()

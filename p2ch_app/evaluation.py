@@ -7,6 +7,7 @@ malignancy probability); its truth is the annotated nodules (centre, diameter, m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -133,3 +134,116 @@ def format_confusion(table: dict[str, dict[str, int]]) -> str:
         cells = ["-" if row == "Non-nodule" and c == "Complete miss" else str(counts[c]) for c in columns]
         lines.append(row.ljust(12) + "".join(v.rjust(width) for v in cells))
     return "\n".join(lines)
+
+
+def malignancy_aucs(scans: list[ScanResult], threshold: float = 0.5, match_fraction: float = 0.7) -> dict:
+    """ROC AUC of the malignancy probability on the true nodules the pipeline found (predicted nodule,
+    matched as in the confusion table, malignancy known), beside the AUC of their annotated diameter."""
+    from p2ch_app.metrics import roc_auc
+
+    labels, probs, diameters = [], [], []
+    for scan in scans:
+        if scan.malignancy_prob is None:
+            continue
+        near = _distances(scan) <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
+        nodule_prob = np.asarray(scan.nodule_prob, float)
+        malignant = np.resize(np.asarray(scan.malignant, np.int8), near.shape[1])
+        for j in np.flatnonzero(malignant >= 0):
+            matched = np.flatnonzero(near[:, j])
+            if len(matched) and nodule_prob[matched].max() >= threshold:
+                best = matched[np.argmax(nodule_prob[matched])]
+                labels.append(int(malignant[j]))
+                probs.append(float(scan.malignancy_prob[best]))
+                diameters.append(float(scan.diameters_mm[j]))
+    labels = np.array(labels, np.int64)
+    return {"nodules": len(labels), "malignant": int(labels.sum()),
+            "auc": roc_auc(labels, np.array(probs)), "diameter_auc": roc_auc(labels, np.array(diameters))}
+
+
+def evaluate(scans: list[ScanResult], threshold: float = 0.5, bootstrap: int = 1000) -> dict:
+    """Everything --validation reports: FROC/CPM, the confusion table and the malignancy AUCs."""
+    metrics = cpm(scans, bootstrap=bootstrap)
+    metrics["scans"] = len(scans)
+    metrics["nodules"] = int(sum(len(s.diameters_mm) for s in scans))
+    metrics["confusion"] = confusion(scans, threshold)
+    if any(s.malignancy_prob is not None for s in scans):
+        metrics["malignancy"] = malignancy_aucs(scans, threshold)
+    return metrics
+
+
+def plot_froc(metrics: dict):
+    """The FROC curve with the seven CPM operating points, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    fps, sens = np.array(metrics["froc_fps"]), np.array(metrics["froc_sensitivity"])
+    shown = fps > 0
+    ax.step(fps[shown], sens[shown], where="post", label="FROC")
+    rates = [float(r) for r in metrics["sensitivity_at"]]
+    ax.plot(rates, list(metrics["sensitivity_at"].values()), "o", label="CPM points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, 16)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(rates, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    low, high = metrics["cpm_ci95"]
+    ax.set_title(f"CPM {metrics['cpm']:.3f} (95% CI {low:.3f}-{high:.3f}), {metrics['scans']} scans, "
+                 f"{metrics['nodules']} nodules", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def save_evaluation(run_dir: Path, metrics: dict) -> None:
+    """metrics.json, froc.png and the same figures in TensorBoard, all in run_dir."""
+    import json
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(metrics), indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+    figure = plot_froc(metrics)
+    figure.savefig(run_dir / "froc.tmp.png")
+    os.replace(run_dir / "froc.tmp.png", run_dir / "froc.png")
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_scalar("eval/cpm", metrics["cpm"], 0)
+        for rate, sens in metrics["sensitivity_at"].items():
+            writer.add_scalar(f"eval/sensitivity_at_{rate}_fp", sens, 0)
+        for name, value in metrics.get("malignancy", {}).items():
+            writer.add_scalar(f"eval/malignancy_{name}", value, 0)
+        writer.add_figure("eval/froc", figure, 0)
+        writer.add_text("eval/confusion", "    " + format_confusion(metrics["confusion"]).replace("\n", "\n    "), 0)
+
+
+def format_summary(metrics: dict) -> str:
+    """The lines --validation prints: confusion table, CPM with its interval, malignancy AUCs."""
+    low, high = metrics["cpm_ci95"]
+    at = "  ".join(f"{rate}: {sens:.3f}" for rate, sens in metrics["sensitivity_at"].items())
+    lines = [format_confusion(metrics["confusion"]), "",
+             f"CPM {metrics['cpm']:.3f} (bootstrap 95% CI {low:.3f}-{high:.3f}) over {metrics['scans']} scans, "
+             f"{metrics['nodules']} nodules", f"sensitivity at FPs/scan  {at}"]
+    mal = metrics.get("malignancy")
+    if mal:
+        lines.append(f"malignancy AUC {mal['auc']:.3f} on {mal['nodules']} detected nodules ({mal['malignant']} "
+                     f"malignant); diameter-only baseline AUC {mal['diameter_auc']:.3f}")
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    """NaN (an undefined AUC) becomes null, so metrics.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

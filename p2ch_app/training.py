@@ -151,9 +151,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _new_run_dir(cfg: TrainConfig) -> Path:
+def new_run_dir(runs_dir: Path, command: str, comment: str = "") -> Path:
+    """runs/<command>/<timestamp>[-comment], never an existing folder."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
-    base = cfg.runs_dir / cfg.command / (f"{stamp}-{cfg.comment}" if cfg.comment else stamp)
+    base = Path(runs_dir) / command / (f"{stamp}-{comment}" if comment else stamp)
     run_dir, n = base, 1
     while run_dir.exists():
         n += 1
@@ -220,7 +221,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         run_dir = Path(resume).parent
         scaler_state = checkpoint.get("scaler_state")
     if ddp.is_main and run_dir is None:
-        run_dir = _new_run_dir(cfg)
+        run_dir = new_run_dir(cfg.runs_dir, cfg.command, cfg.comment)
     wrapped = model
     if ddp.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

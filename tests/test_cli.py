@@ -121,7 +121,7 @@ def test_synth_rejects_an_empty_spacing_range(tmp_path):
 def test_analyze_needs_exactly_one_input_and_trained_models(tmp_path, tiny_root):
     from p2ch_app.cli import analyze
 
-    assert_one_line_error(run(analyze, ["--runs-dir", tmp_path]), "give either a SERIES_UID or --ct PATH")
+    assert_one_line_error(run(analyze, ["--runs-dir", tmp_path]), "give either a SERIES_UID, --ct PATH or --validation")
     assert_one_line_error(run(analyze, ["1.2.3", "--ct", tiny_root.series[0].mhd]), "exactly one")
     assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--runs-dir", tmp_path]),
                           "train one with luna-train-seg")
@@ -164,3 +164,34 @@ def test_analyze_a_synthetic_series_with_the_book_models(prepared_synth, tmp_pat
     assert len(everything["detections"]) >= len(report["detections"])
     assert all(d["malignancy_prob"] is not None for d in everything["detections"])
     assert everything["models"]["mal"] == str(cls)
+
+
+@requires_shared
+def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_path):
+    import csv
+    import json
+
+    from p2ch_app.cli import analyze
+    from p2ch_app.data.index import build_index
+
+    index = build_index(prepared_synth)
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    args = ["--validation", "--val-stride", 3, "--data-root", prepared_synth, "--seg-model", seg, "--cls-model", cls,
+            "--mal-model", cls, "--runs-dir", tmp_path / "runs", "--comment", "check", "--threshold", 0.3]
+    result = run(analyze, args)
+    assert result.exit_code == 0, result.output
+    assert "Complete miss" in result.stdout and "CPM " in result.stdout and "diameter-only baseline" in result.stdout
+    run_dir = next((tmp_path / "runs" / "nodule-analyze").glob("*-check"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    uids = [u for u, v in zip(index.series_uids, index.validation_series(3)) if v]
+    assert metrics["series"] == uids and metrics["scans"] == len(uids)
+    assert metrics["nodules"] == int(sum(index.for_series(u).has_annotation.sum() for u in uids))
+    table = metrics["confusion"]
+    assert sum(table["Benign"].values()) + sum(table["Malignant"].values()) == metrics["nodules"]
+    assert 0 <= metrics["cpm"] <= 1 and f"CPM {metrics['cpm']:.3f}" in result.stdout
+    assert (run_dir / "froc.png").stat().st_size > 1000 and list(run_dir.glob("events.out.tfevents.*"))
+    with open(run_dir / "detections.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["series_uid"] for r in rows} <= set(uids) and all(r["inside_body"] == "True" for r in rows)
+    assert_one_line_error(run(analyze, ["--validation", "--ct", "x"]), "exactly one")
+    assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")

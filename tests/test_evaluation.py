@@ -59,3 +59,33 @@ def test_confusion_without_malignancy_model_and_the_0_7_rule():
     table = confusion([scan])
     assert table["Benign"] == {"Complete miss": 0, "Filtered out": 1, "Pred. nodule": 0}
     assert froc([scan])[1].max() == 0
+
+
+def test_malignancy_aucs_score_only_the_nodules_predicted_as_nodules():
+    from p2ch_app.evaluation import malignancy_aucs
+
+    # scan_a: the 10 mm malignant nodule is found by detections 0.9 and 0.8 (the 0.9 one counts);
+    # the 6 mm benign one by the 0.6 detection. scan_b's nodule is missed (5 mm away > 0.7 * 4 mm).
+    scans = [scan_a(np.array([0.2, 0.9, 0.5, 0.7, 0.1])), scan_b()]
+    result = malignancy_aucs(scans, threshold=0.5)
+    assert result == {"nodules": 2, "malignant": 1, "auc": 0.0, "diameter_auc": 1.0}  # 0.2 malignant < 0.7 benign
+    assert malignancy_aucs(scans, threshold=0.65)["nodules"] == 1  # the benign one is filtered out
+
+
+def test_evaluate_and_its_files(tmp_path):
+    import json
+
+    from p2ch_app.evaluation import evaluate, format_summary, save_evaluation
+
+    scans = [scan_a(np.array([0.2, 0.9, 0.5, 0.7, 0.1])), scan_b()]
+    metrics = evaluate(scans, threshold=0.5, bootstrap=50)
+    assert metrics["scans"] == 2 and metrics["nodules"] == 3
+    assert metrics["confusion"]["Malignant"]["Pred. benign"] == 1  # malignancy 0.2 at the best detection
+    text = format_summary(metrics)
+    assert "CPM 0.655" in text and "malignancy AUC 0.000 on 2 detected nodules" in text
+    save_evaluation(tmp_path, metrics)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["cpm"] == pytest.approx(metrics["cpm"]) and saved["confusion"] == metrics["confusion"]
+    assert (tmp_path / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert not list(tmp_path.glob("*.tmp*"))
