@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from p2ch_app.analysis import Detection
 
 HALF_FIELD_MM = 30.0  # every view shows 60 mm x 60 mm around the detection
-LUNG_LEVEL, LUNG_WIDTH = 40, 400
+LUNG_LEVEL, LUNG_WIDTH = -600, 1500
 MIN_CIRCLE_MM = 4.0  # a marker smaller than this vanishes at report size
 CIRCLE_GAP_MM = 1.5  # the circle runs this far outside the estimated diameter: the margin stays visible
 _STYLE = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
