@@ -109,8 +109,10 @@ def _cache_dir(data_root: Path, cache_dir: Path | None) -> Path:
               help="Range of in-plane spacing in mm (overrides --size).")
 @click.option("--slice-mm", type=(float, float), default=None, metavar="MIN MAX",
               help="Range of slice spacing in mm (overrides --size).")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
+              help="Processes generating series in parallel (the output does not depend on it).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --data-root.")
-def synth(data_root, config, series, subsets, seed, size, matrix, inplane_mm, slice_mm, overwrite):
+def synth(data_root, config, series, subsets, seed, size, matrix, inplane_mm, slice_mm, workers, overwrite):
     """Write a synthetic chest-CT dataset in the exact LUNA16 layout."""
     from dataclasses import replace
 
@@ -123,7 +125,7 @@ def synth(data_root, config, series, subsets, seed, size, matrix, inplane_mm, sl
                 raise UserError(f"--{field.replace('_', '-')} {value[0]} {value[1]}: give 0 < MIN <= MAX")
             geometry = replace(geometry, **{field: value})
     written = write_dataset(data_root, series=series, subsets=subsets, seed=seed, geometry=geometry,
-                            overwrite=overwrite)
+                            overwrite=overwrite, workers=workers)
     click.echo(f"wrote {len(written)} synthetic series to {data_root}")
 
 
@@ -316,8 +318,12 @@ def train_seg(**opts):
               help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any].")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Nodule probability from which a candidate is reported and scored for malignancy.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Candidate crops per classifier batch; segmentation batches hold as many voxels in slices.")
 @click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
+@click.option("--fast", is_flag=True,
+              help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
+                   "instructions, slower on others; probabilities move slightly (README).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -327,7 +333,7 @@ def train_seg(**opts):
               show_default=True, help="Where the default models are looked for and --validation results go.")
 @click.option("--comment", default="", help="Suffix for the --validation run folder name.")
 def analyze(data_root, config, series_uid, ct_path, validation, include_train, val_stride, seg_model, cls_model,
-            mal_model, threshold, batch_size, keep_outside, output, report_dir, device, runs_dir, comment):
+            mal_model, threshold, batch_size, keep_outside, fast, output, report_dir, device, runs_dir, comment):
     """Find nodules in a CT: segment, group voxels into candidates, classify, score malignancy.
 
     Give a LUNA series UID (looked up under --data-root), --ct PATH, or --validation to run every
@@ -348,7 +354,8 @@ def analyze(data_root, config, series_uid, ct_path, validation, include_train, v
         raise UserError(f"--report {report_dir} is not empty; choose a new folder")
     paths = _model_paths(runs_dir, seg_model, cls_model, mal_model)
     torch_device = select_device(device)
-    settings = dict(threshold=threshold, batch_size=batch_size, keep_outside=keep_outside, device=torch_device)
+    settings = dict(threshold=threshold, batch_size=batch_size, keep_outside=keep_outside, device=torch_device,
+                    fast=fast)
     if validation:
         require_dir(data_root, "data root", "pass --data-root DIR (or run luna-synth to make one)")
         models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
@@ -445,15 +452,16 @@ def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
     a temporary file. series: the one UID analysed, or the list of them."""
     import csv
     import json
-    from collections import Counter
-
-    ranks = Counter()
-    records = [{"rank": ranks.update([uid]) or ranks[uid], "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
+    ranks, seen = [], {}
+    for uid, _ in rows:
+        seen[uid] = seen.get(uid, 0) + 1
+        ranks.append(seen[uid])
+    records = [{"rank": rank, "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
                 "z_mm": d.center_xyz[2], "index": d.center_irc[0], "row": d.center_irc[1], "col": d.center_irc[2],
                 "nodule_prob": d.nodule_prob, "malignancy_prob": d.malignancy_prob, "diameter_mm": d.diameter_mm,
                 "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
                 "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
-               for uid, d in rows]
+               for rank, (uid, d) in zip(ranks, rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:

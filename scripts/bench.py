@@ -184,8 +184,102 @@ def bench_demo_models(root: Path) -> dict:
             "mal_val_diameter_auc": mal_val["diameter_auc"]}
 
 
+def _book_models(device):
+    from p2ch_app.analysis import load_models
+
+    book = Path("../shared/models/book")
+    return load_models(next(book.glob("seg_*.state")), next(book.glob("cls_*.state")), None, device)
+
+
+def _reference_analysis(hu: np.ndarray, models, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plain way, for checking results: one slice at a time and one crop at a time through models
+    in PyTorch's default layout. Returns (candidate centres, nodule probabilities), outside-body kept."""
+    import torch
+    from scipy import ndimage
+
+    from p2ch_app.analysis import group
+    from p2ch_app.data.ct import extract_crop, slice_stack
+
+    segmenter = models.segmenter.to(memory_format=torch.contiguous_format)
+    classifier = models.classifier.to(memory_format=torch.contiguous_format)
+    mask = np.zeros(hu.shape, bool)
+    with torch.inference_mode():
+        for i in range(hu.shape[0]):
+            x = torch.from_numpy(slice_stack(hu, i, context).astype(np.float32))[None]
+            mask[i] = segmenter(x)[0, 0].numpy() > 0.5
+        centers, _ = group(ndimage.binary_erosion(mask, iterations=1), hu)
+        probs = np.array([classifier(torch.from_numpy(extract_crop(hu, c).astype(np.float32))[None, None])[1][0, 1]
+                          .item() for c in centers])
+    return centers, probs
+
+
+def bench_real_ct(batch_size: int = 16) -> dict:
+    """nodule-analyze on the real CT with the book's models: the command's wall time and peak memory,
+    time per stage beside the U-Net forward passes alone (the floor of the segmentation stage),
+    agreement with a plain one-slice, one-crop reference, and how far --fast moves probabilities."""
+    import resource
+    import subprocess
+
+    import torch
+    from scipy import ndimage
+
+    from p2ch_app.analysis import analyze, body_mask, classify, group, segment
+    from p2ch_app.data.ct import CROP_SIZE, load_ct
+
+    real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
+    if not real.is_dir():
+        return {"skipped": f"{real} is absent"}
+    book = Path("../shared/models/book")
+    out_json = BENCH_DIR / "real-ct.json"
+    command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(real), "--batch-size", str(batch_size),
+               "--seg-model", str(next(book.glob("seg_*.state"))), "--cls-model", str(next(book.glob("cls_*.state"))),
+               "--runs-dir", str(BENCH_DIR / "runs"), "--output", str(out_json)]
+    seconds, _ = timed(subprocess.run, command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = {"command_seconds": seconds, "command_peak_rss_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+              / 2**20}
+
+    device = torch.device("cpu")
+    models = _book_models(device)
+    stage = {}
+    stage["load"], ct = timed(load_ct, real)
+    hu = ct.hu
+    stage["segment"], mask = timed(segment, hu, models.segmenter, models.context, batch_size, device)
+    slices = max(1, batch_size * int(np.prod(CROP_SIZE)) // (hu.shape[1] * hu.shape[2]))
+    padded = np.pad(hu, ((3, 3), (0, 0), (0, 0)), mode="edge").astype(np.float32)
+    batches = [torch.from_numpy(np.stack([padded[i:i + 7] for i in range(s, min(s + slices, len(hu)))]))
+               .contiguous(memory_format=torch.channels_last) for s in range(0, len(hu), slices)]
+    with torch.inference_mode():
+        stage["unet_forward_only"], _ = timed(lambda: [models.segmenter(b) for b in batches])
+    stage["group"], (centers, voxels) = timed(group, mask, hu)
+    stage["body_mask"], body = timed(body_mask, hu)
+    inside = body[tuple(np.rint(centers).astype(int).T)]
+    stage["classify"], probs = timed(classify, hu, centers[inside], models.classifier, batch_size, device)
+    result.update({f"stage_{k}_s": v for k, v in stage.items()})
+    result.update(candidates=len(centers), candidates_inside_body=int(inside.sum()),
+                  single_voxel_candidates=int((voxels == 1).sum()),
+                  classify_crops_per_s=int(inside.sum()) / stage["classify"],
+                  segment_over_unet_floor=stage["segment"] / stage["unet_forward_only"])
+
+    ref_seconds, (ref_centers, ref_probs) = timed(_reference_analysis, hu, _book_models(device), models.context)
+    same = len(ref_centers) == len(centers) and np.allclose(ref_centers, centers)
+    result.update(reference_seconds=ref_seconds, reference_candidates=len(ref_centers), same_candidates=bool(same))
+    if same:
+        result["max_prob_diff_vs_reference"] = float(np.abs(ref_probs[inside] - probs).max())
+
+    sample = np.random.default_rng(0).choice(int(inside.sum()), size=min(400, int(inside.sum())), replace=False)
+    fast_s, fast_probs = timed(classify, hu, centers[inside][sample], models.classifier, batch_size, device, fast=True)
+    plain_s, _ = timed(classify, hu, centers[inside][sample], models.classifier, batch_size, device)
+    fast_seg_s, fast_mask = timed(segment, hu[40:56], models.segmenter, models.context, batch_size, device, fast=True)
+    plain_seg_s, plain_mask = timed(segment, hu[40:56], models.segmenter, models.context, batch_size, device)
+    result.update(fast_classify_speedup=plain_s / fast_s, fast_segment_speedup=plain_seg_s / fast_seg_s,
+                  fast_max_prob_diff=float(np.abs(fast_probs - probs[sample]).max()),
+                  fast_mean_prob_diff=float(np.abs(fast_probs - probs[sample]).mean()),
+                  fast_mask_voxels_changed_share=float((fast_mask != plain_mask).sum() / max(plain_mask.sum(), 1)))
+    return result
+
+
 def main() -> None:
-    results = {}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     demo = BENCH_DIR / "demo"
     steps = [("luna_synth_demo", lambda: bench_synth(demo)),
              ("luna_prep_demo", lambda: bench_prep(demo, workers=min(2, os.cpu_count() or 1))),
@@ -193,8 +287,15 @@ def main() -> None:
              ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv")),
              ("cls_training", lambda: bench_training(demo)),
              ("cls_data_loading", lambda: bench_loading(demo)),
-             ("demo_models", lambda: bench_demo_models(demo))]
+             ("demo_models", lambda: bench_demo_models(demo)),
+             ("real_ct_book_models", bench_real_ct)]
+    wanted = sys.argv[1:]  # step names to run (the others keep their saved figures); none: all
+    unknown = set(wanted) - {name for name, _ in steps}
+    if unknown:
+        sys.exit(f"unknown bench step(s) {', '.join(sorted(unknown))}; steps: {', '.join(n for n, _ in steps)}")
     for name, step in steps:
+        if wanted and name not in wanted:
+            continue
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results[name] = step()
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

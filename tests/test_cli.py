@@ -1,10 +1,11 @@
 """Bad input through the real commands: one line naming problem and fix, exit 2, nothing harmed."""
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from p2ch_app.cli import COMMANDS, prep
-from tests.conftest import BOOK_MODELS, requires_shared, snapshot
+from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared, snapshot
 
 
 def run(command, args):
@@ -195,3 +196,35 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert {r["series_uid"] for r in rows} <= set(uids) and all(r["inside_body"] == "True" for r in rows)
     assert_one_line_error(run(analyze, ["--validation", "--ct", "x"]), "exactly one")
     assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")
+
+
+@requires_shared
+def test_analyze_the_real_ct_with_the_book_models(tmp_path):
+    """The real chest CT (99 DICOM slices, 512x512) end to end: candidates inside the volume; outside
+    the body (table, cables) only with --keep-outside, everything else unchanged."""
+    import json
+
+    import SimpleITK as sitk
+
+    from p2ch_app.cli import analyze
+
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    common = ["--ct", REAL_DICOM, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
+              "--threshold", 0.0, "--batch-size", 32]
+    results = {}
+    for name, extra in (("inside", []), ("all", ["--keep-outside"])):
+        result = run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"])
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["detections"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(REAL_DICOM)))
+    shape = np.array(reader.Execute().GetSize()[::-1])  # (slices, rows, cols)
+    everything = results["all"]
+    irc = np.array([[d["index"], d["row"], d["col"]] for d in everything])
+    assert len(everything) > 100 and ((irc >= 0) & (irc <= shape - 1)).all()
+    assert all(d["inside_body"] for d in results["inside"])
+    outside = [d for d in everything if not d["inside_body"]]
+    assert outside, "the table and cables of this CT should give outside-body candidates"
+    key = lambda d: (d["index"], d["row"], d["col"])  # noqa: E731
+    kept = {key(d): d["nodule_prob"] for d in everything if d["inside_body"]}
+    assert {key(d): d["nodule_prob"] for d in results["inside"]} == pytest.approx(kept)

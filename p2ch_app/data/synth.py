@@ -8,8 +8,10 @@ scanner noise. Everything is drawn from one seeded generator, so a seed gives th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import multiprocessing
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -552,11 +554,12 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
 
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                   geometry: SynthGeometry = PRESETS["demo"], overwrite: bool = False,
-                  progress: bool = True) -> list[tuple[str, Path]]:
+                  progress: bool = True, workers: int = 1) -> list[tuple[str, Path]]:
     """Write `series` synthetic CTs and the three LUNA16 CSVs under root; returns (uid, .mhd path) pairs.
 
-    Volumes are generated and written one at a time. The CSVs are written last, each through a
-    temporary file, so an interrupted run never leaves a dataset that looks complete.
+    Volumes are generated and written one at a time (by `workers` processes; the bytes do not depend
+    on their number). The CSVs are written last, each through a temporary file, so an interrupted run
+    never leaves a dataset that looks complete.
     """
     root = Path(root)
     existing = [name for name in ("candidates.csv", "annotations.csv") if (root / name).exists()]
@@ -565,32 +568,48 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                         "or choose another --data-root")
     root.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(series)
+    jobs = [(root / f"subset{i % subsets}", seeds[i], geometry) for i in range(series)]
     cand, ann, mal, written = [], [], [], []
-    for i in tqdm(range(series), desc="luna-synth", unit="CT", disable=not progress):
-        s = make_series(int(seeds[i].generate_state(1)[0]), geometry)
-        path = root / f"subset{i % subsets}" / f"{s.uid}.mhd"
-        path.parent.mkdir(exist_ok=True)
-        image = sitk.GetImageFromArray(s.hu)
-        image.SetOrigin(s.geometry.origin.tolist())
-        image.SetSpacing(s.geometry.spacing.tolist())
-        sitk.WriteImage(image, str(path), useCompression=False)
-        written.append((s.uid, path))
-        rating_rng = np.random.default_rng(seeds[i].generate_state(2)[1])
-        for xyz, label in s.candidates:
-            cand.append([s.uid, *_mm(xyz), label])
-        for n in s.nodules:
-            ann.append([s.uid, *_mm(n.center_xyz), f"{n.diameter_mm:.3f}"])
-            ratings = _ratings(rating_rng, n.malignant)
-            r = n.diameter_mm / 2
-            low, high = np.array(n.center_xyz) - r, np.array(n.center_xyz) + r
-            mal.append([s.uid, *_mm(n.center_xyz), f"{n.diameter_mm:.3f}", str(n.malignant), str(ratings),
-                        *_mm(low), *_mm(high), len(ratings)])
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            done = pool.imap(_write_series, jobs)  # in order, so the CSVs do not depend on timing
+        else:
+            done = map(_write_series, jobs)
+        for uid, path, rows in tqdm(done, total=series, desc="luna-synth", unit="CT", disable=not progress):
+            written.append((uid, path))
+            cand += rows["candidates"]
+            ann += rows["annotations"]
+            mal += rows["malignancy"]
     _write_csv(root / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
     _write_csv(root / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
     _write_csv(root / "annotations_with_malignancy.csv",
                ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
                 "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
     return written
+
+
+def _write_series(job) -> tuple[str, Path, dict[str, list]]:
+    """Generate one series, write its .mhd/.raw into folder, return its CSV rows."""
+    folder, seeds, geometry = job
+    s = make_series(int(seeds.generate_state(1)[0]), geometry)
+    path = folder / f"{s.uid}.mhd"
+    folder.mkdir(exist_ok=True)
+    image = sitk.GetImageFromArray(s.hu)
+    image.SetOrigin(s.geometry.origin.tolist())
+    image.SetSpacing(s.geometry.spacing.tolist())
+    sitk.WriteImage(image, str(path), useCompression=False)
+    rating_rng = np.random.default_rng(seeds.generate_state(2)[1])
+    rows = {"candidates": [[s.uid, *_mm(xyz), label] for xyz, label in s.candidates], "annotations": [],
+            "malignancy": []}
+    for n in s.nodules:
+        rows["annotations"].append([s.uid, *_mm(n.center_xyz), f"{n.diameter_mm:.3f}"])
+        ratings = _ratings(rating_rng, n.malignant)
+        r = n.diameter_mm / 2
+        low, high = np.array(n.center_xyz) - r, np.array(n.center_xyz) + r
+        rows["malignancy"].append([s.uid, *_mm(n.center_xyz), f"{n.diameter_mm:.3f}", str(n.malignant),
+                                   str(ratings), *_mm(low), *_mm(high), len(ratings)])
+    return s.uid, path, rows
 
 
 def _mm(xyz) -> list[str]:

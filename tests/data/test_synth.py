@@ -58,7 +58,7 @@ def test_files_read_back_with_simpleitk(dataset):
 
 def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     root, _ = dataset
-    write_dataset(tmp_path / "again", series=3, subsets=2, seed=7, geometry=SMALL, progress=False)
+    write_dataset(tmp_path / "again", series=3, subsets=2, seed=7, geometry=SMALL, progress=False, workers=2)
     assert snapshot(tmp_path / "again") == snapshot(root)
     write_dataset(tmp_path / "other", series=1, subsets=2, seed=8, geometry=SMALL, progress=False)
     assert (tmp_path / "other" / "candidates.csv").read_bytes() != (root / "candidates.csv").read_bytes()
