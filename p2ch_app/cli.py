@@ -451,7 +451,10 @@ def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
     """(series UID, detection) rows, ranked within their series, with the models used, written through
     a temporary file. series: the one UID analysed, or the list of them."""
     import csv
+    import io
     import json
+
+    from p2ch_app.files import write_text_atomic
     ranks, seen = [], {}
     for uid, _ in rows:
         seen[uid] = seen.get(uid, 0) + 1
@@ -462,17 +465,17 @@ def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
                 "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
                 "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
                for rank, (uid, d) in zip(ranks, rows)]
+    if path.suffix.lower() == ".json":
+        text = json.dumps({"series_uid": series, "models": model_paths, "detections": records}, indent=2)
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["rank", "series_uid"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        text = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        if path.suffix.lower() == ".json":
-            json.dump({"series_uid": series, "models": model_paths,
-                       "detections": records}, f, indent=2)
-        else:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else ["rank", "series_uid"])
-            writer.writeheader()
-            writer.writerows(records)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 if __name__ == "__main__":  # python -m p2ch_app.cli <command> ...

@@ -203,17 +203,15 @@ def plot_froc(metrics: dict):
 def save_evaluation(run_dir: Path, metrics: dict) -> None:
     """metrics.json, froc.png and the same figures in TensorBoard, all in run_dir."""
     import json
-    import os
 
     from torch.utils.tensorboard import SummaryWriter
 
+    from p2ch_app.files import write_atomic, write_text_atomic
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
     figure = plot_froc(metrics)
-    figure.savefig(run_dir / "froc.tmp.png")
-    os.replace(run_dir / "froc.tmp.png", run_dir / "froc.png")
+    write_atomic(run_dir / "froc.png", figure.savefig)
     with SummaryWriter(str(run_dir)) as writer:
         writer.add_scalar("eval/cpm", metrics["cpm"], 0)
         for rate, sens in metrics["sensitivity_at"].items():

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import quote
 
 import numpy as np
@@ -21,6 +20,7 @@ from matplotlib.patches import Circle
 
 from p2ch_app.data.ct import HU_MIN, CtVolume
 from p2ch_app.errors import UserError
+from p2ch_app.files import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from p2ch_app.analysis import Detection
@@ -80,25 +80,15 @@ def _figure(ct: CtVolume, det: Detection, rank: int) -> Figure:
     return fig
 
 
-def _write_safely(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file under path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_png(fig: Figure, path: Path) -> None:
-    _write_safely(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     fig.clear()
 
 
 def _save_html(path: Path, title: str, body: str) -> Path:
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
             f"</title><style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n")
-    _write_safely(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    write_text_atomic(path, page)
     return path
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from p2ch_app.errors import UserError
+from p2ch_app.files import write_atomic
 
 
 @dataclass
@@ -108,10 +109,8 @@ def _start_distributed(device_name: str) -> _Distributed:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -278,6 +278,42 @@ def bench_real_ct(batch_size: int = 16) -> dict:
     return result
 
 
+def bench_realism(series: int = 3, min_diameter: float = 6.0) -> dict:
+    """Full-size synthetic CTs (512x512, LUNA spacing) through the book's models, which never saw our
+    data: the share of nodules >= 6 mm they find (confusion-table rule: a detection with nodule
+    probability >= 0.5 within 0.7 diameters) and their false positives per scan."""
+    from dataclasses import replace
+
+    import torch
+
+    from p2ch_app.analysis import analyze_series
+    from p2ch_app.data.synth import PRESETS, write_dataset
+    from p2ch_app.evaluation import confusion, cpm
+
+    if not Path("../shared/models/book").is_dir():
+        return {"skipped": "../shared/models/book is absent"}
+    root = BENCH_DIR / "full"
+    if not (root / "candidates.csv").is_file():
+        write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"], overwrite=True, workers=2)
+    index = build_index(root)
+    seconds, results = timed(analyze_series, root, index, index.series_uids, _book_models(torch.device("cpu")),
+                             progress=True)
+    scans = [scan for _, _, scan in results]
+    table = confusion(scans)
+    big = [replace(s, nodules_xyz=s.nodules_xyz[s.diameters_mm >= min_diameter],
+                   diameters_mm=s.diameters_mm[s.diameters_mm >= min_diameter],
+                   malignant=s.malignant[s.diameters_mm >= min_diameter]) for s in scans]
+    big_table = confusion(big)
+    nodules = sum(sum(big_table[row].values()) for row in ("Benign", "Malignant"))
+    found = sum(big_table[row]["Pred. nodule"] for row in ("Benign", "Malignant"))
+    segmented = nodules - sum(big_table[row]["Complete miss"] for row in ("Benign", "Malignant"))
+    return {"series": len(scans), "nodules_6mm_plus": nodules, "found_share_6mm_plus": found / max(nodules, 1),
+            "segmented_share_6mm_plus": segmented / max(nodules, 1),
+            "false_positives_per_scan": table["Non-nodule"]["Pred. nodule"] / len(scans),
+            "candidates_per_scan": sum(len(d) for _, d, _ in results) / len(scans),
+            "cpm_all_sizes": cpm(scans, bootstrap=0)["cpm"], "analyze_seconds_per_scan": seconds / len(scans)}
+
+
 def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     demo = BENCH_DIR / "demo"
@@ -288,7 +324,8 @@ def main() -> None:
              ("cls_training", lambda: bench_training(demo)),
              ("cls_data_loading", lambda: bench_loading(demo)),
              ("demo_models", lambda: bench_demo_models(demo)),
-             ("real_ct_book_models", bench_real_ct)]
+             ("real_ct_book_models", bench_real_ct),
+             ("realism_full_size_book_models", bench_realism)]
     wanted = sys.argv[1:]  # step names to run (the others keep their saved figures); none: all
     unknown = set(wanted) - {name for name, _ in steps}
     if unknown:

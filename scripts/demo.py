@@ -39,10 +39,12 @@ def main() -> None:
     step("luna-train-cls", "--config", CONFIG, "--comment", "demo")
     classifier = newest(RUNS / "luna-train-cls") / "best.pt"
     step("luna-finetune-mal", "--config", CONFIG, "--from", str(classifier), "--comment", "demo")
+    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", "demo")
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
-          f"{DATA_ROOT / 'cache'}, the trained models in {RUNS}/.\n"
-          "See the training curves with:  make tensorboard   (then open http://localhost:6006)\n"
-          "The end-to-end analysis joins the demo when nodule-analyze is built.")
+          f"{DATA_ROOT / 'cache'}, the trained models and the evaluation in {RUNS}/.\n"
+          "See the training curves and the FROC curve with:  make tensorboard   (then open http://localhost:6006)\n"
+          f"Analyse one scan:  .venv/bin/nodule-analyze --ct PATH --report report/   (or a series UID with "
+          f"--data-root {DATA_ROOT})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io
 import multiprocessing
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from p2ch_app.data.ct import Geometry
 from p2ch_app.errors import UserError
+from p2ch_app.files import write_text_atomic
 
 HU_AIR, HU_FAT, HU_SOFT, HU_LUNG = -1000.0, -100.0, 40.0, -850.0
 
@@ -630,6 +630,4 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
