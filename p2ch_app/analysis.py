@@ -99,7 +99,7 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, batch_size: in
     mask = np.empty(hu.shape, bool)
     with torch.inference_mode(), precision(device, fast):
         for start in tqdm(range(0, hu.shape[0], slices), desc="segment", unit="batch", disable=not progress):
-            batch = torch.from_numpy(stacks[start:start + slices]).to(device).float()  # (B, H, W, 2C+1)
+            batch = torch.from_numpy(stacks[start:start + slices].astype(np.float32)).to(device)  # (B, H, W, 2C+1)
             x = batch.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
             mask[start:start + len(batch)] = (model(x)[:, 0] > 0.5).cpu().numpy()
     return ndimage.binary_erosion(mask, iterations=1)

@@ -1,4 +1,5 @@
-"""Bad input through the real commands: one line naming problem and fix, exit 2, nothing harmed."""
+"""The commands through click: bad input gives one line naming problem and fix, exit 2, nothing harmed;
+good input runs end to end."""
 
 import numpy as np
 import pytest
@@ -144,10 +145,14 @@ def test_analyze_a_synthetic_series_with_the_book_models(prepared_synth, tmp_pat
     seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
     common = [uid, "--data-root", prepared_synth, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
               "--threshold", 0.0]
-    result = run(analyze, [*common, "--output", tmp_path / "out.json"])
+    result = run(analyze, [*common, "--output", tmp_path / "out.json", "--report", tmp_path / "report"])
     assert result.exit_code == 0, result.output
     assert f"{uid}: " in result.stdout and "rank" in result.stdout
     report = json.loads((tmp_path / "out.json").read_text())
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert pngs == [f"{i:03d}.png" for i in range(1, len(report["detections"]) + 1)]
+    assert 'src="001.png"' in (tmp_path / "report" / "index.html").read_text()
+    assert_one_line_error(run(analyze, [*common, "--report", tmp_path / "report"]), "is not empty")
     assert report["series_uid"] == uid and report["models"]["seg"] == str(seg) and report["models"]["mal"] is None
     assert run(analyze, [*common, "--output", tmp_path / "out.csv"]).exit_code == 0
     with open(tmp_path / "out.csv", newline="") as f:
