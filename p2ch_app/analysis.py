@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from p2ch_app.data.ct import CROP_SIZE, HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
+from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.evaluation import ScanResult
@@ -87,13 +87,13 @@ def precision(device: torch.device, fast: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
-def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, batch_size: int, device: torch.device,
-            progress: bool = False, fast: bool = False) -> np.ndarray:
+def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
+            fast: bool = False, batch_pixels: int = 512 * 512) -> np.ndarray:
     """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion.
 
-    batch_size counts classifier crops: a batch holds about as many voxels as that many crops, so a
-    512x512 CT runs 4 slices at a time at the default and memory stays bounded."""
-    slices = max(1, batch_size * int(np.prod(CROP_SIZE)) // (hu.shape[1] * hu.shape[2]))
+    A batch holds at most batch_pixels: one 512x512 slice by default. On CPU, small batches run
+    faster (their activations stay in cache) and bound memory; small slices are still batched."""
+    slices = max(1, batch_pixels // (hu.shape[1] * hu.shape[2]))
     padded = np.pad(hu, ((context, context), (0, 0), (0, 0)), mode="edge")  # edge slices repeat
     stacks = np.lib.stride_tricks.sliding_window_view(padded, 2 * context + 1, axis=0)  # (Z, H, W, 2C+1)
     mask = np.empty(hu.shape, bool)
@@ -144,10 +144,10 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
-def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 16, keep_outside: bool = False,
+def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
             device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
-    mask = segment(ct.hu, models.segmenter, models.context, batch_size, device, progress, fast)
+    mask = segment(ct.hu, models.segmenter, models.context, device, progress, fast)
     centers, voxels = group(mask, ct.hu)
     inside = body_mask(ct.hu)[tuple(np.rint(centers).astype(int).T)] if len(centers) else np.zeros(0, bool)
     if not keep_outside:
@@ -180,7 +180,7 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -
 
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, threshold: float = 0.5,
-                   batch_size: int = 16, keep_outside: bool = False, device: torch.device = torch.device("cpu"),
+                   batch_size: int = 8, keep_outside: bool = False, device: torch.device = torch.device("cpu"),
                    progress: bool = False, fast: bool = False,
                    on_ct=None) -> list[tuple[str, list[Detection], ScanResult]]:
     """analyze() over many LUNA series, each paired with its scoring against the annotations.

@@ -318,8 +318,8 @@ def train_seg(**opts):
               help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any].")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Nodule probability from which a candidate is reported and scored for malignancy.")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Candidate crops per classifier batch; segmentation batches hold as many voxels in slices.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Candidate crops per classifier batch (small batches run fastest on CPU; raise it on a GPU).")
 @click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
 @click.option("--fast", is_flag=True,
               help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "

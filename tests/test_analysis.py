@@ -55,10 +55,11 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
     hu[3:7, 3:9, 3:9] = 50  # a 4x6x6 block: after one 3D erosion a 2x4x4 core remains
     hu += rng.integers(-5, 5, hu.shape).astype(np.int16)
     model = CentreSliceThreshold(context=2)
-    mask = segment(hu, model, context=2, batch_size=4, device=torch.device("cpu"))
+    mask = segment(hu, model, context=2, device=torch.device("cpu"), batch_pixels=4 * 12 * 12 + 5)
     expected = np.zeros(hu.shape, bool)
     expected[4:6, 4:8, 4:8] = True
     assert np.array_equal(mask, expected)
+    assert [len(x) for x in model.seen] == [4, 4, 1]  # slices per batch from the pixel budget
     stacks = torch.cat(model.seen)
     assert stacks.shape == (9, 5, 12, 12)
     for k in (0, 4, 8):
