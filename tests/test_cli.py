@@ -215,7 +215,7 @@ def test_analyze_the_real_ct_with_the_book_models(tmp_path):
 
     seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
     common = ["--ct", REAL_DICOM, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
-              "--threshold", 0.0, "--batch-size", 32]
+              "--threshold", 0.0]
     results = {}
     for name, extra in (("inside", []), ("all", ["--keep-outside"])):
         result = run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"])
@@ -232,4 +232,4 @@ def test_analyze_the_real_ct_with_the_book_models(tmp_path):
     assert outside, "the table and cables of this CT should give outside-body candidates"
     key = lambda d: (d["index"], d["row"], d["col"])  # noqa: E731
     kept = {key(d): d["nodule_prob"] for d in everything if d["inside_body"]}
-    assert {key(d): d["nodule_prob"] for d in results["inside"]} == pytest.approx(kept)
+    assert {key(d): d["nodule_prob"] for d in results["inside"]} == pytest.approx(kept, abs=1e-6)  # other batches
