@@ -420,15 +420,15 @@ def _analyze_validation(data_root, val_stride, include_train, models, settings, 
 
     results = analyze_series(data_root, index, uids, models, progress=True, on_ct=on_ct, **settings)
     metrics = evaluate([scan for _, _, scan in results], settings["threshold"])
-    metrics.update(series=list(uids), models=models.paths, threshold=settings["threshold"],
+    metrics.update(series=uids, models=models.paths, threshold=settings["threshold"],
                    keep_outside=settings["keep_outside"], include_train=include_train, val_stride=val_stride)
     run_dir = new_run_dir(runs_dir, "nodule-analyze", comment)
     save_evaluation(run_dir, metrics)
     rows = [(uid, d) for uid, detections, _ in results for d in detections]
-    _write_detections(run_dir / "detections.csv", rows, models.paths, list(uids))
+    _write_detections(run_dir / "detections.csv", rows, models.paths, uids)
     if output is not None:
         _write_detections(output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings["threshold"]],
-                          models.paths, list(uids))
+                          models.paths, uids)
     if report_dir is not None:
         write_report_index(report_dir, entries, title="nodule-analyze validation")
     click.echo(format_summary(metrics))
@@ -450,11 +450,10 @@ def _detection_table(rows) -> str:
 def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
     """(series UID, detection) rows, ranked within their series, with the models used, written through
     a temporary file. series: the one UID analysed, or the list of them."""
-    import csv
-    import io
     import json
 
-    from p2ch_app.files import write_text_atomic
+    from p2ch_app.files import write_csv_atomic, write_text_atomic
+
     ranks, seen = [], {}
     for uid, _ in rows:
         seen[uid] = seen.get(uid, 0) + 1
@@ -465,17 +464,13 @@ def _write_detections(path: Path, rows, model_paths: dict, series) -> None:
                 "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
                 "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
                for rank, (uid, d) in zip(ranks, rows)]
-    if path.suffix.lower() == ".json":
-        text = json.dumps({"series_uid": series, "models": model_paths, "detections": records}, indent=2)
-    else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["rank", "series_uid"],
-                                lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(records)
-        text = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    if path.suffix.lower() == ".json":
+        write_text_atomic(path, json.dumps({"series_uid": series, "models": model_paths, "detections": records},
+                                           indent=2))
+    else:
+        write_csv_atomic(path, list(records[0]) if records else ["rank", "series_uid"],
+                         [list(r.values()) for r in records])
 
 
 if __name__ == "__main__":  # python -m p2ch_app.cli <command> ...

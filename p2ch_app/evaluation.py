@@ -32,6 +32,16 @@ def _distances(scan: ScanResult) -> np.ndarray:
     return np.linalg.norm(det[:, None, :] - nod[None, :, :], axis=2)  # (D, N)
 
 
+def _best_matches(scan: ScanResult, match_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per nodule the most probable detection within match_fraction of its diameter (-1: none), and
+    per detection whether it lies that near any nodule: the matching of the confusion table."""
+    near = _distances(scan) <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]  # (D, N)
+    if near.shape[0] == 0:
+        return np.full(near.shape[1], -1), np.zeros(0, bool)
+    scored = np.where(near, np.asarray(scan.nodule_prob, float)[:, None], -np.inf)
+    return np.where(near.any(axis=0), scored.argmax(axis=0), -1), near.any(axis=1)
+
+
 def _froc_points(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
     """Per nodule its best hitting probability (-inf when missed), and every false-positive probability.
 
@@ -101,11 +111,10 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
     columns = ["Complete miss", "Filtered out"] + (["Pred. benign", "Pred. malignant"] if with_mal else ["Pred. nodule"])
     table = {row: {c: 0 for c in columns} for row in ROWS}
     for scan in scans:
-        dist = _distances(scan)
-        near = dist <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
+        best, near_nodule = _best_matches(scan, match_fraction)
         probs = np.asarray(scan.nodule_prob, float)
         mal = scan.malignancy_prob
-        malignant = np.resize(np.asarray(scan.malignant, np.int8), dist.shape[1])
+        malignant = np.resize(np.asarray(scan.malignant, np.int8), len(best))
 
         def predicted(i: int) -> str:
             if probs[i] < threshold:
@@ -114,14 +123,10 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
                 return "Pred. nodule" if not with_mal else "Pred. benign"
             return "Pred. malignant" if mal[i] >= mal_threshold else "Pred. benign"
 
-        for j in range(dist.shape[1]):
+        for j, i in enumerate(best):
             row = "Malignant" if malignant[j] == 1 else "Benign"
-            matched = np.flatnonzero(near[:, j])
-            if len(matched) == 0:
-                table[row]["Complete miss"] += 1
-            else:
-                table[row][predicted(int(matched[np.argmax(probs[matched])]))] += 1
-        for i in np.flatnonzero(~near.any(axis=1)) if near.size else range(len(probs)):
+            table[row]["Complete miss" if i < 0 else predicted(int(i))] += 1
+        for i in np.flatnonzero(~near_nodule):
             table["Non-nodule"][predicted(int(i))] += 1
     return table
 
@@ -145,15 +150,13 @@ def malignancy_aucs(scans: list[ScanResult], threshold: float = 0.5, match_fract
     for scan in scans:
         if scan.malignancy_prob is None:
             continue
-        near = _distances(scan) <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
+        best, _ = _best_matches(scan, match_fraction)
         nodule_prob = np.asarray(scan.nodule_prob, float)
-        malignant = np.resize(np.asarray(scan.malignant, np.int8), near.shape[1])
-        for j in np.flatnonzero(malignant >= 0):
-            matched = np.flatnonzero(near[:, j])
-            if len(matched) and nodule_prob[matched].max() >= threshold:
-                best = matched[np.argmax(nodule_prob[matched])]
+        malignant = np.resize(np.asarray(scan.malignant, np.int8), len(best))
+        for j in np.flatnonzero((malignant >= 0) & (best >= 0)):
+            if nodule_prob[best[j]] >= threshold:
                 labels.append(int(malignant[j]))
-                probs.append(float(scan.malignancy_prob[best]))
+                probs.append(float(scan.malignancy_prob[best[j]]))
                 diameters.append(float(scan.diameters_mm[j]))
     labels = np.array(labels, np.int64)
     return {"nodules": len(labels), "malignant": int(labels.sum()),
@@ -206,10 +209,10 @@ def save_evaluation(run_dir: Path, metrics: dict) -> None:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from p2ch_app.files import write_atomic, write_text_atomic
+    from p2ch_app.files import plain, write_atomic, write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(plain(metrics), indent=2))
     figure = plot_froc(metrics)
     write_atomic(run_dir / "froc.png", figure.savefig)
     with SummaryWriter(str(run_dir)) as writer:
@@ -234,14 +237,3 @@ def format_summary(metrics: dict) -> str:
         lines.append(f"malignancy AUC {mal['auc']:.3f} on {mal['nodules']} detected nodules ({mal['malignant']} "
                      f"malignant); diameter-only baseline AUC {mal['diameter_auc']:.3f}")
     return "\n".join(lines)
-
-
-def _json_safe(value):
-    """NaN (an undefined AUC) becomes null, so metrics.json stays strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value

@@ -1,7 +1,11 @@
-"""Writing files so that a crash never leaves half of one under its final name."""
+"""Writing files so that a crash never leaves half of one under its final name, and the plain
+values (JSON, weights_only checkpoints) that go into them."""
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -21,3 +25,26 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_csv_atomic(path: Path, header: list[str], rows) -> None:
+    """A CSV with a header line and "\\n" line ends (as LUNA16's own files), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def plain(value):
+    """Nested dicts, lists and tuples with Paths as strings and NaN (an undefined AUC) as None: what
+    strict JSON and weights_only checkpoints can hold."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from p2ch_app.errors import UserError
-from p2ch_app.files import write_atomic
+from p2ch_app.files import plain, write_atomic
 
 
 @dataclass
@@ -300,7 +300,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
                  "optimizer_state": optimizer.state_dict(), "optimizer_name": type(optimizer).__name__,
                  "scaler_state": scaler.state_dict(),
                  "epoch": epoch, "samples_seen": samples_seen, "rng": _rng_state(),
-                 "config": _plain({**asdict(cfg), "options": cfg.options}), "metrics": metrics,
+                 "config": plain({**asdict(cfg), "options": cfg.options}), "metrics": metrics,
                  "best_metric": task.best_metric, "best_value": best,
                  "timing": {"train_seconds": train_seconds, "train_samples_per_s": rate}}
         save_checkpoint(run_dir / "last.pt", state)
@@ -314,14 +314,3 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
     if writer is not None:
         writer.close()
     return model, run_dir
-
-
-def _plain(value):
-    """Config values as plain types (weights_only checkpoints hold no Path objects)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

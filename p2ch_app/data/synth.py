@@ -9,10 +9,7 @@ scanner noise. Everything is drawn from one seeded generator, so a seed gives th
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import multiprocessing
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from tqdm import tqdm
 
 from p2ch_app.data.ct import Geometry
 from p2ch_app.errors import UserError
-from p2ch_app.files import write_text_atomic
+from p2ch_app.files import write_csv_atomic
 
 HU_AIR, HU_FAT, HU_SOFT, HU_LUNG = -1000.0, -100.0, 40.0, -850.0
 
@@ -581,11 +578,11 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
             cand += rows["candidates"]
             ann += rows["annotations"]
             mal += rows["malignancy"]
-    _write_csv(root / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
-    _write_csv(root / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
-    _write_csv(root / "annotations_with_malignancy.csv",
-               ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
-                "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
+    write_csv_atomic(root / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
+    write_csv_atomic(root / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
+    write_csv_atomic(root / "annotations_with_malignancy.csv",
+                     ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
+                      "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
     return written
 
 
@@ -623,11 +620,3 @@ def _ratings(rng, malignant: bool) -> list[int]:
                    for _ in range(int(rng.integers(1, 5)))]
         if (np.mean(ratings) > 3) == malignant:
             return ratings
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
