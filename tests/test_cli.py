@@ -108,7 +108,7 @@ def test_synth_writes_refuses_to_overwrite_then_overwrites(tmp_path):
     before = snapshot(root)
     assert_one_line_error(run(synth, args), "already holds a dataset")
     assert snapshot(root) == before
-    assert run(synth, [*args, "--overwrite", "--seed", 5]).exit_code == 0
+    assert run(synth, [*args, "--overwrite", "--seed", 5, "--workers", 1]).exit_code == 0
     assert snapshot(root) != before
 
 
@@ -201,6 +201,36 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert {r["series_uid"] for r in rows} <= set(uids) and all(r["inside_body"] == "True" for r in rows)
     assert_one_line_error(run(analyze, ["--validation", "--ct", "x"]), "exactly one")
     assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")
+    # every series, with a report per series under one index
+    args = [*args[:-2], "--comment", "all", "--include-train", "--report", tmp_path / "report"]
+    assert run(analyze, args).exit_code == 0
+    metrics = json.loads((next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "metrics.json").read_text())
+    assert metrics["series"] == index.series_uids and metrics["include_train"] is True
+    top = (tmp_path / "report" / "index.html").read_text()
+    assert all(f"{uid}/index.html" in top and (tmp_path / "report" / uid / "index.html").is_file()
+               for uid in index.series_uids)
+
+
+@requires_shared
+def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepared_synth, tmp_path):
+    import json
+
+    from p2ch_app.cli import analyze
+    from p2ch_app.data.index import build_index
+
+    uid = build_index(prepared_synth).series_uids[1]
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    common = [uid, "--data-root", prepared_synth, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
+              "--threshold", 0.0]
+    found = {}
+    for name, extra in (("exact", []), ("fast", ["--fast"])):
+        assert run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"]).exit_code == 0
+        found[name] = {(round(d["index"]), round(d["row"]), round(d["col"])): d["nodule_prob"]
+                       for d in json.loads((tmp_path / f"{name}.json").read_text())["detections"]}
+    common_keys = found["exact"].keys() & found["fast"].keys()
+    # bfloat16 flips a few mask voxels near 0.5, which can split or merge small components (86% kept here)
+    assert len(found["exact"]) > 10 and len(common_keys) >= 0.8 * len(found["exact"])
+    assert max(abs(found["exact"][k] - found["fast"][k]) for k in common_keys) < 0.05
 
 
 @requires_shared
