@@ -106,13 +106,21 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.
 
 
 def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components (face connectivity): centres weighted by clipped HU + 1001, voxel counts."""
+    """Connected components (face connectivity): centres weighted by clipped HU + 1001, voxel counts.
+
+    Sums run over the mask's voxels only (a tiny share of the CT), so no whole-volume float copy
+    is made: on a 512x512x99 CT that saves about 0.5 GB over a whole-volume centre of mass."""
     labels, count = ndimage.label(mask)
     if count == 0:
         return np.zeros((0, 3)), np.zeros(0, np.int64)
-    index = np.arange(1, count + 1)
-    centers = np.array(ndimage.center_of_mass(hu.astype(np.float32) - HU_MIN + 1, labels, index)).reshape(-1, 3)
-    return centers, np.bincount(labels.ravel())[1:]
+    flat = np.flatnonzero(labels)
+    component = labels.ravel()[flat]
+    del labels
+    weight = hu.ravel()[flat].astype(np.float64) - HU_MIN + 1
+    total = np.bincount(component, weight, count + 1)[1:]
+    coords = np.unravel_index(flat, mask.shape)
+    centers = np.stack([np.bincount(component, weight * c, count + 1)[1:] for c in coords], axis=1) / total[:, None]
+    return centers, np.bincount(component, minlength=count + 1)[1:]
 
 
 def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,
@@ -129,13 +137,15 @@ def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, b
     return probs
 
 
-def body_mask(hu: np.ndarray) -> np.ndarray:
+def body_mask(hu: np.ndarray, step: int = 1) -> np.ndarray:
     """The patient: the largest 3D component denser than BODY_HU, with the holes of each axial slice
-    (lungs, airways) filled. Tubes, cables and the table fall outside it."""
-    dense = hu > BODY_HU
+    (lungs, airways) filled. Tubes, cables and the table fall outside it. With step, the mask is
+    found on every step-th row and column (a quarter of the memory and time for step 2)."""
+    dense = hu[:, ::step, ::step] > BODY_HU
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     filled = ndimage.binary_fill_holes(dense, structure=in_plane)
+    del dense
     labels, count = ndimage.label(filled)
     if count == 0:
         return filled
@@ -144,12 +154,22 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
+def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
+    """Whether each centre lies in the patient. Slices of 512 pixels are masked at every second
+    pixel (about 1 mm): ample for telling the body from tubes and table, at a quarter of the cost."""
+    if len(centers_irc) == 0:
+        return np.zeros(0, bool)
+    step = max(1, hu.shape[1] // 256)
+    idx = np.rint(centers_irc).astype(int) // np.array([1, step, step])
+    return body_mask(hu, step)[tuple(idx.T)]
+
+
 def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
             device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
     mask = segment(ct.hu, models.segmenter, models.context, device, progress, fast)
     centers, voxels = group(mask, ct.hu)
-    inside = body_mask(ct.hu)[tuple(np.rint(centers).astype(int).T)] if len(centers) else np.zeros(0, bool)
+    inside = inside_body(ct.hu, centers)
     if not keep_outside:
         centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
     nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast)

@@ -197,7 +197,6 @@ def _reference_analysis(hu: np.ndarray, models, context: int) -> tuple[np.ndarra
     import torch
     from scipy import ndimage
 
-    from p2ch_app.analysis import group
     from p2ch_app.data.ct import extract_crop, slice_stack
 
     segmenter = models.segmenter.to(memory_format=torch.contiguous_format)
@@ -207,7 +206,10 @@ def _reference_analysis(hu: np.ndarray, models, context: int) -> tuple[np.ndarra
         for i in range(hu.shape[0]):
             x = torch.from_numpy(slice_stack(hu, i, context).astype(np.float32))[None]
             mask[i] = segmenter(x)[0, 0].numpy() > 0.5
-        centers, _ = group(ndimage.binary_erosion(mask, iterations=1), hu)
+        labels, count = ndimage.label(ndimage.binary_erosion(mask, iterations=1))
+        weights = hu.astype(np.float64) + 1001  # scipy's whole-volume centre of mass, not ours
+        centers = np.array(ndimage.center_of_mass(weights, labels, np.arange(1, count + 1))).reshape(-1, 3)
+        del labels, weights
         probs = []
         for start in range(0, len(centers), 16):  # crop by crop, classified 16 at a time
             crops = np.stack([extract_crop(hu, c)[0] for c in centers[start:start + 16]]).astype(np.float32)
@@ -224,9 +226,8 @@ def bench_real_ct(batch_size: int = 8) -> dict:
     import subprocess
 
     import torch
-    from scipy import ndimage
 
-    from p2ch_app.analysis import analyze, body_mask, classify, group, segment
+    from p2ch_app.analysis import classify, group, inside_body, segment
     from p2ch_app.data.ct import load_ct
 
     real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
@@ -254,8 +255,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
         stage["unet_forward_only"], _ = timed(lambda: [models.segmenter(x) for x in stacks])
     del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
-    stage["body_mask"], body = timed(body_mask, hu)
-    inside = body[tuple(np.rint(centers).astype(int).T)]
+    stage["body_mask"], inside = timed(inside_body, hu, centers)
     stage["classify"], probs = timed(classify, hu, centers[inside], models.classifier, batch_size, device)
     result.update({f"stage_{k}_s": v for k, v in stage.items()})
     result.update(candidates=len(centers), candidates_inside_body=int(inside.sum()),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from p2ch_app.analysis import body_mask, group, segment
+from p2ch_app.analysis import body_mask, group, inside_body, segment
 from p2ch_app.data.ct import slice_stack
 from tests.conftest import BOOK_MODELS, requires_shared
 
@@ -23,6 +23,19 @@ def test_group_weights_centres_by_density_and_counts_voxels():
     assert centers[1:].tolist() == [[7, 7, 7], [8, 8, 8]]
 
 
+def test_group_agrees_with_scipy_centre_of_mass_on_a_random_mask():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1000, 1001, (12, 20, 20)).astype(np.int16)
+    mask = rng.random(hu.shape) < 0.2
+    labels, count = ndimage.label(mask)
+    centers, voxels = group(mask, hu)
+    expected = ndimage.center_of_mass(hu.astype(np.float64) + 1001, labels, np.arange(1, count + 1))
+    assert np.allclose(centers, expected, rtol=0, atol=1e-9)
+    assert voxels.tolist() == np.bincount(labels.ravel())[1:].tolist()
+
+
 def test_body_mask_keeps_the_lungs_and_drops_what_lies_outside():
     z, y, x = np.indices((6, 80, 80))
     hu = np.full((6, 80, 80), -1000, np.int16)
@@ -34,6 +47,19 @@ def test_body_mask_keeps_the_lungs_and_drops_what_lies_outside():
     mask = body_mask(hu)
     assert mask[3, 40, 28] and mask[3, 40, 60]  # in the lung, in soft tissue
     assert not mask[3, 3, 6] and not mask[3, 1, 1]  # the tube, the air
+
+
+def test_inside_body_on_full_size_slices_matches_the_full_resolution_mask():
+    z, y, x = np.indices((4, 512, 512), sparse=True)
+    hu = np.full((4, 512, 512), -1000, np.int16)
+    hu[np.broadcast_to(((y - 256) / 200) ** 2 + ((x - 256) / 230) ** 2 <= 1, hu.shape)] = 40
+    hu[np.broadcast_to(((y - 256) / 100) ** 2 + ((x - 170) / 60) ** 2 <= 1, hu.shape)] = -850  # a lung
+    hu[:, 10:20, 30:60] = 100  # a tube outside the patient
+    centers = np.array([[2, 256, 170], [1.6, 256.4, 400.2], [2, 15, 45], [0, 3, 3], [3, 511, 511]])
+    expected = body_mask(hu)[tuple(np.rint(centers).astype(int).T)]
+    assert expected.tolist() == [True, True, False, False, False]
+    assert inside_body(hu, centers).tolist() == expected.tolist()
+    assert inside_body(hu, np.zeros((0, 3))).shape == (0,)
 
 
 class CentreSliceThreshold(nn.Module):

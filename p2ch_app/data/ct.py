@@ -129,7 +129,7 @@ def load_ct(path: Path, series_uid: str | None = None) -> CtVolume:
     hu = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(hu.dtype, np.integer):
         hu = np.rint(hu)
-    hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.int16)
+    hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.int16, copy=False)  # int16 input: a single copy
     return CtVolume(hu, Geometry.from_image(image), series_uid or uid)
 
 
