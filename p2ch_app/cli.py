@@ -103,7 +103,7 @@ def _cache_dir(data_root: Path, cache_dir: Path | None) -> Path:
               help="Spread the series over subset0..subset{K-1}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--size", type=click.Choice(["demo", "full"]), default="demo", show_default=True,
-              help="demo: 128x128 slices, coarse spacing (CPU-friendly); full: 512x512, LUNA16 spacing.")
+              help="demo: 256x256 slices, ~1.3 mm pixels (CPU-friendly); full: 512x512, LUNA16 spacing.")
 @click.option("--matrix", type=click.IntRange(32), default=None, help="In-plane pixels (overrides --size).")
 @click.option("--inplane-mm", type=(float, float), default=None, metavar="MIN MAX",
               help="Range of in-plane spacing in mm (overrides --size).")
@@ -282,6 +282,9 @@ def finetune_mal(**opts):
 @click.option("--bce-weight", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Add pixelwise cross-entropy with this weight: converges far sooner on small nodules "
                    "(coarse voxels); 0 keeps the pure Dice loss.")
+@click.option("--label-margin", type=click.IntRange(0), default=1, show_default=True,
+              help="Grow the nodule labels by this many voxels in 3D. nodule-analyze erodes the predicted "
+                   "mask once, so a margin of 1 keeps small and thin (one- or two-slice) nodules from vanishing.")
 @click.option("--unet-depth", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--width-factor", type=click.IntRange(1), default=4, show_default=True,
               help="First-level filters = 2**width_factor, doubling per level.")
@@ -297,7 +300,8 @@ def train_seg(**opts):
     index, _, cache_dir = _training_data(opts)
     task = segmentation_task(cache_dir, index, opts["val_stride"], opts["context"], opts["crop"], opts["window"],
                              opts["epoch_samples"], _augmentations(opts), opts["seed"], opts["fn_weight"],
-                             opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"])
+                             opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"],
+                             opts["label_margin"])
     _fit(task, opts, "luna-train-seg")
 
 

@@ -176,12 +176,12 @@ class SegmentationTask(Task):
     def __init__(self, cache_dir: Path, uids: list[str], train_samples: np.ndarray, val_samples: np.ndarray,
                  context: int, crop: int, window: int, epoch_samples: int, augmentations, seed: int,
                  fn_weight: float, make_model: Callable[[], nn.Module], bce_weight: float = 0.0,
-                 image_every: int = 2, images: int = 4):
+                 label_margin: int = 0, image_every: int = 2, images: int = 4):
         self.cache_dir, self.uids, self.context = cache_dir, uids, context
         self.train_samples, self.val_samples = train_samples, val_samples
         self.crop, self.window, self.epoch_samples = crop, window, epoch_samples
         self.augmentations, self.seed, self.fn_weight = tuple(augmentations), seed, fn_weight
-        self.bce_weight = bce_weight
+        self.bce_weight, self.label_margin = bce_weight, label_margin
         self.make_model, self.image_every, self.images = make_model, image_every, images
 
     def model(self) -> nn.Module:
@@ -191,10 +191,10 @@ class SegmentationTask(Task):
         rng = np.random.default_rng([self.seed, epoch])
         picks = interleave([np.arange(len(self.train_samples))], [0], self.epoch_samples, rng)
         return SliceDataset(self.cache_dir, self.uids, self.train_samples[picks], self.context, self.crop,
-                            self.window, self.seed, epoch)
+                            self.window, self.seed, epoch, self.label_margin)
 
     def val_dataset(self):
-        return SliceDataset(self.cache_dir, self.uids, self.val_samples, self.context)
+        return SliceDataset(self.cache_dir, self.uids, self.val_samples, self.context, margin=self.label_margin)
 
     def step(self, model, batch, device, generator):
         stacks, masks = batch
@@ -240,22 +240,22 @@ class SegmentationTask(Task):
         writer.add_images("val/slices_red_predicted_green_label", rgb, step)
 
 
-def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndarray:
-    """(uid code, slice) for every slice holding nodule voxels in the given series."""
+def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes, margin: int = 0) -> np.ndarray:
+    """(uid code, slice) for every slice holding nodule label voxels (grown by margin) in the given series."""
     cache = LunaCache(cache_dir)
-    rows = [(code, k) for code in series_codes for k in cache.record(index.series_uids[code]).nodule_slices]
+    rows = [(code, k) for code in series_codes for k in cache.record(index.series_uids[code]).label_slices(margin)]
     return np.array(rows, np.int64).reshape(-1, 2)
 
 
 def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, context: int, crop: int, window: int,
                       epoch_samples: int, augmentations, seed: int, fn_weight: float, depth: int, wf: int,
-                      up_mode: str, bce_weight: float = 0.0) -> SegmentationTask:
+                      up_mode: str, bce_weight: float = 0.0, label_margin: int = 0) -> SegmentationTask:
     """Training: the nodule slices of the training series, cropped around a nodule. Validation: the
     whole nodule slices of the validation series plus as many nodule-free slices, evenly spaced."""
     codes = np.arange(len(index.series_uids))
     is_val = index.validation_series(val_stride)
-    train = nodule_slices(cache_dir, index, codes[~is_val])
-    val = nodule_slices(cache_dir, index, codes[is_val])
+    train = nodule_slices(cache_dir, index, codes[~is_val], label_margin)
+    val = nodule_slices(cache_dir, index, codes[is_val], label_margin)
     if len(train) == 0 or len(val) == 0:
         raise UserError("segmentation needs nodules in both the training and the validation series; "
                         "add series or change --val-stride")
@@ -263,10 +263,10 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     empty = []
     for code in codes[is_val]:
         record = cache.record(index.series_uids[code])
-        free = np.setdiff1d(np.arange(record.shape[0]), record.nodule_slices)
+        free = np.setdiff1d(np.arange(record.shape[0]), record.label_slices(label_margin))
         want = int(np.sum(val[:, 0] == code))
         empty += [(code, k) for k in free[np.linspace(0, len(free) - 1, min(want, len(free))).astype(int)]]
     val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
     make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
     return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
-                            augmentations, seed, fn_weight, make_model, bce_weight)
+                            augmentations, seed, fn_weight, make_model, bce_weight, label_margin)

@@ -72,7 +72,8 @@ def test_pad_collate_stacks_different_slice_sizes():
 def test_tiny_segmentation_run(prepared_synth, tmp_path):
     args = ["--data-root", prepared_synth, "--epochs", 1, "--epoch-samples", 16, "--batch-size", 8, "--crop", 32,
             "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--up-mode", "upsample",
-            "--context", 2, "--unet-depth", 2, "--width-factor", 3, "--fn-weight", 4, "--bce-weight", 0.5]
+            "--context", 2, "--unet-depth", 2, "--width-factor", 3, "--fn-weight", 4, "--bce-weight", 0.5,
+            "--label-margin", 2]
     result = CliRunner().invoke(train_seg, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "luna-train-seg epoch 1/1" in result.output and "f2" in result.output
@@ -83,6 +84,7 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     model = NoduleSegmenter(in_channels=5, depth=2, wf=3, up_mode="upsample")
     model.load_state_dict(checkpoint["model_state"], strict=True)
     assert checkpoint["config"]["options"]["fn_weight"] == 4 and checkpoint["config"]["options"]["bce_weight"] == 0.5
+    assert checkpoint["config"]["options"]["label_margin"] == 2
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert "val/slices_red_predicted_green_label" in events.Tags()["images"]
@@ -103,3 +105,19 @@ def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
         pred = model(batch[0].float())
         bce = torch.nn.functional.binary_cross_entropy(pred, batch[1].float(), reduction="none").mean(dim=(1, 2, 3))
     assert loss_mixed.item() == pytest.approx(loss_plain.item() + 2.0 * bce.mean().item(), rel=1e-5)
+
+
+def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
+    from scipy import ndimage
+
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    plain = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 2, 3, "upconv")
+    grown = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 2, 3, "upconv",
+                              label_margin=1)
+    assert len(grown.train_samples) > len(plain.train_samples)  # the slices next to each nodule join
+    code, k = grown.val_samples[0]
+    label = cache.record(index.series_uids[code]).mask()
+    expected = ndimage.binary_dilation(label, ndimage.generate_binary_structure(3, 1))[k]
+    _, mask = grown.val_dataset()[0]
+    assert np.array_equal(mask[0].numpy(), expected) and expected.sum() > label[k].sum()

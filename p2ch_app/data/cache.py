@@ -21,6 +21,7 @@ from pathlib import Path
 
 import diskcache
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, series_on_disk, xyz_to_irc
@@ -40,8 +41,23 @@ class SeriesRecord:
     nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
     fingerprint: str  # of the annotations the mask was grown from
 
-    def mask_slice(self, index: int) -> np.ndarray:
-        """The label mask of one slice, without building the whole volume's mask."""
+    def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
+        """The label mask of one slice, without building the whole volume's mask; with margin, the
+        label grown by that many face steps in 3D (neighbour slices grow into this one too)."""
+        grown = np.zeros(self.shape[1:], bool)
+        for k in range(max(index - margin, 0), min(index + margin, self.shape[0] - 1) + 1):
+            reach, plane = margin - abs(k - index), self._plane(k)
+            if reach and plane.any():
+                plane = ndimage.binary_dilation(plane, ndimage.generate_binary_structure(2, 1), iterations=reach)
+            grown |= plane
+        return grown
+
+    def label_slices(self, margin: int = 0) -> np.ndarray:
+        """Slices holding label voxels once the label is grown by margin."""
+        near = self.nodule_slices[:, None] + np.arange(-margin, margin + 1)
+        return np.unique(np.clip(near, 0, self.shape[0] - 1))
+
+    def _plane(self, index: int) -> np.ndarray:
         plane = self.shape[1] * self.shape[2]
         lo, hi = np.searchsorted(self.mask_voxels, [index * plane, (index + 1) * plane])
         flat = np.zeros(plane, bool)

@@ -49,7 +49,8 @@ class CropDataset(Dataset):
 
 
 class SliceDataset(Dataset):
-    """(2C+1)-slice stacks with the centre slice's nodule mask: items are (int16 stack, bool 1xHxW mask).
+    """(2C+1)-slice stacks with the centre slice's nodule mask (grown by `margin` voxels): items are
+    (int16 stack, bool 1xHxW mask).
 
     With `crop`, each item is a crop x crop patch at a random place inside a window x window
     square around a random nodule pixel of the slice (cheap batches that always hold nodule);
@@ -57,11 +58,11 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, cache_dir: Path, uids: list[str], samples: np.ndarray, context: int,
-                 crop: int | None = None, window: int = 96, seed: int = 0, epoch: int = 0):
+                 crop: int | None = None, window: int = 96, seed: int = 0, epoch: int = 0, margin: int = 0):
         self.cache = LunaCache(cache_dir)
         self.uids, self.samples = uids, np.asarray(samples).reshape(-1, 2)  # rows of (uid code, slice)
         self.context, self.crop, self.window = context, crop, max(window, crop or 0)
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.margin = seed, epoch, margin
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,7 +71,7 @@ class SliceDataset(Dataset):
         code, index = (int(v) for v in self.samples[i])
         uid = self.uids[code]
         record = self.cache.record(uid)
-        mask = record.mask_slice(index)
+        mask = record.mask_slice(index, self.margin)
         height, width = mask.shape
         rows, cols = slice(None), slice(None)
         if self.crop:

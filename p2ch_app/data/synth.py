@@ -34,7 +34,8 @@ class SynthGeometry:
 
 
 PRESETS = {
-    "demo": SynthGeometry(128, (2.3, 2.9), (2.0, 3.0)),
+    # half LUNA16's in-plane resolution, its slice spacing: small nodules stay a few voxels across
+    "demo": SynthGeometry(256, (1.15, 1.45), (1.25, 2.5)),
     "full": SynthGeometry(512, (0.5, 0.9), (0.6, 2.5)),
 }
 

@@ -7,7 +7,7 @@ import diskcache
 import numpy as np
 import pytest
 
-from p2ch_app.data.cache import LunaCache, grow_nodule_mask
+from p2ch_app.data.cache import LunaCache, SeriesRecord, grow_nodule_mask
 from p2ch_app.data.ct import extract_crop, load_series, xyz_to_irc
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
@@ -28,6 +28,25 @@ def test_grown_mask_is_the_nodule_and_cuts_an_attached_vessel():
     assert mask[ball].all()
     assert not mask[15, 20, 30:].any()  # the vessel is cut where the box ends
     assert not mask[~ball].any() or mask[~ball].sum() <= 6
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2])
+def test_mask_slice_with_margin_is_the_3d_grown_label(margin):
+    from scipy import ndimage
+
+    from p2ch_app.data.ct import Geometry
+
+    label = np.zeros((9, 12, 12), bool)
+    label[4, 5:7, 5:7] = True  # a nodule one slice thick
+    label[0, 0, 11] = True  # a corner voxel: growth stops at the volume's faces
+    label[8, 3:9, 2] = True
+    record = SeriesRecord("1.2", label.shape, Geometry(np.zeros(3), np.ones(3), np.eye(3)),
+                          np.flatnonzero(label), np.unique(np.nonzero(label)[0]), "")
+    grown = ndimage.binary_dilation(label, ndimage.generate_binary_structure(3, 1), iterations=margin) if margin \
+        else label
+    for k in range(label.shape[0]):
+        assert np.array_equal(record.mask_slice(k, margin), grown[k]), k
+    assert record.label_slices(margin).tolist() == np.flatnonzero(grown.any(axis=(1, 2))).tolist()
 
 
 def test_build_then_read(tiny_root, tmp_path):

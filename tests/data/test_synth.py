@@ -151,4 +151,4 @@ def test_refuses_to_overwrite_without_the_flag(dataset, tmp_path):
 
 def test_presets_match_luna16_and_demo_geometry():
     assert PRESETS["full"].matrix == 512 and PRESETS["full"].inplane_mm == (0.5, 0.9)
-    assert PRESETS["full"].slice_mm == (0.6, 2.5) and PRESETS["demo"].matrix == 128
+    assert PRESETS["full"].slice_mm == (0.6, 2.5) and PRESETS["demo"].matrix == 256
