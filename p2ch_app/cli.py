@@ -345,9 +345,10 @@ def analyze(data_root, config, series_uid, ct_path, validation, include_train, v
     and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
     table, cables) are dropped unless --keep-outside.
     """
-    from p2ch_app.analysis import load_models
+    from p2ch_app.analysis import load_models, return_freed_memory
     from p2ch_app.training import select_device
 
+    return_freed_memory()
     if sum((series_uid is not None, ct_path is not None, validation)) != 1:
         raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
     if include_train and not validation:
