@@ -327,7 +327,7 @@ def train_seg(**opts):
 @click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
 @click.option("--fast", is_flag=True,
               help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
-                   "instructions, slower on others; probabilities move slightly (README).")
+                   "instructions, ignored with a note on other CPUs; probabilities move slightly (README).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -345,10 +345,9 @@ def analyze(data_root, config, series_uid, ct_path, validation, include_train, v
     and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
     table, cables) are dropped unless --keep-outside.
     """
-    from p2ch_app.analysis import load_models, return_freed_memory
+    from p2ch_app.analysis import load_models, reduced_precision_pays
     from p2ch_app.training import select_device
 
-    return_freed_memory()
     if sum((series_uid is not None, ct_path is not None, validation)) != 1:
         raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
     if include_train and not validation:
@@ -359,6 +358,10 @@ def analyze(data_root, config, series_uid, ct_path, validation, include_train, v
         raise UserError(f"--report {report_dir} is not empty; choose a new folder")
     paths = _model_paths(runs_dir, seg_model, cls_model, mal_model)
     torch_device = select_device(device)
+    if fast and not reduced_precision_pays(torch_device):
+        click.echo("nodule-analyze: note: --fast ignored: this CPU has no bfloat16 instructions, so reduced "
+                   "precision would run slower; running in float32", err=True)
+        fast = False
     settings = dict(threshold=threshold, batch_size=batch_size, keep_outside=keep_outside, device=torch_device,
                     fast=fast)
     if validation:

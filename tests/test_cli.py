@@ -212,9 +212,10 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
 
 
 @requires_shared
-def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepared_synth, tmp_path):
+def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepared_synth, tmp_path, monkeypatch):
     import json
 
+    import p2ch_app.analysis
     from p2ch_app.cli import analyze
     from p2ch_app.data.index import build_index
 
@@ -222,11 +223,16 @@ def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepare
     seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
     common = [uid, "--data-root", prepared_synth, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
               "--threshold", 0.0]
-    found = {}
-    for name, extra in (("exact", []), ("fast", ["--fast"])):
-        assert run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"]).exit_code == 0
+    found, notes = {}, {}
+    for name, extra, pays in (("exact", [], True), ("fast", ["--fast"], True), ("ignored", ["--fast"], False)):
+        monkeypatch.setattr(p2ch_app.analysis, "reduced_precision_pays", lambda device, pays=pays: pays)
+        result = run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"])
+        assert result.exit_code == 0
+        notes[name] = "--fast ignored" in result.output
         found[name] = {(round(d["index"]), round(d["row"]), round(d["col"])): d["nodule_prob"]
                        for d in json.loads((tmp_path / f"{name}.json").read_text())["detections"]}
+    assert notes == {"exact": False, "fast": False, "ignored": True}
+    assert found["ignored"] == found["exact"]  # a CPU without bf16 runs the exact float32 path
     common_keys = found["exact"].keys() & found["fast"].keys()
     # bfloat16 flips a few mask voxels near 0.5, which can split or merge small components (86% kept here)
     assert len(found["exact"]) > 10 and len(common_keys) >= 0.8 * len(found["exact"])
