@@ -126,8 +126,9 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.
             stop = min(start + slices, hu.shape[0])
             chunk = hu[np.clip(np.arange(start - context, stop + context), 0, hu.shape[0] - 1)]  # edges repeat
             stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
-            x = torch.from_numpy(stacks.astype(np.float32)).to(device).permute(0, 3, 1, 2)  # a channels-last
-            mask[start:stop] = (model(x)[:, 0] > 0.5).cpu().numpy()  # view: no copy, oneDNN's fastest layout
+            x = torch.from_numpy(stacks.astype(np.float32)).to(device)
+            x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
+            mask[start:stop] = (model(x)[:, 0] > 0.5).cpu().numpy()
     return ndimage.binary_erosion(mask, iterations=1)
 
 
