@@ -113,13 +113,32 @@ def precision(device: torch.device, fast: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
+def in_row_bands(model: NoduleSegmenter, x: torch.Tensor, rows: int, halo: int | None = None) -> torch.Tensor:
+    """model(x) computed band by band, `rows` rows at a time, each band with a halo of rows either
+    side: the same result as the whole slice in a fraction of the memory (a 512x512 slice's U-Net
+    activations alone reach ~190 MiB). Exact because the halo is wider than the U-Net's receptive
+    field (23 rows for depth 3, halo 32) and bands start on its pooling grid (multiples of 4)."""
+    height = x.shape[-2]
+    if rows >= height:
+        return model(x)
+    halo = 8 * model.multiple if halo is None else halo
+    rows = max(model.multiple, rows // model.multiple * model.multiple)
+    bands = []
+    for top in range(0, height, rows):
+        lo, hi = max(top - halo, 0), min(top + rows + halo, height)
+        bands.append(model(x[..., lo:hi, :])[..., top - lo:top - lo + min(rows, height - top), :])
+    return torch.cat(bands, dim=-2)
+
+
 def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
-            fast: bool = False, batch_pixels: int = 512 * 512) -> np.ndarray:
+            fast: bool = False, batch_pixels: int = 256 * 512) -> np.ndarray:
     """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion.
 
-    A batch holds at most batch_pixels: one 512x512 slice by default. On CPU, small batches run
-    faster (their activations stay in cache) and bound memory; small slices are still batched."""
+    A batch holds at most batch_pixels: small slices are batched, larger ones run in row bands
+    (half a 512x512 slice by default). On CPU, small batches run as fast (their activations stay
+    in cache) and bound memory."""
     slices = max(1, batch_pixels // (hu.shape[1] * hu.shape[2]))
+    band_rows = max(1, batch_pixels // hu.shape[2])
     mask = np.empty(hu.shape, bool)
     with torch.inference_mode(), precision(device, fast):
         for start in tqdm(range(0, hu.shape[0], slices), desc="segment", unit="batch", disable=not progress):
@@ -128,7 +147,8 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.
             stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
             x = torch.from_numpy(stacks.astype(np.float32)).to(device)
             x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
-            mask[start:stop] = (model(x)[:, 0] > 0.5).cpu().numpy()
+            mask[start:stop] = (in_row_bands(model, x, band_rows)[:, 0] > 0.5).cpu().numpy()
+    return_freed_memory()  # the U-Net's activations, before the erosion's copy of the mask
     return ndimage.binary_erosion(mask, iterations=1)
 
 
@@ -194,8 +214,8 @@ def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
 def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
             device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
+    return_freed_memory()  # what reading the CT left behind
     mask = segment(ct.hu, models.segmenter, models.context, device, progress, fast)
-    return_freed_memory()
     centers, voxels = group(mask, ct.hu)
     del mask
     return_freed_memory()

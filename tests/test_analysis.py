@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from p2ch_app.analysis import body_mask, group, inside_body, segment
+from p2ch_app.analysis import body_mask, group, in_row_bands, inside_body, segment
 from p2ch_app.data.ct import slice_stack
 from tests.conftest import BOOK_MODELS, requires_shared
 
@@ -90,6 +90,29 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
     assert stacks.shape == (9, 5, 12, 12)
     for k in (0, 4, 8):
         assert np.array_equal(stacks[k].numpy(), slice_stack(hu, k, 2).astype(np.float32))
+
+
+@pytest.mark.parametrize("depth, height, rows", [(3, 200, 64), (3, 128, 50), (2, 96, 16)])
+def test_row_bands_give_the_whole_slice_result(depth, height, rows):
+    from p2ch_app.models import NoduleSegmenter
+
+    class Logits(NoduleSegmenter):  # before the sigmoid, which would hide differences
+        def forward(self, x):
+            return self.unet(self.input_batchnorm(x))
+
+    torch.manual_seed(depth)
+    model = Logits(in_channels=3, depth=depth, wf=2).eval()
+    for module in model.modules():  # batch norm with non-trivial statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, height, 40)
+    with torch.inference_mode():
+        whole, banded = model(x), in_row_bands(model, x, rows)
+        wrong = in_row_bands(model, x, rows, halo=0)  # zero padding at every band edge: visibly wrong
+    assert banded.shape == whole.shape
+    assert torch.allclose(banded, whole, rtol=0, atol=1e-5)
+    assert (wrong - whole).abs().max() > 1e-3
 
 
 class CentreVoxelClassifier(nn.Module):
