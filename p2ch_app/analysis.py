@@ -24,6 +24,7 @@ from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import load_checkpoint
 
 BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
+BATCH_PIXELS = 256 * 512  # per U-Net pass: half a 512x512 slice (its activations alone reach ~190 MiB)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def in_row_bands(model: NoduleSegmenter, x: torch.Tensor, rows: int, halo: int |
 
 
 def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
-            fast: bool = False, batch_pixels: int = 256 * 512) -> np.ndarray:
+            fast: bool = False, batch_pixels: int = BATCH_PIXELS) -> np.ndarray:
     """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion.
 
     A batch holds at most batch_pixels: small slices are batched, larger ones run in row bands

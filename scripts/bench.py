@@ -229,7 +229,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
 
     import torch
 
-    from p2ch_app.analysis import classify, group, in_row_bands, inside_body, segment
+    from p2ch_app.analysis import BATCH_PIXELS, classify, group, in_row_bands, inside_body, segment
     from p2ch_app.data.ct import load_ct
 
     real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
@@ -262,7 +262,8 @@ def bench_real_ct(batch_size: int = 8) -> dict:
     stacks = [torch.from_numpy(padded[i:i + 7])[None].contiguous(memory_format=torch.channels_last)
               for i in range(len(hu))]  # the inputs ready-made: what is left is the U-Net alone
     with torch.inference_mode():
-        stage["unet_forward_only"], _ = timed(lambda: [in_row_bands(models.segmenter, x, 256) for x in stacks])
+        stage["unet_forward_only"], _ = timed(
+            lambda: [in_row_bands(models.segmenter, x, BATCH_PIXELS // hu.shape[2]) for x in stacks])
     del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
     stage["body_mask"], inside = timed(inside_body, hu, centers)
