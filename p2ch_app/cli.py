@@ -73,7 +73,8 @@ def resolve_options(ctx: click.Context) -> dict:
         from p2ch_app.training import load_checkpoint
 
         saved = load_checkpoint(params["resume"]).get("config", {}).get("options", {})
-        layers.append((str(params["resume"]), {k: v for k, v in saved.items() if k in by_name and k != "resume"}))
+        moot = ("resume", "init")  # a resumed run continues its own weights
+        layers.append((str(params["resume"]), {k: v for k, v in saved.items() if k in by_name and k not in moot}))
     for source, values in layers:
         for name, value in values.items():
             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
@@ -197,6 +198,12 @@ def training_options(epochs: int, lr: float, optimizer: str, epoch_samples: int,
     return decorate
 
 
+init_option = click.option(
+    "--init", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="Start from this checkpoint's weights (ours or the book's .state, same architecture) instead of random "
+         "ones: transfer learning, far fewer samples to a useful model.")
+
+
 def _training_data(opts: dict):
     """The index, validation mask and cache directory every candidate trainer starts from."""
     from p2ch_app.data.index import build_index
@@ -221,11 +228,16 @@ def _augmentations(opts: dict) -> tuple[str, ...]:
 
 
 def _fit(task, opts: dict, command: str) -> None:
-    from p2ch_app.training import TrainConfig, fit
+    from p2ch_app.training import TrainConfig, fit, load_weights
 
     keys = ("epochs", "batch_size", "workers", "lr", "optimizer", "device", "seed", "comment", "runs_dir")
     cfg = TrainConfig(command=command, options=opts, **{k: opts[k] for k in keys})
-    _, run_dir = fit(task, cfg, resume=opts["resume"])
+    model = None
+    if opts.get("init") is not None:
+        if opts["resume"] is not None:
+            raise UserError("--init and --resume exclude each other: --resume continues a run with its own weights")
+        model = load_weights(task.model(), opts["init"], f"a {command} model")
+    _, run_dir = fit(task, cfg, resume=opts["resume"], model=model)
     if run_dir is not None:
         click.echo(f"{command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
                    f"see the curves with: make tensorboard")
@@ -233,6 +245,7 @@ def _fit(task, opts: dict, command: str) -> None:
 
 @app_command("luna-train-cls")
 @training_options(epochs=10, lr=0.001, optimizer="sgd", epoch_samples=20000, augment="flip,offset,scale,rotate,noise")
+@init_option
 @click.option("--balance", type=click.IntRange(0), default=1, show_default=True,
               help="Negatives per positive in training batches (0: the natural ratio).")
 def train_cls(**opts):
@@ -272,6 +285,7 @@ def finetune_mal(**opts):
 
 @app_command("luna-train-seg")
 @training_options(epochs=10, lr=0.001, optimizer="adam", epoch_samples=20000, augment="flip,offset,scale,rotate,noise")
+@init_option
 @click.option("--context", type=click.IntRange(0), default=3, show_default=True,
               help="Slices above and below the centre slice in each input stack (2C+1 channels).")
 @click.option("--crop", type=click.IntRange(16), default=64, show_default=True,

@@ -17,7 +17,7 @@ from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.metrics import binary_metrics, roc_auc, scores_from_counts
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
-from p2ch_app.training import Task, load_checkpoint
+from p2ch_app.training import Task, load_weights
 
 
 def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
@@ -130,20 +130,17 @@ def malignancy_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, epoch
     val_rows = np.flatnonzero(is_val & known)
     if len(val_rows) == 0:
         raise UserError("the validation series hold no nodules of known malignancy; add series or change --val-stride")
-    state = load_checkpoint(from_checkpoint)["model_state"]
+    state = load_weights(NoduleClassifier(), from_checkpoint, "a nodule classifier").state_dict()
     make_model = lambda: fine_tunable(state, depth)
     return MalignancyTask("luna-finetune-mal", cache_dir, index, labels, groups, [0, 1, 2], val_rows, epoch_samples,
                           augmentations, seed, "auc", make_model, label_names=("benign", "malignant"))
 
 
 def fine_tunable(state: dict, depth: int) -> NoduleClassifier:
-    """A nodule classifier from `state` whose last `depth` blocks train (1: the head only); the head
-    starts afresh, everything before the trained blocks is frozen."""
+    """A nodule classifier from `state` (a NoduleClassifier's own) whose last `depth` blocks train (1: the
+    head only); the head starts afresh, everything before the trained blocks is frozen."""
     model = NoduleClassifier()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"--from checkpoint is not a nodule classifier ({str(err).splitlines()[0][:100]})") from None
+    model.load_state_dict(state, strict=True)
     blocks = model.blocks()
     if not 1 <= depth <= len(blocks):
         raise UserError(f"--depth must be between 1 (head only) and {len(blocks)} (everything), got {depth}")

@@ -135,6 +135,16 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
+    """Copy a checkpoint's weights (ours or the book's) into model, strictly: a checkpoint of another
+    architecture is a user error that names the first mismatch, not a traceback."""
+    try:
+        model.load_state_dict(load_checkpoint(path)["model_state"], strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{path} is not {what} of this architecture ({str(err).splitlines()[0][:100]})") from None
+    return model
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),

@@ -13,6 +13,7 @@ from p2ch_app.data.index import build_index
 from p2ch_app.models import NoduleSegmenter
 from p2ch_app.tasks import dice_loss, nodule_slices, segmentation_task
 from p2ch_app.training import load_checkpoint
+from tests.conftest import BOOK_MODELS, requires_shared
 
 
 def square(size=20, lo=5, hi=15) -> torch.Tensor:
@@ -121,3 +122,15 @@ def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
     expected = ndimage.binary_dilation(label, ndimage.generate_binary_structure(3, 1))[k]
     _, mask = grown.val_dataset()[0]
     assert np.array_equal(mask[0].numpy(), expected) and expected.sum() > label[k].sum()
+
+
+@requires_shared
+def test_segmentation_starts_from_the_book_unet(prepared_synth, tmp_path):
+    book = next(BOOK_MODELS.glob("seg_*.state"))
+    args = ["--data-root", prepared_synth, "--epochs", 1, "--epoch-samples", 8, "--batch-size", 8, "--crop", 32,
+            "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--init", book, "--lr", 1e-12]
+    result = CliRunner().invoke(train_seg, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    started = load_checkpoint(next((tmp_path / "luna-train-seg").iterdir()) / "last.pt")["model_state"]
+    name = "unet.down_path.0.block.0.weight"
+    assert torch.allclose(started[name], load_checkpoint(book)["model_state"][name], atol=1e-6)

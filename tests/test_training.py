@@ -273,3 +273,43 @@ def test_training_options_reach_the_run(prepared_synth, tmp_path):
     assert checkpoint["optimizer_state"]["param_groups"][0]["lr"] == 0.01
     options = checkpoint["config"]["options"]
     assert options["no_augment"] is True and options["balance"] == 2 and options["cache_dir"] == str(cache)
+
+
+def test_train_cls_init_starts_from_the_given_weights(prepared_synth, tmp_path):
+    from p2ch_app.models import NoduleClassifier
+
+    torch.manual_seed(123)  # weights no seed-0 run starts from
+    source = NoduleClassifier().state_dict()
+    torch.save({"model_state": source}, tmp_path / "source.pt")
+    args = ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--optimizer", "adam", "--lr", 1e-12]
+    assert run(train_cls, [*args, "--runs-dir", tmp_path / "init", "--init", tmp_path / "source.pt"]).exit_code == 0
+    assert run(train_cls, [*args, "--runs-dir", tmp_path / "fresh"]).exit_code == 0
+    started = load_checkpoint(only_run_dir(tmp_path / "init", "luna-train-cls") / "last.pt")["model_state"]
+    fresh = load_checkpoint(only_run_dir(tmp_path / "fresh", "luna-train-cls") / "last.pt")["model_state"]
+    for name in ("block1.conv1.weight", "block4.conv2.weight", "head_linear.weight"):
+        assert torch.allclose(started[name], source[name], atol=1e-6), name  # lr 1e-12: the weights stay put
+        assert not torch.allclose(fresh[name], source[name], atol=1e-3), name
+
+
+def test_init_refuses_another_architecture_and_resume(cls_run, prepared_synth, tmp_path):
+    from p2ch_app.models import NoduleSegmenter
+
+    seg = tmp_path / "seg.pt"
+    torch.save({"model_state": NoduleSegmenter(in_channels=7).state_dict()}, seg)
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path, "--init", seg])
+    assert result.exit_code == 2 and "is not a luna-train-cls model of this architecture" in result.output
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path, "--init", seg,
+                             "--resume", cls_run[0] / "last.pt"])
+    assert result.exit_code == 2 and "--init and --resume exclude each other" in result.output
+    assert not (tmp_path / "luna-train-cls").exists()
+
+
+@requires_shared
+def test_train_cls_init_from_the_book_classifier(prepared_synth, tmp_path):
+    book = next(BOOK_MODELS.glob("cls_*.state"))
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--init", book, "--optimizer", "adam", "--lr", 1e-12])
+    assert result.exit_code == 0, result.output
+    started = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["model_state"]
+    assert torch.allclose(started["block1.conv1.weight"], load_checkpoint(book)["model_state"]["block1.conv1.weight"],
+                          atol=1e-6)
