@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
 from p2ch_app.data.index import LunaIndex
-from p2ch_app.errors import UserError
 from p2ch_app.evaluation import ScanResult
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
-from p2ch_app.training import load_checkpoint
+from p2ch_app.training import load_checkpoint, load_weights
 
 BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
 BATCH_PIXELS = 256 * 512  # per U-Net pass: half a 512x512 slice (its activations alone reach ~190 MiB)
@@ -60,25 +59,17 @@ def load_models(seg: Path, cls: Path, mal: Path | None, device: torch.device) ->
     context = int(options.get("context", 3))
     segmenter = NoduleSegmenter(in_channels=2 * context + 1, depth=int(options.get("unet_depth", 3)),
                                 wf=int(options.get("width_factor", 4)), up_mode=options.get("up_mode", "upconv"))
-    _load_state(segmenter, checkpoint, seg, "segmentation (luna-train-seg)")
-    classifier = _load_state(NoduleClassifier(), load_checkpoint(cls), cls, "nodule classifier (luna-train-cls)")
+    load_weights(segmenter, seg, "a segmentation (luna-train-seg) checkpoint", checkpoint)
+    classifier = load_weights(NoduleClassifier(), cls, "a nodule classifier (luna-train-cls) checkpoint")
     malignancy = None
     if mal is not None:
-        malignancy = _load_state(NoduleClassifier(), load_checkpoint(mal), mal, "malignancy (luna-finetune-mal)")
+        malignancy = load_weights(NoduleClassifier(), mal, "a malignancy (luna-finetune-mal) checkpoint")
     segmenter.to(device, memory_format=torch.channels_last).eval()  # channels-last: 1.7x (2D), 2x (3D) on CPU
     for model in (classifier, malignancy):
         if model is not None:
             model.to(device, memory_format=torch.channels_last_3d).eval()
     return Models(segmenter, context, classifier, malignancy,
                   {"seg": str(seg), "cls": str(cls), "mal": str(mal) if mal else None})
-
-
-def _load_state(model: torch.nn.Module, checkpoint: dict, path: Path, what: str):
-    try:
-        model.load_state_dict(checkpoint["model_state"], strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{path} is not a {what} checkpoint ({str(err).splitlines()[0][:90]})") from None
-    return model
 
 
 def return_freed_memory() -> None:

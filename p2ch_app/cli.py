@@ -236,7 +236,7 @@ def _fit(task, opts: dict, command: str) -> None:
     if opts.get("init") is not None:
         if opts["resume"] is not None:
             raise UserError("--init and --resume exclude each other: --resume continues a run with its own weights")
-        model = load_weights(task.model(), opts["init"], f"a {command} model")
+        model = load_weights(task.model(), opts["init"], f"a {command} model of this architecture")
     _, run_dir = fit(task, cfg, resume=opts["resume"], model=model)
     if run_dir is not None:
         click.echo(f"{command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "

@@ -130,7 +130,7 @@ def malignancy_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, epoch
     val_rows = np.flatnonzero(is_val & known)
     if len(val_rows) == 0:
         raise UserError("the validation series hold no nodules of known malignancy; add series or change --val-stride")
-    state = load_weights(NoduleClassifier(), from_checkpoint, "a nodule classifier").state_dict()
+    state = load_weights(NoduleClassifier(), from_checkpoint, "a nodule classifier of this architecture").state_dict()
     make_model = lambda: fine_tunable(state, depth)
     return MalignancyTask("luna-finetune-mal", cache_dir, index, labels, groups, [0, 1, 2], val_rows, epoch_samples,
                           augmentations, seed, "auc", make_model, label_names=("benign", "malignant"))

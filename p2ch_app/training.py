@@ -135,13 +135,15 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
+def load_weights(model: nn.Module, path: Path, what: str, checkpoint: dict | None = None) -> nn.Module:
     """Copy a checkpoint's weights (ours or the book's) into model, strictly: a checkpoint of another
-    architecture is a user error that names the first mismatch, not a traceback."""
+    architecture is a user error naming `what` it should be and the first mismatch, not a traceback.
+    Pass `checkpoint` when path is already loaded, so it is read once."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     try:
-        model.load_state_dict(load_checkpoint(path)["model_state"], strict=True)
+        model.load_state_dict(checkpoint["model_state"], strict=True)
     except RuntimeError as err:
-        raise UserError(f"{path} is not {what} of this architecture ({str(err).splitlines()[0][:100]})") from None
+        raise UserError(f"{path} is not {what} ({str(err).splitlines()[0][:100]})") from None
     return model
 
 
