@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
+from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.evaluation import ScanResult
@@ -23,6 +24,7 @@ from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import load_checkpoint, load_weights
 
 BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
+MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
 BATCH_PIXELS = 256 * 512  # per U-Net pass: half a 512x512 slice (its activations alone reach ~190 MiB)
 
 
@@ -52,19 +54,25 @@ def newest_best(runs_dir: Path, command: str) -> Path | None:
     return found[-1] if found else None
 
 
-def load_models(seg: Path, cls: Path, mal: Path | None, device: torch.device) -> Models:
-    """Our checkpoints or the book's .state files; the segmenter's shape comes from its saved options."""
-    checkpoint = load_checkpoint(seg)
+def load_segmenter(path: Path, device: torch.device) -> tuple[NoduleSegmenter, int]:
+    """(U-Net, context) from our checkpoint or the book's .state; its shape comes from the saved options."""
+    checkpoint = load_checkpoint(path)
     options = checkpoint.get("config", {}).get("options", {})
     context = int(options.get("context", 3))
     segmenter = NoduleSegmenter(in_channels=2 * context + 1, depth=int(options.get("unet_depth", 3)),
                                 wf=int(options.get("width_factor", 4)), up_mode=options.get("up_mode", "upconv"))
-    load_weights(segmenter, seg, "a segmentation (luna-train-seg) checkpoint", checkpoint)
+    load_weights(segmenter, path, "a segmentation (luna-train-seg) checkpoint", checkpoint)
+    segmenter.to(device, memory_format=torch.channels_last).eval()  # channels-last: 1.7x (2D), 2x (3D) on CPU
+    return segmenter, context
+
+
+def load_models(seg: Path, cls: Path, mal: Path | None, device: torch.device) -> Models:
+    """Our checkpoints or the book's .state files."""
+    segmenter, context = load_segmenter(seg, device)
     classifier = load_weights(NoduleClassifier(), cls, "a nodule classifier (luna-train-cls) checkpoint")
     malignancy = None
     if mal is not None:
         malignancy = load_weights(NoduleClassifier(), mal, "a malignancy (luna-finetune-mal) checkpoint")
-    segmenter.to(device, memory_format=torch.channels_last).eval()  # channels-last: 1.7x (2D), 2x (3D) on CPU
     for model in (classifier, malignancy):
         if model is not None:
             model.to(device, memory_format=torch.channels_last_3d).eval()
@@ -203,15 +211,41 @@ def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
     return body_mask(hu, step)[tuple(idx.T)]
 
 
+def propose(hu: np.ndarray, segmenter: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
+            fast: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pipeline's candidates before classification: (centres irc, voxel counts, inside the body)."""
+    mask = segment(hu, segmenter, context, device, progress, fast)
+    centers, voxels = group(mask, hu)
+    del mask
+    return_freed_memory()
+    return centers, voxels, inside_body(hu, centers)
+
+
+def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter: NoduleSegmenter, context: int,
+                    device: torch.device, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(series code, centre xyz) of each in-body candidate the U-Net proposes away from every nodule
+    of the given series: the look-alikes nodule-analyze will show the classifier, which candidates.csv
+    may lack (a U-Net marks diaphragm domes and heart borders that no CSV candidate sits on).
+    "Away" means farther than the nodule's diameter (at least MINED_CLEARANCE_MM) from its centre."""
+    codes, found = [], []
+    for code in tqdm(series_codes, desc="mine look-alikes", unit="CT", disable=not progress):
+        uid = index.series_uids[code]
+        centers, _, inside = propose(cache.volume(uid), segmenter, context, device)
+        xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
+        mine = (index.series_code == code) & index.is_nodule
+        clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
+        distance = np.linalg.norm(xyz[:, None] - index.center_xyz[mine][None], axis=-1)
+        xyz = xyz[np.all(distance > clearance, axis=1)]
+        codes.append(np.full(len(xyz), code, np.int32))
+        found.append(xyz)
+    return np.concatenate(codes or [np.zeros(0, np.int32)]), np.concatenate(found or [np.zeros((0, 3))])
+
+
 def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
             device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
     return_freed_memory()  # what reading the CT left behind
-    mask = segment(ct.hu, models.segmenter, models.context, device, progress, fast)
-    centers, voxels = group(mask, ct.hu)
-    del mask
-    return_freed_memory()
-    inside = inside_body(ct.hu, centers)
+    centers, voxels, inside = propose(ct.hu, models.segmenter, models.context, device, progress, fast)
     if not keep_outside:
         centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
     nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast)

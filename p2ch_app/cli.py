@@ -248,14 +248,31 @@ def _fit(task, opts: dict, command: str) -> None:
 @init_option
 @click.option("--balance", type=click.IntRange(0), default=1, show_default=True,
               help="Negatives per positive in training batches (0: the natural ratio).")
+@click.option("--mine-with", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A U-Net checkpoint: its candidates in the training series that lie away from every nodule join "
+                   "the non-nodules, so the classifier learns the look-alikes nodule-analyze will show it.")
 def train_cls(**opts):
     """Train the 3D CNN that tells nodules from non-nodules among candidate crops.
 
-    The best checkpoint is the one with the highest validation F1.
+    The best checkpoint is the one with the highest validation F1 (on candidates.csv, mined
+    look-alikes or not, so runs compare).
     """
     from p2ch_app.tasks import nodule_task
 
     index, is_val, cache_dir = _training_data(opts)
+    if opts["mine_with"] is not None:
+        from p2ch_app.analysis import load_segmenter, mine_lookalikes
+        from p2ch_app.data.cache import LunaCache
+        from p2ch_app.training import select_device
+
+        device = select_device(opts["device"])
+        segmenter, context = load_segmenter(opts["mine_with"], device)
+        train_codes = [code for code, val in enumerate(index.validation_series(opts["val_stride"])) if not val]
+        codes, centers = mine_lookalikes(LunaCache(cache_dir), index, train_codes, segmenter, context, device,
+                                         progress=True)
+        click.echo(f"mined {len(codes)} look-alikes in {len(train_codes)} training series with {opts['mine_with']}")
+        index = index.with_negatives(codes, centers)
+        is_val = index.is_validation(opts["val_stride"])
     task = nodule_task(cache_dir, index, is_val, opts["balance"], opts["epoch_samples"], _augmentations(opts),
                        opts["seed"])
     _fit(task, opts, "luna-train-cls")
@@ -299,6 +316,9 @@ def finetune_mal(**opts):
 @click.option("--label-margin", type=click.IntRange(0), default=1, show_default=True,
               help="Grow the nodule labels by this many voxels in 3D. nodule-analyze erodes the predicted "
                    "mask once, so a margin of 1 keeps small and thin (one- or two-slice) nodules from vanishing.")
+@click.option("--lookalike-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+              help="Share of training crops centred on a non-nodule candidate (vessel and other look-alikes) "
+                   "instead of a nodule: fewer false marks and fewer nodules merged with vessels.")
 @click.option("--unet-depth", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--width-factor", type=click.IntRange(1), default=4, show_default=True,
               help="First-level filters = 2**width_factor, doubling per level.")
@@ -315,7 +335,7 @@ def train_seg(**opts):
     task = segmentation_task(cache_dir, index, opts["val_stride"], opts["context"], opts["crop"], opts["window"],
                              opts["epoch_samples"], _augmentations(opts), opts["seed"], opts["fn_weight"],
                              opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"],
-                             opts["label_margin"])
+                             opts["label_margin"], opts["lookalike_share"])
     _fit(task, opts, "luna-train-seg")
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
+from p2ch_app.data.ct import inside, xyz_to_irc
 from p2ch_app.data.datasets import CropDataset, SliceDataset, interleave, pad_collate
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
@@ -173,20 +174,23 @@ class SegmentationTask(Task):
     def __init__(self, cache_dir: Path, uids: list[str], train_samples: np.ndarray, val_samples: np.ndarray,
                  context: int, crop: int, window: int, epoch_samples: int, augmentations, seed: int,
                  fn_weight: float, make_model: Callable[[], nn.Module], bce_weight: float = 0.0,
-                 label_margin: int = 0, image_every: int = 2, images: int = 4):
+                 label_margin: int = 0, train_groups: list[np.ndarray] | None = None, pattern: list[int] = (0,),
+                 image_every: int = 2, images: int = 4):
         self.cache_dir, self.uids, self.context = cache_dir, uids, context
         self.train_samples, self.val_samples = train_samples, val_samples
         self.crop, self.window, self.epoch_samples = crop, window, epoch_samples
         self.augmentations, self.seed, self.fn_weight = tuple(augmentations), seed, fn_weight
         self.bce_weight, self.label_margin = bce_weight, label_margin
         self.make_model, self.image_every, self.images = make_model, image_every, images
+        self.train_groups = train_groups if train_groups is not None else [np.arange(len(train_samples))]
+        self.pattern = list(pattern)
 
     def model(self) -> nn.Module:
         return self.make_model()
 
     def train_dataset(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
-        picks = interleave([np.arange(len(self.train_samples))], [0], self.epoch_samples, rng)
+        picks = interleave(self.train_groups, self.pattern, self.epoch_samples, rng)
         return SliceDataset(self.cache_dir, self.uids, self.train_samples[picks], self.context, self.crop,
                             self.window, self.seed, epoch, self.label_margin)
 
@@ -244,11 +248,26 @@ def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes, margin: int =
     return np.array(rows, np.int64).reshape(-1, 2)
 
 
+def lookalike_pixels(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndarray:
+    """(uid code, slice, row, col) of every non-nodule candidate of the given series inside its CT."""
+    cache, rows = LunaCache(cache_dir), []
+    for code in series_codes:
+        record = cache.record(index.series_uids[code])
+        centers = index.center_xyz[(index.series_code == code) & ~index.is_nodule]
+        irc = xyz_to_irc(centers, record.geometry).reshape(-1, 3)
+        irc = np.rint(irc[inside(record.shape, irc)]).astype(np.int64)
+        rows.append(np.column_stack([np.full(len(irc), code), irc]))
+    return np.concatenate(rows).reshape(-1, 4) if rows else np.zeros((0, 4), np.int64)
+
+
 def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, context: int, crop: int, window: int,
                       epoch_samples: int, augmentations, seed: int, fn_weight: float, depth: int, wf: int,
-                      up_mode: str, bce_weight: float = 0.0, label_margin: int = 0) -> SegmentationTask:
-    """Training: the nodule slices of the training series, cropped around a nodule. Validation: the
-    whole nodule slices of the validation series plus as many nodule-free slices, evenly spaced."""
+                      up_mode: str, bce_weight: float = 0.0, label_margin: int = 0,
+                      lookalike_share: float = 0.0) -> SegmentationTask:
+    """Training: the nodule slices of the training series, cropped around a nodule, and with
+    lookalike_share that share of crops centred on a non-nodule candidate instead (vessels and other
+    look-alikes the U-Net should leave unmarked). Validation: the whole nodule slices of the
+    validation series plus as many nodule-free slices, evenly spaced."""
     codes = np.arange(len(index.series_uids))
     is_val = index.validation_series(val_stride)
     train = nodule_slices(cache_dir, index, codes[~is_val], label_margin)
@@ -256,6 +275,17 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     if len(train) == 0 or len(val) == 0:
         raise UserError("segmentation needs nodules in both the training and the validation series; "
                         "add series or change --val-stride")
+    train = np.pad(train, ((0, 0), (0, 2)), constant_values=-1)
+    groups, pattern = [np.arange(len(train))], [0]
+    if lookalike_share > 0:
+        lookalikes = lookalike_pixels(cache_dir, index, codes[~is_val])
+        if len(lookalikes) == 0:
+            raise UserError("the training series hold no non-nodule candidates to learn look-alikes from; "
+                            "use --lookalike-share 0")
+        groups.append(len(train) + np.arange(len(lookalikes)))
+        shown = round(20 * lookalike_share)
+        pattern = [0] * (20 - shown) + [1] * shown
+        train = np.concatenate([train, lookalikes])
     cache = LunaCache(cache_dir)
     empty = []
     for code in codes[is_val]:
@@ -266,4 +296,4 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
     make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
     return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
-                            augmentations, seed, fn_weight, make_model, bce_weight, label_margin)
+                            augmentations, seed, fn_weight, make_model, bce_weight, label_margin, groups, pattern)

@@ -165,6 +165,28 @@ def test_malignancy_is_scored_only_above_the_nodule_threshold():
     assert nodule.malignancy_prob is None
 
 
+def test_mined_lookalikes_are_in_body_candidates_away_from_every_nodule(prepared_synth, monkeypatch):
+    import p2ch_app.analysis as analysis
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.data.ct import xyz_to_irc
+    from p2ch_app.data.index import build_index
+
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    row = int(np.flatnonzero(index.has_annotation)[0])
+    code, nodule = int(index.series_code[row]), index.center_xyz[row]
+    clearance = max(index.diameter_mm[row], analysis.MINED_CLEARANCE_MM)
+    others = index.center_xyz[(index.series_code == code) & index.is_nodule]
+    near, far = nodule + [0.9 * clearance, 0, 0], nodule + [0, 0, clearance + 1]
+    assert np.all(np.linalg.norm(others - far, axis=1) > clearance)  # far from the other nodules too
+    geometry = cache.record(index.series_uids[code]).geometry
+    proposed = xyz_to_irc(np.array([nodule, near, far, far]), geometry)
+    inside = np.array([True, True, True, False])
+    monkeypatch.setattr(analysis, "propose", lambda hu, *args, **kwargs: (proposed, np.ones(4, int), inside))
+    codes, found = analysis.mine_lookalikes(cache, index, [code], None, 3, torch.device("cpu"))
+    assert codes.tolist() == [code] and found == pytest.approx(far[None], abs=1e-6)
+
+
 def test_newest_best(tmp_path):
     import os
 

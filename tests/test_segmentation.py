@@ -11,7 +11,7 @@ from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.datasets import SliceDataset, pad_collate
 from p2ch_app.data.index import build_index
 from p2ch_app.models import NoduleSegmenter
-from p2ch_app.tasks import dice_loss, nodule_slices, segmentation_task
+from p2ch_app.tasks import dice_loss, lookalike_pixels, nodule_slices, segmentation_task
 from p2ch_app.training import load_checkpoint
 from tests.conftest import BOOK_MODELS, requires_shared
 
@@ -122,6 +122,37 @@ def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
     expected = ndimage.binary_dilation(label, ndimage.generate_binary_structure(3, 1))[k]
     _, mask = grown.val_dataset()[0]
     assert np.array_equal(mask[0].numpy(), expected) and expected.sum() > label[k].sum()
+
+
+def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(prepared_synth):
+    from p2ch_app.data.ct import xyz_to_irc
+
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    task = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 40, (), 0, 8.0, 2, 3, "upconv",
+                             lookalike_share=0.25)
+    is_val = index.validation_series(3)
+    lookalikes = lookalike_pixels(prepared_synth / "cache", index, np.flatnonzero(~is_val))
+    expected = sum(int(np.sum((index.series_code == c) & ~index.is_nodule)) for c in np.flatnonzero(~is_val))
+    assert len(lookalikes) == expected > 0  # every look-alike of the synthetic series lies inside its CT
+    code, *irc = lookalikes[0]
+    record = cache.record(index.series_uids[code])
+    centers = index.center_xyz[(index.series_code == code) & ~index.is_nodule]
+    assert np.array_equal(np.rint(xyz_to_irc(centers[0], record.geometry)), irc)
+
+    dataset = task.train_dataset(1)
+    centred = dataset.samples[:, 2] >= 0
+    assert centred.sum() == 10 and np.all(dataset.samples[~centred, 2:] == -1)  # 5 of every 20 crops
+    for i in np.flatnonzero(centred)[:3]:
+        code, k, row, col = dataset.samples[i]
+        stack, _ = dataset[i]
+        volume = cache.volume(index.series_uids[code])
+        matches = [(r, c) for r in range(volume.shape[1] - 31) for c in range(volume.shape[2] - 31)
+                   if r <= row < r + 32 and c <= col < c + 32
+                   and np.array_equal(stack[3].numpy(), volume[k, r:r + 32, c:c + 32])]
+        assert matches  # the crop holds the look-alike's pixel
+    plain = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 40, (), 0, 8.0, 2, 3, "upconv")
+    assert np.all(plain.train_dataset(1).samples[:, 2:] == -1)
 
 
 @requires_shared

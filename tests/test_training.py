@@ -304,6 +304,33 @@ def test_init_refuses_another_architecture_and_resume(cls_run, prepared_synth, t
     assert not (tmp_path / "luna-train-cls").exists()
 
 
+def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
+    from p2ch_app.analysis import load_segmenter, mine_lookalikes
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.models import NoduleSegmenter
+
+    unet = NoduleSegmenter(in_channels=7)
+    with torch.no_grad():
+        unet.unet.last.weight.fill_(0.0)
+        unet.unet.last.bias.fill_(50.0)  # marks everything: one candidate per CT, near its middle
+    torch.save({"model_state": unet.state_dict()}, tmp_path / "seg.pt")
+    index = build_index(prepared_synth)
+    segmenter, context = load_segmenter(tmp_path / "seg.pt", torch.device("cpu"))
+    train_codes = np.flatnonzero(~index.validation_series(3))
+    codes, _ = mine_lookalikes(LunaCache(prepared_synth / "cache"), index, train_codes, segmenter, context,
+                               torch.device("cpu"))
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert 0 < len(codes) <= len(train_codes)
+    assert f"mined {len(codes)} look-alikes in {len(train_codes)} training series" in result.output
+    options = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["config"]["options"]
+    assert Path(options["mine_with"]) == tmp_path / "seg.pt"
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
+                             "--mine-with", tmp_path / "missing.pt"])
+    assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output
+
+
 @requires_shared
 def test_train_cls_init_from_the_book_classifier(prepared_synth, tmp_path):
     book = next(BOOK_MODELS.glob("cls_*.state"))

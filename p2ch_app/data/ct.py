@@ -73,9 +73,13 @@ class CtVolume:
     series_uid: str
 
     def contains(self, irc) -> np.ndarray:
-        """Whether continuous indices (..., 3) fall inside the volume (rounded to the nearest voxel)."""
-        idx = np.rint(np.asarray(irc, float))
-        return np.all((idx >= 0) & (idx < np.array(self.hu.shape)), axis=-1)
+        return inside(self.hu.shape, irc)
+
+
+def inside(shape, irc) -> np.ndarray:
+    """Whether continuous indices (..., 3) fall inside a volume of this shape (rounded to the nearest voxel)."""
+    idx = np.rint(np.asarray(irc, float))
+    return np.all((idx >= 0) & (idx < np.array(shape)), axis=-1)
 
 
 def check_uid(uid: str) -> str:

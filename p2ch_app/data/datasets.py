@@ -52,15 +52,19 @@ class SliceDataset(Dataset):
     """(2C+1)-slice stacks with the centre slice's nodule mask (grown by `margin` voxels): items are
     (int16 stack, bool 1xHxW mask).
 
+    Samples are rows of (uid code, slice), or (uid code, slice, row, col) to centre the crop on a
+    given pixel (a look-alike to learn from); a row or col of -1 means a random nodule pixel.
     With `crop`, each item is a crop x crop patch at a random place inside a window x window
-    square around a random nodule pixel of the slice (cheap batches that always hold nodule);
-    without, the whole slice. Randomness comes from (seed, epoch, item), so epochs repeat exactly.
+    square around that centre (cheap batches that hold what matters); without, the whole slice.
+    Randomness comes from (seed, epoch, item), so epochs repeat exactly.
     """
 
     def __init__(self, cache_dir: Path, uids: list[str], samples: np.ndarray, context: int,
                  crop: int | None = None, window: int = 96, seed: int = 0, epoch: int = 0, margin: int = 0):
         self.cache = LunaCache(cache_dir)
-        self.uids, self.samples = uids, np.asarray(samples).reshape(-1, 2)  # rows of (uid code, slice)
+        rows = np.asarray(samples, np.int64)
+        rows = rows.reshape(-1, rows.shape[-1] if rows.size else 2)
+        self.uids, self.samples = uids, np.pad(rows, ((0, 0), (0, 4 - rows.shape[1])), constant_values=-1)
         self.context, self.crop, self.window = context, crop, max(window, crop or 0)
         self.seed, self.epoch, self.margin = seed, epoch, margin
 
@@ -68,7 +72,7 @@ class SliceDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        code, index = (int(v) for v in self.samples[i])
+        code, index, row, col = (int(v) for v in self.samples[i])
         uid = self.uids[code]
         record = self.cache.record(uid)
         mask = record.mask_slice(index, self.margin)
@@ -76,9 +80,12 @@ class SliceDataset(Dataset):
         rows, cols = slice(None), slice(None)
         if self.crop:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            ys, xs = np.nonzero(mask)
-            pick = rng.integers(len(ys)) if len(ys) else None
-            cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
+            if row >= 0 and col >= 0:
+                cy, cx = row, col
+            else:
+                ys, xs = np.nonzero(mask)
+                pick = rng.integers(len(ys)) if len(ys) else None
+                cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
             dy, dx = rng.integers(0, self.window - self.crop + 1, size=2)
             r0 = int(np.clip(cy - self.window // 2 + dy, 0, max(height - self.crop, 0)))
             c0 = int(np.clip(cx - self.window // 2 + dx, 0, max(width - self.crop, 0)))

@@ -69,6 +69,17 @@ class LunaIndex:
                          self.is_nodule[keep], self.has_annotation[keep], self.diameter_mm[keep],
                          self.malignancy[keep], self.line[keep])
 
+    def with_negatives(self, series_code: np.ndarray, center_xyz: np.ndarray) -> LunaIndex:
+        """This index plus non-nodule rows at these centres of its series (line -1: from no CSV)."""
+        n = len(series_code)
+        return LunaIndex(self.series_uids, np.concatenate([self.series_code, np.asarray(series_code, np.int32)]),
+                         np.concatenate([self.center_xyz, np.asarray(center_xyz, float).reshape(-1, 3)]),
+                         np.concatenate([self.is_nodule, np.zeros(n, bool)]),
+                         np.concatenate([self.has_annotation, np.zeros(n, bool)]),
+                         np.concatenate([self.diameter_mm, np.zeros(n)]),
+                         np.concatenate([self.malignancy, np.zeros(n, np.int8)]),
+                         np.concatenate([self.line, np.full(n, -1, np.int32)]))
+
     def for_series(self, uid: str) -> LunaIndex:
         code = self.series_uids.index(uid) if uid in self.series_uids else -1
         return self.select(self.series_code == code)

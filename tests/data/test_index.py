@@ -35,6 +35,18 @@ def test_records_and_order(tiny_root):
         assert (np.diff(flags.astype(int)) <= 0).all()
 
 
+def test_with_negatives_appends_non_nodule_rows(tiny_root):
+    index = build_index(tiny_root.root)
+    grown = index.with_negatives(np.array([1, 0]), np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    assert len(grown) == len(index) + 2 and grown.series_uids == index.series_uids
+    for name in ("series_code", "center_xyz", "is_nodule", "has_annotation", "diameter_mm", "malignancy", "line"):
+        assert np.array_equal(getattr(grown, name)[:len(index)], getattr(index, name)), name
+    added = grown[len(index) + 1]
+    assert added.series_uid == index.series_uids[0] and added.center_xyz == (4.0, 5.0, 6.0)
+    assert not added.is_nodule and not added.has_annotation and added.is_malignant is False and added.line == -1
+    assert np.array_equal(grown.is_validation(2)[len(index):], index.validation_series(2)[[1, 0]])
+
+
 def test_without_malignancy_file_malignancy_is_unknown(tiny_root):
     (tiny_root.root / "annotations_with_malignancy.csv").unlink()
     index = build_index(tiny_root.root)
