@@ -319,6 +319,9 @@ def finetune_mal(**opts):
 @click.option("--lookalike-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Share of training crops centred on a non-nodule candidate (vessel and other look-alikes) "
                    "instead of a nodule: fewer false marks and fewer nodules merged with vessels.")
+@click.option("--per-nodule", is_flag=True,
+              help="Draw training slices so that every nodule comes up equally often; by default each slice "
+                   "does, so large nodules (more slices) dominate.")
 @click.option("--unet-depth", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--width-factor", type=click.IntRange(1), default=4, show_default=True,
               help="First-level filters = 2**width_factor, doubling per level.")
@@ -335,7 +338,7 @@ def train_seg(**opts):
     task = segmentation_task(cache_dir, index, opts["val_stride"], opts["context"], opts["crop"], opts["window"],
                              opts["epoch_samples"], _augmentations(opts), opts["seed"], opts["fn_weight"],
                              opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"],
-                             opts["label_margin"], opts["lookalike_share"])
+                             opts["label_margin"], opts["lookalike_share"], opts["per_nodule"])
     _fit(task, opts, "luna-train-seg")
 
 

@@ -155,6 +155,40 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
     assert np.all(plain.train_dataset(1).samples[:, 2:] == -1)
 
 
+def test_per_nodule_draws_every_nodule_equally_often(prepared_synth):
+    from scipy import ndimage
+
+    from p2ch_app.data.ct import xyz_to_irc
+
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    make = lambda per_nodule: segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 30000, (), 0, 8.0, 2,
+                                                3, "upconv", per_nodule=per_nodule)
+    slices = []  # (uid code, first, last slice) of each nodule's label component
+    for code in np.unique(make(False).train_samples[:, 0]):
+        record = cache.record(index.series_uids[code])
+        labels, _ = ndimage.label(record.mask())
+        for center in index.center_xyz[(index.series_code == code) & index.is_nodule]:
+            component = labels[tuple(np.rint(xyz_to_irc(center, record.geometry)).astype(int))]
+            z = np.flatnonzero(np.any(labels == component, axis=(1, 2)))
+            slices.append((code, z.min(), z.max()))
+    alone = [(c, a, b) for c, a, b in slices  # nodules sharing no slice with another one
+             if not any(c2 == c and a2 <= b and b2 >= a and (a2, b2) != (a, b) for c2, a2, b2 in slices)]
+    assert len(alone) >= 4
+    slices = alone
+
+    def draws(task) -> np.ndarray:
+        drawn = task.train_dataset(1).samples
+        return np.array([np.sum((drawn[:, 0] == code) & (drawn[:, 1] >= first) & (drawn[:, 1] <= last))
+                         for code, first, last in slices])
+
+    even, by_slice = draws(make(True)), draws(make(False))
+    spans = np.array([last - first + 1 for _, first, last in slices])
+    assert spans.max() >= 2 * spans.min()  # nodules of different thickness
+    assert even.max() < 1.2 * even.min()  # equal up to sampling noise
+    assert by_slice.max() > 1.5 * by_slice.min()
+
+
 @requires_shared
 def test_segmentation_starts_from_the_book_unet(prepared_synth, tmp_path):
     book = next(BOOK_MODELS.glob("seg_*.state"))

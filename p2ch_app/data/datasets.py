@@ -12,11 +12,13 @@ from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE, slice_stack
 
 
-def interleave(groups: list[np.ndarray], pattern: list[int], n: int, rng: np.random.Generator) -> np.ndarray:
+def interleave(groups: list[np.ndarray], pattern: list[int], n: int, rng: np.random.Generator,
+               weights: list[np.ndarray | None] | None = None) -> np.ndarray:
     """n rows whose groups follow `pattern` (e.g. [0, 1, 1]: one positive per two negatives).
 
     Each group is drawn through fresh shuffles of itself, so every member is used before any
-    repeats; the epoch is shuffled at the end so batches mix. Groups in `pattern` must be non-empty.
+    repeats, or, when it has weights, with replacement in proportion to them. The epoch is
+    shuffled at the end so batches mix. Groups in `pattern` must be non-empty.
     """
     slots = np.resize(np.asarray(pattern), n)
     rows = np.empty(n, np.int64)
@@ -24,8 +26,11 @@ def interleave(groups: list[np.ndarray], pattern: list[int], n: int, rng: np.ran
         need = int(np.sum(slots == g))
         if need == 0:
             continue
-        cycles = -(-need // len(members))
-        drawn = np.concatenate([rng.permutation(members) for _ in range(cycles)])[:need]
+        if weights is not None and weights[g] is not None:
+            drawn = rng.choice(members, need, p=weights[g] / weights[g].sum())
+        else:
+            cycles = -(-need // len(members))
+            drawn = np.concatenate([rng.permutation(members) for _ in range(cycles)])[:need]
         rows[slots == g] = drawn
     return rows[rng.permutation(n)]
 
