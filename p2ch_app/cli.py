@@ -261,17 +261,13 @@ def train_cls(**opts):
 
     index, is_val, cache_dir = _training_data(opts)
     if opts["mine_with"] is not None:
-        from p2ch_app.analysis import load_segmenter, mine_lookalikes
-        from p2ch_app.data.cache import LunaCache
+        from p2ch_app.tasks import with_mined_lookalikes
         from p2ch_app.training import select_device
 
-        device = select_device(opts["device"])
-        segmenter, context = load_segmenter(opts["mine_with"], device)
-        train_codes = [code for code, val in enumerate(index.validation_series(opts["val_stride"])) if not val]
-        codes, centers = mine_lookalikes(LunaCache(cache_dir), index, train_codes, segmenter, context, device,
-                                         progress=True)
-        click.echo(f"mined {len(codes)} look-alikes in {len(train_codes)} training series with {opts['mine_with']}")
-        index = index.with_negatives(codes, centers)
+        before = len(index)
+        index = with_mined_lookalikes(cache_dir, index, opts["val_stride"], opts["mine_with"],
+                                      select_device(opts["device"]))
+        click.echo(f"mined {len(index) - before} look-alikes in the training series with {opts['mine_with']}")
         is_val = index.is_validation(opts["val_stride"])
     task = nodule_task(cache_dir, index, is_val, opts["balance"], opts["epoch_samples"], _augmentations(opts),
                        opts["seed"])
@@ -318,7 +314,7 @@ def finetune_mal(**opts):
                    "mask once, so a margin of 1 keeps small and thin (one- or two-slice) nodules from vanishing.")
 @click.option("--lookalike-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Share of training crops centred on a non-nodule candidate (vessel and other look-alikes) "
-                   "instead of a nodule: fewer false marks and fewer nodules merged with vessels.")
+                   "instead of a nodule, so the U-Net learns what to leave unmarked (fewer candidates).")
 @click.option("--per-nodule", is_flag=True,
               help="Draw training slices so that every nodule comes up equally often; by default each slice "
                    "does, so large nodules (more slices) dominate.")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from p2ch_app.analysis import load_segmenter, mine_lookalikes
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import inside, xyz_to_irc
@@ -84,6 +85,17 @@ class CandidateTask(Task):
         for flag, name in ((True, self.label_names[1]), (False, self.label_names[0])):
             if np.any(labels == flag):
                 writer.add_histogram(f"{phase}/prob_{name.replace('-', '_')}", probs[labels == flag], step)
+
+
+def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
+                          device: torch.device) -> LunaIndex:
+    """The index plus, as non-nodules, the candidates this U-Net proposes in the training series away
+    from every nodule (analysis.mine_lookalikes); validation series are left as they are."""
+    segmenter, context = load_segmenter(seg_checkpoint, device)
+    train_codes = np.flatnonzero(~index.validation_series(val_stride))
+    codes, centers = mine_lookalikes(LunaCache(cache_dir), index, train_codes, segmenter, context, device,
+                                     progress=True)
+    return index.with_negatives(codes, centers)
 
 
 def nodule_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, balance: int, epoch_samples: int,

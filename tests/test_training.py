@@ -323,7 +323,7 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
                              "--mine-with", tmp_path / "seg.pt"])
     assert result.exit_code == 0, result.output
     assert 0 < len(codes) <= len(train_codes)
-    assert f"mined {len(codes)} look-alikes in {len(train_codes)} training series" in result.output
+    assert f"mined {len(codes)} look-alikes in the training series" in result.output
     options = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["config"]["options"]
     assert Path(options["mine_with"]) == tmp_path / "seg.pt"
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
