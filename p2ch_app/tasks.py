@@ -100,15 +100,20 @@ def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, se
 
 def nodule_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, balance: int, epoch_samples: int,
                 augmentations, seed: int) -> CandidateTask:
-    """Nodule vs non-nodule; `balance` negatives per positive (0: the natural ratio)."""
+    """Nodule vs non-nodule; `balance` negatives per positive (0: the natural ratio). Mined look-alikes
+    (rows from no CSV, see with_mined_lookalikes) and candidates.csv's non-nodules then take turns, so
+    however many were mined, each kind is half the negatives."""
     labels = index.is_nodule.astype(np.int64)
     positives = np.flatnonzero(~is_val & (labels == 1))
-    negatives = np.flatnonzero(~is_val & (labels == 0))
+    negatives = np.flatnonzero(~is_val & (labels == 0) & (index.line >= 0))
+    mined = np.flatnonzero(~is_val & (labels == 0) & (index.line < 0))
     if balance > 0:
         if len(positives) == 0 or len(negatives) == 0:
             raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
                             "add series or use --balance 0")
         groups, pattern = [positives, negatives], [0] + [1] * balance
+        if len(mined):
+            groups, pattern = groups + [mined], pattern + [0] + [2] * balance
     else:
         groups, pattern = [np.flatnonzero(~is_val)], [0]
     return CandidateTask("luna-train-cls", cache_dir, index, labels, groups, pattern, np.flatnonzero(is_val),
@@ -181,7 +186,6 @@ class SegmentationTask(Task):
 
     name = "luna-train-seg"
     best_metric = "f2"
-    memory_format = torch.channels_last
     summary_metrics = ("loss", "precision", "recall", "f1", "f2")
     collate = staticmethod(pad_collate)
 
@@ -216,7 +220,7 @@ class SegmentationTask(Task):
         x, target = stacks.to(device, non_blocking=True).float(), masks.to(device, non_blocking=True)
         if generator is not None and self.augmentations:
             x, target = augment(x, self.augmentations, generator, masks=target)
-        pred = model(x.contiguous(memory_format=self.memory_format)).float()
+        pred = model(x).float()
         truth = target.float()
         losses = dice_loss(pred, truth) + self.fn_weight * dice_loss(pred * truth, truth)
         if self.bce_weight:

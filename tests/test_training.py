@@ -95,6 +95,20 @@ def test_balance_option_sets_the_ratio_and_zero_is_natural(prepared_synth, tmp_p
     assert np.all(is_val[val]) and len(val) == is_val.sum()  # all validation candidates, unbalanced
 
 
+def test_mined_lookalikes_are_half_the_negatives_however_many(prepared_synth, tmp_path):
+    index = build_index(prepared_synth)
+    train = np.flatnonzero(~index.is_validation(3) & ~index.is_nodule)
+    for copies in (1, 10):  # few or many mined rows: the same share
+        rows = np.tile(train, copies)
+        grown = index.with_negatives(index.series_code[rows], index.center_xyz[rows] + 0.5)
+        task = nodule_task(tmp_path, grown, grown.is_validation(3), 1, 800, (), seed=0)
+        drawn = task.train_dataset(1).rows
+        mined = drawn >= len(index)
+        assert task.labels[drawn].mean() == pytest.approx(0.5, abs=0.01)
+        assert mined.mean() == pytest.approx(0.25, abs=0.01) and not task.labels[drawn[mined]].any()
+        assert np.all(task.val_dataset().rows < len(index))  # validation is candidates.csv's alone
+
+
 RUN_TO_KILL = """
 import sys
 from p2ch_app.cli import train_cls
