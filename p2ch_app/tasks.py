@@ -14,7 +14,7 @@ from torch import nn
 from p2ch_app.analysis import load_segmenter, mine_lookalikes
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.ct import inside, xyz_to_irc
+from p2ch_app.data.ct import nearest_voxels
 from p2ch_app.data.datasets import CropDataset, SliceDataset, interleave, pad_collate
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
@@ -271,9 +271,8 @@ def lookalike_pixels(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndar
     cache, rows = LunaCache(cache_dir), []
     for code in series_codes:
         record = cache.record(index.series_uids[code])
-        centers = index.center_xyz[(index.series_code == code) & ~index.is_nodule]
-        irc = xyz_to_irc(centers, record.geometry).reshape(-1, 3)
-        irc = np.rint(irc[inside(record.shape, irc)]).astype(np.int64)
+        irc = nearest_voxels(index.center_xyz[(index.series_code == code) & ~index.is_nodule], record.geometry,
+                             record.shape)
         rows.append(np.column_stack([np.full(len(irc), code), irc]))
     return np.concatenate(rows).reshape(-1, 4) if rows else np.zeros((0, 4), np.int64)
 
@@ -288,8 +287,8 @@ def per_nodule_weights(cache_dir: Path, index: LunaIndex, samples: np.ndarray, m
     for code in np.unique(samples[:, 0]):
         record = cache.record(index.series_uids[code])
         labels, _ = ndimage.label(record.mask())
-        centers = xyz_to_irc(index.center_xyz[(index.series_code == code) & index.is_nodule], record.geometry)
-        centers = np.rint(centers[inside(record.shape, centers)]).astype(int)
+        centers = nearest_voxels(index.center_xyz[(index.series_code == code) & index.is_nodule], record.geometry,
+                                 record.shape)
         nodules = np.unique(labels[tuple(centers.T)])
         rows = np.flatnonzero(samples[:, 0] == code)
         boxes = ndimage.find_objects(labels)
@@ -316,7 +315,7 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     if len(train) == 0 or len(val) == 0:
         raise UserError("segmentation needs nodules in both the training and the validation series; "
                         "add series or change --val-stride")
-    weights = [per_nodule_weights(cache_dir, index, train, label_margin) if per_nodule else None, None]
+    nodule_weights = per_nodule_weights(cache_dir, index, train, label_margin) if per_nodule else None
     train = np.pad(train, ((0, 0), (0, 2)), constant_values=-1)
     groups, pattern = [np.arange(len(train))], [0]
     if lookalike_share > 0:
@@ -339,4 +338,4 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
     return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
                             augmentations, seed, fn_weight, make_model, bce_weight, label_margin, groups, pattern,
-                            weights[:len(groups)])
+                            [nodule_weights] + [None] * (len(groups) - 1))

@@ -82,6 +82,12 @@ def inside(shape, irc) -> np.ndarray:
     return np.all((idx >= 0) & (idx < np.array(shape)), axis=-1)
 
 
+def nearest_voxels(centers_xyz, geometry: Geometry, shape) -> np.ndarray:
+    """The nearest voxel (index, row, col) of each centre that falls inside a volume of this shape."""
+    irc = xyz_to_irc(centers_xyz, geometry).reshape(-1, 3)
+    return np.rint(irc[inside(shape, irc)]).astype(np.int64)
+
+
 def check_uid(uid: str) -> str:
     """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob."""
     if not _UID_RE.fullmatch(uid or ""):
