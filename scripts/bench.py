@@ -308,7 +308,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
     return result
 
 
-def bench_realism(series: int = 3, min_diameter: float = 6.0) -> dict:
+def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
     """Full-size synthetic CTs (512x512, LUNA spacing) through the book's models, which never saw our
     data: the share of nodules >= 6 mm they find (confusion-table rule: a detection with nodule
     probability >= 0.5 within 0.7 diameters) and their false positives per scan."""
@@ -323,7 +323,7 @@ def bench_realism(series: int = 3, min_diameter: float = 6.0) -> dict:
     if not Path("../shared/models/book").is_dir():
         return {"skipped": "../shared/models/book is absent"}
     root = BENCH_DIR / "full"
-    if not (root / "candidates.csv").is_file():
+    if not (root / "candidates.csv").is_file() or len(build_index(root).series_uids) != series:
         write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"], overwrite=True, workers=2)
     index = build_index(root)
     seconds, results = timed(analyze_series, root, index, index.series_uids, _book_models(torch.device("cpu")),
