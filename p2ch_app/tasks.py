@@ -191,17 +191,16 @@ class SegmentationTask(Task):
 
     def __init__(self, cache_dir: Path, uids: list[str], train_samples: np.ndarray, val_samples: np.ndarray,
                  context: int, crop: int, window: int, epoch_samples: int, augmentations, seed: int,
-                 fn_weight: float, make_model: Callable[[], nn.Module], bce_weight: float = 0.0,
-                 label_margin: int = 0, train_groups: list[np.ndarray] | None = None, pattern: list[int] = (0,),
-                 group_weights: list[np.ndarray | None] | None = None, image_every: int = 2, images: int = 4):
+                 fn_weight: float, make_model: Callable[[], nn.Module], train_groups: list[np.ndarray],
+                 pattern: list[int], group_weights: list[np.ndarray | None], bce_weight: float = 0.0,
+                 label_margin: int = 0, image_every: int = 2, images: int = 4):
         self.cache_dir, self.uids, self.context = cache_dir, uids, context
         self.train_samples, self.val_samples = train_samples, val_samples
         self.crop, self.window, self.epoch_samples = crop, window, epoch_samples
         self.augmentations, self.seed, self.fn_weight = tuple(augmentations), seed, fn_weight
         self.bce_weight, self.label_margin = bce_weight, label_margin
         self.make_model, self.image_every, self.images = make_model, image_every, images
-        self.train_groups = train_groups if train_groups is not None else [np.arange(len(train_samples))]
-        self.pattern, self.group_weights = list(pattern), group_weights
+        self.train_groups, self.pattern, self.group_weights = train_groups, pattern, group_weights
 
     def model(self) -> nn.Module:
         return self.make_model()
@@ -337,5 +336,5 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
     val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
     make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
     return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
-                            augmentations, seed, fn_weight, make_model, bce_weight, label_margin, groups, pattern,
-                            [nodule_weights] + [None] * (len(groups) - 1))
+                            augmentations, seed, fn_weight, make_model, groups, pattern,
+                            [nodule_weights] + [None] * (len(groups) - 1), bce_weight, label_margin)

@@ -74,7 +74,7 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     args = ["--data-root", prepared_synth, "--epochs", 1, "--epoch-samples", 16, "--batch-size", 8, "--crop", 32,
             "--window", 48, "--workers", 0, "--val-stride", 3, "--runs-dir", tmp_path, "--up-mode", "upsample",
             "--context", 2, "--unet-depth", 2, "--width-factor", 3, "--fn-weight", 4, "--bce-weight", 0.5,
-            "--label-margin", 2]
+            "--label-margin", 2, "--lookalike-share", 0.5, "--per-nodule"]
     result = CliRunner().invoke(train_seg, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "luna-train-seg epoch 1/1" in result.output and "f2" in result.output
@@ -86,6 +86,7 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     model.load_state_dict(checkpoint["model_state"], strict=True)
     assert checkpoint["config"]["options"]["fn_weight"] == 4 and checkpoint["config"]["options"]["bce_weight"] == 0.5
     assert checkpoint["config"]["options"]["label_margin"] == 2
+    assert checkpoint["config"]["options"]["lookalike_share"] == 0.5 and checkpoint["config"]["options"]["per_nodule"]
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert "val/slices_red_predicted_green_label" in events.Tags()["images"]
