@@ -17,7 +17,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.ct import HU_MIN, CtVolume, gather_crops, irc_to_xyz, load_series
+from p2ch_app.data.ct import HU_MIN, CtVolume, context_slices, gather_crops, irc_to_xyz, load_series
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.evaluation import ScanResult
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
@@ -143,7 +143,7 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.
     with torch.inference_mode(), precision(device, fast):
         for start in tqdm(range(0, hu.shape[0], slices), desc="segment", unit="batch", disable=not progress):
             stop = min(start + slices, hu.shape[0])
-            chunk = hu[np.clip(np.arange(start - context, stop + context), 0, hu.shape[0] - 1)]  # edges repeat
+            chunk = hu[context_slices(start, stop, context, hu.shape[0])]
             stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
             x = torch.from_numpy(stacks.astype(np.float32)).to(device)
             x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest

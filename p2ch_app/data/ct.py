@@ -229,5 +229,10 @@ def slice_stack(volume: np.ndarray, index: int, context: int, rows: slice = slic
     """Slices index-context .. index+context (beyond the volume the edge slice repeats), cut to
     rows x cols: the segmentation input for one centre slice, read from a memory map without
     touching the rest of the volume."""
-    picks = np.clip(np.arange(index - context, index + context + 1), 0, volume.shape[0] - 1)
-    return np.asarray(volume[picks, rows, cols])
+    return np.asarray(volume[context_slices(index, index + 1, context, volume.shape[0]), rows, cols])
+
+
+def context_slices(start: int, stop: int, context: int, depth: int) -> np.ndarray:
+    """Slice numbers start-context .. stop-1+context of a depth-slice volume, the edge slice
+    standing in for those beyond it: the slices that centre slices start..stop-1 see."""
+    return np.clip(np.arange(start - context, stop + context), 0, depth - 1)

@@ -5,8 +5,8 @@ import pytest
 import SimpleITK as sitk
 
 from p2ch_app.data.ct import (
-    CROP_SIZE, Geometry, check_uid, crop_starts, extract_crop, find_series, gather_crops, irc_to_xyz, load_ct,
-    load_series, xyz_to_irc,
+    CROP_SIZE, Geometry, check_uid, context_slices, crop_starts, extract_crop, find_series, gather_crops,
+    irc_to_xyz, load_ct, load_series, slice_stack, xyz_to_irc,
 )
 from p2ch_app.errors import UserError
 from tests.conftest import REAL_DICOM, requires_shared, write_image
@@ -179,3 +179,10 @@ def test_gather_crops_equals_extract_crop_everywhere(shape):
     assert crops.shape == (4, *CROP_SIZE)
     for crop, center in zip(crops, centers):
         assert np.array_equal(crop, extract_crop(hu, center)[0])
+
+
+def test_context_slices_repeat_the_edge_slices():
+    assert context_slices(0, 2, 2, 5).tolist() == [0, 0, 0, 1, 2, 3]
+    assert context_slices(4, 5, 2, 5).tolist() == [2, 3, 4, 4, 4]
+    volume = np.arange(5)[:, None, None] * np.ones((1, 2, 2), np.int16)
+    assert slice_stack(volume, 0, 1)[:, 0, 0].tolist() == [0, 0, 1]
