@@ -265,9 +265,10 @@ def train_cls(**opts):
         from p2ch_app.training import select_device
 
         before = len(index)
-        index = with_mined_lookalikes(cache_dir, index, opts["val_stride"], opts["mine_with"],
-                                      select_device(opts["device"]))
-        click.echo(f"mined {len(index) - before} look-alikes in the training series with {opts['mine_with']}")
+        index, reused = with_mined_lookalikes(cache_dir, index, opts["val_stride"], opts["mine_with"],
+                                              select_device(opts["device"]))
+        click.echo(f"mined {len(index) - before} look-alikes in the training series with {opts['mine_with']}"
+                   + (" (found in the cache from an earlier run)" if reused else ""))
         is_val = index.is_validation(opts["val_stride"])
     task = nodule_task(cache_dir, index, is_val, opts["balance"], opts["epoch_samples"], _augmentations(opts),
                        opts["seed"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -11,13 +12,14 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from p2ch_app.analysis import load_segmenter, mine_lookalikes
+from p2ch_app.analysis import MINED_CLEARANCE_MM, load_segmenter, mine_lookalikes
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import nearest_voxels
 from p2ch_app.data.datasets import CropDataset, SliceDataset, interleave, pad_collate
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
+from p2ch_app.files import write_atomic
 from p2ch_app.metrics import binary_metrics, roc_auc, scores_from_counts
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 from p2ch_app.training import Task, load_weights
@@ -88,14 +90,35 @@ class CandidateTask(Task):
 
 
 def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
-                          device: torch.device) -> LunaIndex:
-    """The index plus, as non-nodules, the candidates this U-Net proposes in the training series away
-    from every nodule (analysis.mine_lookalikes); validation series are left as they are."""
-    segmenter, context = load_segmenter(seg_checkpoint, device)
+                          device: torch.device) -> tuple[LunaIndex, bool]:
+    """(the index plus, as non-nodules, the candidates this U-Net proposes in the training series away
+    from every nodule (analysis.mine_lookalikes), whether they were found in the cache).
+
+    Validation series are left as they are. Mining runs the U-Net over every training CT, so its
+    result is kept in the cache under a key of everything it depends on (the checkpoint's bytes,
+    the training series and their nodules): a resumed or repeated run does not mine again."""
+    segmenter, context = load_segmenter(seg_checkpoint, device)  # first: a bad file fails with its own message
+    cache = LunaCache(cache_dir)
     train_codes = np.flatnonzero(~index.validation_series(val_stride))
-    codes, centers = mine_lookalikes(LunaCache(cache_dir), index, train_codes, segmenter, context, device,
-                                     progress=True)
-    return index.with_negatives(codes, centers)
+    key = hashlib.sha256(Path(seg_checkpoint).read_bytes())
+    nodules = np.isin(index.series_code, train_codes) & index.is_nodule
+    for code in train_codes:
+        uid = index.series_uids[code]
+        key.update(f"{uid} {cache.record(uid).fingerprint}".encode())
+    for values in (index.series_code[nodules], index.center_xyz[nodules], index.diameter_mm[nodules],
+                   np.array([MINED_CLEARANCE_MM])):
+        key.update(np.ascontiguousarray(values).tobytes())
+    path = cache.dir / "mined" / f"{key.hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            code_of = {uid: code for code, uid in enumerate(index.series_uids)}
+            codes = np.array([code_of[uid] for uid in saved["uids"]], np.int32)
+            return index.with_negatives(codes, saved["centers_xyz"]), True
+    codes, centers = mine_lookalikes(cache, index, train_codes, segmenter, context, device, progress=True)
+    path.parent.mkdir(exist_ok=True)
+    uids = np.array([index.series_uids[code] for code in codes], dtype=str)
+    write_atomic(path, lambda tmp: np.savez(tmp, uids=uids, centers_xyz=centers))
+    return index.with_negatives(codes, centers), False
 
 
 def nodule_task(cache_dir: Path, index: LunaIndex, is_val: np.ndarray, balance: int, epoch_samples: int,

@@ -340,6 +340,19 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     assert f"mined {len(codes)} look-alikes in the training series" in result.output
     options = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["config"]["options"]
     assert Path(options["mine_with"]) == tmp_path / "seg.pt"
+    assert "found in the cache" not in result.output
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "again",
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert f"mined {len(codes)} look-alikes in the training series with {tmp_path / 'seg.pt'} (found in the cache" \
+        in result.output
+    with torch.no_grad():
+        unet.unet.last.bias.fill_(-50.0)  # other weights mark nothing: mined afresh, none found
+    torch.save({"model_state": unet.state_dict()}, tmp_path / "seg.pt")
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "other",
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert "mined 0 look-alikes" in result.output and "found in the cache" not in result.output
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
                              "--mine-with", tmp_path / "missing.pt"])
     assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output

@@ -6,6 +6,8 @@ Layout under the cache directory:
   meta/               a diskcache store, one record per series: shape, geometry, the nodule
                       label mask (as flat voxel indices: masks are >99.9% empty), the slices
                       holding nodule voxels, and a fingerprint of the annotations the mask came from.
+  mined/<key>.npz     look-alikes a U-Net proposed in the training series (luna-train-cls
+                      --mine-with), keyed by everything they depend on, so they are mined once.
 A series is cached when its record exists; the record is written only after its volume file is
 complete (temp file + rename), so a killed run leaves nothing half-built that looks whole.
 """
