@@ -89,6 +89,9 @@ class CandidateTask(Task):
                 writer.add_histogram(f"{phase}/prob_{name.replace('-', '_')}", probs[labels == flag], step)
 
 
+MINING_VERSION = 1  # part of the mined look-alikes' cache key: raise it when propose() or mining changes
+
+
 def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
                           device: torch.device) -> tuple[LunaIndex, bool]:
     """(the index plus, as non-nodules, the candidates this U-Net proposes in the training series away
@@ -106,7 +109,7 @@ def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, se
         uid = index.series_uids[code]
         key.update(f"{uid} {cache.record(uid).fingerprint}".encode())
     for values in (index.series_code[nodules], index.center_xyz[nodules], index.diameter_mm[nodules],
-                   np.array([MINED_CLEARANCE_MM])):
+                   np.array([MINED_CLEARANCE_MM, MINING_VERSION])):
         key.update(np.ascontiguousarray(values).tobytes())
     path = cache.dir / "mined" / f"{key.hexdigest()[:24]}.npz"
     if path.is_file():
