@@ -104,7 +104,7 @@ def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, se
     cache = LunaCache(cache_dir)
     train_codes = np.flatnonzero(~index.validation_series(val_stride))
     key = hashlib.sha256(Path(seg_checkpoint).read_bytes())
-    nodules = np.isin(index.series_code, train_codes) & index.is_nodule
+    nodules = ~index.is_validation(val_stride) & index.is_nodule
     for code in train_codes:
         uid = index.series_uids[code]
         key.update(f"{uid} {cache.record(uid).fingerprint}".encode())
