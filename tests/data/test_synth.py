@@ -128,7 +128,9 @@ def sample_nodules(seed: int):
 def test_nodule_mix_over_many_series():
     nodules = [n for seed in range(150) for n in sample_nodules(seed)]
     diameters = np.array([n.diameter_mm for n in nodules])
-    assert 3 <= diameters.min() and diameters.max() <= 30 and 5 < np.median(diameters) < 9
+    assert 3 <= diameters.min() and diameters.max() <= 30
+    # LUNA16's annotations: 4% under 4 mm, 42% under 6 mm, median 6.4 mm
+    assert (diameters < 4).mean() < 0.08 and 0.32 < (diameters < 6).mean() < 0.52 and 5.5 < np.median(diameters) < 7.5
     assert {n.shape for n in nodules} == {"round", "lobulated", "spiculated"}
     assert {n.attached for n in nodules} == {"isolated", "pleural", "vascular"}
     assert {n.kind for n in nodules} == {"solid", "ground-glass"}
