@@ -212,6 +212,8 @@ class SegmentationTask(Task):
 
     name = "luna-train-seg"
     best_metric = "f2"
+    # Training keeps PyTorch's default layout (channels-last also trains ~20% faster, but its other
+    # rounding gave a different, by chance worse, demo U-Net); validation inputs go channels-last in step().
     summary_metrics = ("loss", "precision", "recall", "f1", "f2")
     collate = staticmethod(pad_collate)
 
@@ -245,6 +247,8 @@ class SegmentationTask(Task):
         x, target = stacks.to(device, non_blocking=True).float(), masks.to(device, non_blocking=True)
         if generator is not None and self.augmentations:
             x, target = augment(x, self.augmentations, generator, masks=target)
+        if generator is None:  # validation: whole slices in channels-last run 1.5x faster on CPU (oneDNN)
+            x = x.contiguous(memory_format=torch.channels_last)
         pred = model(x).float()
         truth = target.float()
         losses = dice_loss(pred, truth) + self.fn_weight * dice_loss(pred * truth, truth)

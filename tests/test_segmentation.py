@@ -109,6 +109,22 @@ def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
     assert loss_mixed.item() == pytest.approx(loss_plain.item() + 2.0 * bce.mean().item(), rel=1e-5)
 
 
+def test_validation_step_runs_channels_last_with_the_same_results(prepared_synth):
+    index = build_index(prepared_synth)
+    task = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 3, 4, "upconv")
+    batch = pad_collate([task.val_dataset()[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = task.model().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        val_loss, val_record = task.step(model, batch, torch.device("cpu"), None)
+        train_loss, train_record = task.step(model, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert seen == [False, True]  # validation input channels-last, training input in the default layout
+    assert val_loss.item() == pytest.approx(train_loss.item(), abs=1e-5)
+    assert all(abs(int(val_record[k][0]) - int(train_record[k][0])) <= 2 for k in ("tp", "fp", "fn"))
+
+
 def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
     from scipy import ndimage
 
