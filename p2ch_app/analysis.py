@@ -170,16 +170,26 @@ def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centers, np.bincount(component, minlength=count + 1)[1:]
 
 
+# The crop as it is, mirrored left-right, front-back, and both (dims of a batch of N x 1 x D x H x W crops)
+MIRRORS = ((), (4,), (3,), (3, 4))
+
+
 def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,
-             device: torch.device, progress: bool = False, fast: bool = False, desc: str = "classify") -> np.ndarray:
-    """Class-1 softmax probability for each candidate crop."""
+             device: torch.device, progress: bool = False, fast: bool = False, desc: str = "classify",
+             tta: bool = False) -> np.ndarray:
+    """Class-1 softmax probability for each candidate crop. With tta, the mean over the crop's four
+    in-plane mirror images: a nodule is one in every mirror, and averaging evens out the model's
+    view-to-view noise on small, ambiguous ones (demo data: CPM +0.03 to +0.07, for 4x the time)."""
+    views = MIRRORS if tta else MIRRORS[:1]
     probs = np.zeros(len(centers_irc))
     bar = tqdm(total=len(centers_irc), desc=desc, unit="crop", disable=not progress)
     with torch.inference_mode(), precision(device, fast), bar:
         for start in range(0, len(centers_irc), batch_size):
             crops = gather_crops(hu, centers_irc[start:start + batch_size])
-            x = torch.from_numpy(crops).to(device).float()[:, None].contiguous(memory_format=torch.channels_last_3d)
-            probs[start:start + len(crops)] = model(x)[1][:, 1].float().cpu().numpy()
+            x = torch.from_numpy(crops).to(device).float()[:, None]
+            votes = [model(torch.flip(x, dims).contiguous(memory_format=torch.channels_last_3d))[1][:, 1].float()
+                     for dims in views]
+            probs[start:start + len(crops)] = (sum(votes) / len(views)).cpu().numpy()
             bar.update(len(crops))
     return probs
 
@@ -242,18 +252,20 @@ def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
 
 
 def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
-            device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False) -> list[Detection]:
-    """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless keep_outside."""
+            device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False,
+            tta: bool = False) -> list[Detection]:
+    """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless
+    keep_outside. tta: classify() averages mirror images."""
     return_freed_memory()  # what reading the CT left behind
     centers, voxels, inside = propose(ct.hu, models.segmenter, models.context, device, progress, fast)
     if not keep_outside:
         centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
-    nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast)
+    nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast, tta=tta)
     malignancy = np.full(len(centers), np.nan)
     if models.malignancy is not None:
         chosen = np.flatnonzero(nodule >= threshold)
         malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, batch_size, device, progress, fast,
-                                      desc="malignancy")
+                                      desc="malignancy", tta=tta)
     xyz = irc_to_xyz(centers, ct.geometry) if len(centers) else np.zeros((0, 3))
     voxel_mm3 = float(np.prod(ct.geometry.spacing))
     diameters = 2 * np.cbrt(3 * voxels * voxel_mm3 / (4 * np.pi))
@@ -277,14 +289,14 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, threshold: float = 0.5,
                    batch_size: int = 8, keep_outside: bool = False, device: torch.device = torch.device("cpu"),
-                   progress: bool = False, fast: bool = False,
+                   progress: bool = False, fast: bool = False, tta: bool = False,
                    on_ct=None) -> list[tuple[str, list[Detection], ScanResult]]:
     """analyze() over many LUNA series, each paired with its scoring against the annotations.
     on_ct(ct, detections), when given, sees each CT while it is loaded (for reports)."""
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
         ct = load_series(data_root, uid)
-        detections = analyze(ct, models, threshold, batch_size, keep_outside, device, fast=fast)
+        detections = analyze(ct, models, threshold, batch_size, keep_outside, device, fast=fast, tta=tta)
         if on_ct is not None:
             on_ct(ct, detections)
         results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None)))

@@ -124,6 +124,32 @@ class CentreVoxelClassifier(nn.Module):
         return logits, logits.softmax(dim=1)
 
 
+class OffCentreVoxelClassifier(nn.Module):
+    """Nodule probability from the density of one voxel off the crop's centre (row 20, col 30), which
+    each mirror image moves elsewhere."""
+
+    def forward(self, x):
+        spot = x[:, 0, 16, 20, 30]
+        logits = torch.stack([torch.zeros_like(spot), spot / 100], dim=1)
+        return logits, logits.softmax(dim=1)
+
+
+def test_classify_with_tta_averages_the_four_in_plane_mirror_images():
+    from p2ch_app.analysis import classify
+    from p2ch_app.data.ct import gather_crops
+
+    hu = np.full((40, 60, 60), -1000, np.int16)
+    centre = np.array([[20.0, 30.0, 30.0]])
+    hu[20, 26, 36] = 600
+    assert gather_crops(hu, centre)[0, 16, 20, 30] == 600  # the spot sits where the model looks
+    plain = classify(hu, centre, OffCentreVoxelClassifier(), 4, torch.device("cpu"))
+    mirrored = classify(hu, centre, OffCentreVoxelClassifier(), 4, torch.device("cpu"), tta=True)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    assert plain[0] == pytest.approx(sigmoid(6.0))
+    # left-right, front-back and both move the spot away: three of the four views see air
+    assert mirrored[0] == pytest.approx((sigmoid(6.0) + 3 * sigmoid(-10.0)) / 4)
+
+
 def hand_made_ct():
     from p2ch_app.data.ct import CtVolume, Geometry
 
