@@ -6,6 +6,7 @@ cache are never touched. Run from the project root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -316,6 +317,7 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
 
     import torch
 
+    import p2ch_app.data.synth as synth_module
     from p2ch_app.analysis import analyze_series
     from p2ch_app.data.synth import PRESETS, write_dataset
     from p2ch_app.evaluation import confusion, cpm
@@ -323,8 +325,12 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
     if not Path("../shared/models/book").is_dir():
         return {"skipped": "../shared/models/book is absent"}
     root = BENCH_DIR / "full"
-    if not (root / "candidates.csv").is_file() or len(build_index(root).series_uids) != series:
+    stamp = root / "generator.sha256"  # the synth.py that wrote the data: a changed generator writes it afresh
+    generator = hashlib.sha256(Path(synth_module.__file__).read_bytes()).hexdigest()
+    if (not (root / "candidates.csv").is_file() or len(build_index(root).series_uids) != series
+            or not stamp.is_file() or stamp.read_text().strip() != generator):
         write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"], overwrite=True, workers=2)
+        stamp.write_text(generator)
     index = build_index(root)
     seconds, results = timed(analyze_series, root, index, index.series_uids, _book_models(torch.device("cpu")),
                              progress=True)
