@@ -187,8 +187,10 @@ def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, b
         for start in range(0, len(centers_irc), batch_size):
             crops = gather_crops(hu, centers_irc[start:start + batch_size])
             x = torch.from_numpy(crops).to(device).float()[:, None]
-            votes = [model(torch.flip(x, dims).contiguous(memory_format=torch.channels_last_3d))[1][:, 1].float()
-                     for dims in views]
+            votes = []
+            for dims in views:
+                view = torch.flip(x, dims) if dims else x  # the plain pass copies nothing extra
+                votes.append(model(view.contiguous(memory_format=torch.channels_last_3d))[1][:, 1].float())
             probs[start:start + len(crops)] = (sum(votes) / len(views)).cpu().numpy()
             bar.update(len(crops))
     return probs
