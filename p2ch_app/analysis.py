@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from p2ch_app.data.cache import LunaCache
@@ -172,27 +173,40 @@ def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # The crop as it is, mirrored left-right, front-back, and both (dims of a batch of N x 1 x D x H x W crops)
 MIRRORS = ((), (4,), (3,), (3, 4))
+TTA_FLOOR = 0.05  # nodule-analyze --tta: plain nodule probability from which the mirror images are added
+
+
+def _mean_over_views(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,
+                     device: torch.device, views, bar) -> np.ndarray:
+    probs = np.zeros(len(centers_irc))
+    for start in range(0, len(centers_irc), batch_size):
+        crops = gather_crops(hu, centers_irc[start:start + batch_size])
+        x = torch.from_numpy(crops).to(device).float()[:, None]
+        votes = []
+        for dims in views:
+            view = torch.flip(x, dims) if dims else x  # the plain pass copies nothing extra
+            votes.append(model(view.contiguous(memory_format=torch.channels_last_3d))[1][:, 1].float())
+        probs[start:start + len(crops)] = (sum(votes) / len(views)).cpu().numpy()
+        bar.update(len(crops))
+    return probs
 
 
 def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, batch_size: int,
              device: torch.device, progress: bool = False, fast: bool = False, desc: str = "classify",
-             tta: bool = False) -> np.ndarray:
+             tta: bool = False, tta_floor: float = 0.0) -> np.ndarray:
     """Class-1 softmax probability for each candidate crop. With tta, the mean over the crop's four
     in-plane mirror images: a nodule is one in every mirror, and averaging evens out the model's
-    view-to-view noise on small, ambiguous ones (demo data: CPM +0.03 to +0.07, for 4x the time)."""
-    views = MIRRORS if tta else MIRRORS[:1]
-    probs = np.zeros(len(centers_irc))
-    bar = tqdm(total=len(centers_irc), desc=desc, unit="crop", disable=not progress)
-    with torch.inference_mode(), precision(device, fast), bar:
-        for start in range(0, len(centers_irc), batch_size):
-            crops = gather_crops(hu, centers_irc[start:start + batch_size])
-            x = torch.from_numpy(crops).to(device).float()[:, None]
-            votes = []
-            for dims in views:
-                view = torch.flip(x, dims) if dims else x  # the plain pass copies nothing extra
-                votes.append(model(view.contiguous(memory_format=torch.channels_last_3d))[1][:, 1].float())
-            probs[start:start + len(crops)] = (sum(votes) / len(views)).cpu().numpy()
-            bar.update(len(crops))
+    view-to-view noise on small, ambiguous ones (demo data: CPM +0.03 to +0.07, for 4x the time).
+    Candidates whose plain probability is under tta_floor keep it: most candidates lie far below
+    any threshold that matters, so mirroring only the others saves most of the 4x."""
+    with torch.inference_mode(), precision(device, fast):
+        with tqdm(total=len(centers_irc), desc=desc, unit="crop", disable=not progress) as bar:
+            probs = _mean_over_views(hu, centers_irc, model, batch_size, device, MIRRORS[:1], bar)
+        if tta:
+            chosen = np.flatnonzero(probs >= tta_floor)
+            with tqdm(total=len(chosen), desc=f"{desc} mirrored", unit="crop", disable=not progress) as bar:
+                mirrored = _mean_over_views(hu, centers_irc[chosen], model, batch_size, device, MIRRORS[1:], bar)
+            probs[chosen] = (probs[chosen] + (len(MIRRORS) - 1) * mirrored) / len(MIRRORS)
     return probs
 
 
@@ -224,13 +238,39 @@ def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
 
 
 def propose(hu: np.ndarray, segmenter: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
-            fast: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pipeline's candidates before classification: (centres irc, voxel counts, inside the body)."""
+            fast: bool = False, split: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pipeline's candidates before classification: (centres irc, voxel counts, inside the body).
+
+    With split, the pieces left by eroding the mask once more are candidates too. A nodule that
+    touches a vessel forms one component with it, whose centre can lie outside the nodule; the
+    second erosion cuts the thin connection and the nodule's own piece gets its own centre."""
     mask = segment(hu, segmenter, context, device, progress, fast)
     centers, voxels = group(mask, hu)
+    if split:
+        cores, core_voxels = group(ndimage.binary_erosion(mask), hu)
+        centers, voxels = np.concatenate([centers, cores]), np.concatenate([voxels, core_voxels])
     del mask
     return_freed_memory()
     return centers, voxels, inside_body(hu, centers)
+
+
+def suppress_duplicates(centers_xyz: np.ndarray, diameters_mm: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Which candidates to keep: not those whose centre lies within the diameter of a more probable
+    candidate (a sphere of that component's volume). A nodule's mask can come apart at its rim after
+    the erosion, and each piece, scored as a nodule because the nodule fills its crop, would count
+    as a false positive beside the hit. Ties go to the earlier candidate."""
+    keep = np.ones(len(probs), bool)
+    if len(probs) < 2:
+        return keep
+    pairs = cKDTree(centers_xyz).query_pairs(float(diameters_mm.max()), output_type="ndarray")
+    rank = np.empty(len(probs), np.int64)
+    rank[np.argsort(-probs, kind="stable")] = np.arange(len(probs))
+    first, second = pairs.T
+    stronger = np.where(rank[first] < rank[second], first, second)
+    weaker = first + second - stronger
+    covered = np.linalg.norm(centers_xyz[stronger] - centers_xyz[weaker], axis=1) <= diameters_mm[stronger]
+    keep[weaker[covered]] = False
+    return keep
 
 
 def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter: NoduleSegmenter, context: int,
@@ -255,22 +295,27 @@ def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
 
 def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: int = 8, keep_outside: bool = False,
             device: torch.device = torch.device("cpu"), progress: bool = False, fast: bool = False,
-            tta: bool = False) -> list[Detection]:
+            tta: bool = False, dedupe: bool = False, split: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless
-    keep_outside. tta: classify() averages mirror images."""
+    keep_outside. tta: classify() averages mirror images. dedupe: suppress_duplicates(). split: see
+    propose()."""
     return_freed_memory()  # what reading the CT left behind
-    centers, voxels, inside = propose(ct.hu, models.segmenter, models.context, device, progress, fast)
+    centers, voxels, inside = propose(ct.hu, models.segmenter, models.context, device, progress, fast, split)
     if not keep_outside:
         centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
-    nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast, tta=tta)
+    nodule = classify(ct.hu, centers, models.classifier, batch_size, device, progress, fast, tta=tta,
+                      tta_floor=TTA_FLOOR)
+    xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
+    diameters = 2 * np.cbrt(3 * voxels * float(np.prod(ct.geometry.spacing)) / (4 * np.pi))
+    if dedupe:
+        keep = suppress_duplicates(xyz, diameters, nodule)
+        centers, voxels, inside, nodule, xyz, diameters = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
+                                                                            diameters))
     malignancy = np.full(len(centers), np.nan)
     if models.malignancy is not None:
         chosen = np.flatnonzero(nodule >= threshold)
         malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, batch_size, device, progress, fast,
                                       desc="malignancy", tta=tta)
-    xyz = irc_to_xyz(centers, ct.geometry) if len(centers) else np.zeros((0, 3))
-    voxel_mm3 = float(np.prod(ct.geometry.spacing))
-    diameters = 2 * np.cbrt(3 * voxels * voxel_mm3 / (4 * np.pi))
     order = np.argsort(-nodule, kind="stable")
     return [Detection(tuple(xyz[i].round(2).tolist()), tuple(centers[i].round(2).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
@@ -291,14 +336,15 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, threshold: float = 0.5,
                    batch_size: int = 8, keep_outside: bool = False, device: torch.device = torch.device("cpu"),
-                   progress: bool = False, fast: bool = False, tta: bool = False,
-                   on_ct=None) -> list[tuple[str, list[Detection], ScanResult]]:
+                   progress: bool = False, fast: bool = False, tta: bool = False, dedupe: bool = False,
+                   split: bool = False, on_ct=None) -> list[tuple[str, list[Detection], ScanResult]]:
     """analyze() over many LUNA series, each paired with its scoring against the annotations.
     on_ct(ct, detections), when given, sees each CT while it is loaded (for reports)."""
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
         ct = load_series(data_root, uid)
-        detections = analyze(ct, models, threshold, batch_size, keep_outside, device, fast=fast, tta=tta)
+        detections = analyze(ct, models, threshold, batch_size, keep_outside, device, fast=fast, tta=tta,
+                             dedupe=dedupe, split=split)
         if on_ct is not None:
             on_ct(ct, detections)
         results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None)))

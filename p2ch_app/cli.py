@@ -365,6 +365,12 @@ def train_seg(**opts):
 @click.option("--tta", is_flag=True,
               help="Average the classifiers over four mirror images of each crop (left-right, front-back): 4x the "
                    "classification time, a better ranking of small nodules (README).")
+@click.option("--split", is_flag=True,
+              help="Also propose the pieces left when the mask is eroded once more: a nodule touching a vessel "
+                   "is one component with it, whose centre can lie outside the nodule (README).")
+@click.option("--dedupe", is_flag=True,
+              help="Drop a candidate whose centre lies within the estimated diameter of a more probable one: "
+                   "pieces of one nodule's mask, each otherwise a false positive beside the hit (README).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -374,7 +380,8 @@ def train_seg(**opts):
               show_default=True, help="Where the default models are looked for and --validation results go.")
 @click.option("--comment", default="", help="Suffix for the --validation run folder name.")
 def analyze(data_root, config, series_uid, ct_path, validation, include_train, val_stride, seg_model, cls_model,
-            mal_model, threshold, batch_size, keep_outside, fast, tta, output, report_dir, device, runs_dir, comment):
+            mal_model, threshold, batch_size, keep_outside, fast, tta, split, dedupe, output, report_dir, device,
+            runs_dir, comment):
     """Find nodules in a CT: segment, group voxels into candidates, classify, score malignancy.
 
     Give a LUNA series UID (looked up under --data-root), --ct PATH, or --validation to run every
@@ -400,7 +407,7 @@ def analyze(data_root, config, series_uid, ct_path, validation, include_train, v
                    "precision would run slower; running in float32", err=True)
         fast = False
     settings = dict(threshold=threshold, batch_size=batch_size, keep_outside=keep_outside, device=torch_device,
-                    fast=fast, tta=tta)
+                    fast=fast, tta=tta, dedupe=dedupe, split=split)
     if validation:
         require_dir(data_root, "data root", "pass --data-root DIR (or run luna-synth to make one)")
         models = load_models(paths["seg"], paths["cls"], paths["mal"], torch_device)
@@ -466,8 +473,8 @@ def _analyze_validation(data_root, val_stride, include_train, models, settings, 
     results = analyze_series(data_root, index, uids, models, progress=True, on_ct=on_ct, **settings)
     metrics = evaluate([scan for _, _, scan in results], settings["threshold"])
     metrics.update(series=uids, models=models.paths, threshold=settings["threshold"],
-                   keep_outside=settings["keep_outside"], tta=settings["tta"], include_train=include_train,
-                   val_stride=val_stride)
+                   keep_outside=settings["keep_outside"], tta=settings["tta"], dedupe=settings["dedupe"],
+                   split=settings["split"], include_train=include_train, val_stride=val_stride)
     run_dir = new_run_dir(runs_dir, "nodule-analyze", comment)
     save_evaluation(run_dir, metrics)
     rows = [(uid, d) for uid, detections, _ in results for d in detections]

@@ -150,6 +150,23 @@ def test_classify_with_tta_averages_the_four_in_plane_mirror_images():
     assert mirrored[0] == pytest.approx((sigmoid(6.0) + 3 * sigmoid(-10.0)) / 4)
 
 
+def test_classify_mirrors_only_the_candidates_from_the_tta_floor():
+    from p2ch_app.analysis import classify
+
+    hu = np.full((40, 60, 80), -1000, np.int16)  # wide enough that no crop is shifted at the edge
+    hu[20, 26, 36] = 600
+    # the first candidate's plain view sees the spot; the second's sees air, its left-right mirror the spot
+    centres = np.array([[20.0, 30.0, 30.0], [20.0, 30.0, 43.0]])
+    model, cpu = OffCentreVoxelClassifier(), torch.device("cpu")
+    plain = classify(hu, centres, model, 4, cpu)
+    every = classify(hu, centres, model, 4, cpu, tta=True)
+    floored = classify(hu, centres, model, 4, cpu, tta=True, tta_floor=0.05)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    assert plain == pytest.approx([sigmoid(6.0), sigmoid(-10.0)])
+    assert every == pytest.approx([(sigmoid(6.0) + 3 * sigmoid(-10.0)) / 4] * 2)
+    assert floored == pytest.approx([every[0], plain[1]])
+
+
 def hand_made_ct():
     from p2ch_app.data.ct import CtVolume, Geometry
 
@@ -189,6 +206,56 @@ def test_malignancy_is_scored_only_above_the_nodule_threshold():
     models.segmenter.forward = lambda x: (x[:, 1:2] > 500).float()
     (nodule,) = analyze(ct, models, threshold=1.1)
     assert nodule.malignancy_prob is None
+
+
+def test_suppress_duplicates_drops_what_lies_within_a_more_probable_candidates_diameter():
+    from p2ch_app.analysis import suppress_duplicates
+
+    xyz = np.array([[0.0, 0, 0], [0, 0, 5.0], [0, 0, 9.0], [30.0, 0, 0], [30.0, 0, 2.0], [60.0, 0, 0]])
+    diameters = np.array([6.0, 2.0, 2.0, 1.0, 10.0, 4.0])
+    probs = np.array([0.9, 0.95, 0.3, 0.8, 0.2, 0.5])
+    # 1 lies within 0's 6 mm, but 1 is the more probable and 0 lies outside its 2 mm; 3 lies within
+    # 4's 10 mm, but 3 is the more probable and 4 lies outside its 1 mm: only the stronger's sphere counts
+    assert suppress_duplicates(xyz, diameters, probs).tolist() == [True, True, True, True, True, True]
+    probs[4] = 0.85  # now 4 is the stronger one and 3 lies within its diameter
+    assert suppress_duplicates(xyz, diameters, probs).tolist() == [True, True, True, False, True, True]
+    probs[0] = 0.99  # and 1, 5 mm from 0, within its 6 mm
+    assert suppress_duplicates(xyz, diameters, probs).tolist() == [True, False, True, False, True, True]
+    tied = suppress_duplicates(np.zeros((2, 3)), np.array([1.0, 1.0]), np.array([0.5, 0.5]))
+    assert tied.tolist() == [True, False]
+    assert suppress_duplicates(np.zeros((0, 3)), np.zeros(0), np.zeros(0)).tolist() == []
+
+
+def test_analyze_dedupe_keeps_the_stronger_of_two_pieces_of_one_nodule():
+    from p2ch_app.analysis import Models, analyze
+
+    ct = hand_made_ct()
+    z, y, x = np.indices(ct.hu.shape)
+    ct.hu[(z - 18) ** 2 + (y - 40) ** 2 + (x - 28) ** 2 <= 16] = 600  # a ~8 mm nodule once eroded
+    ct.hu[17:20, 39:42, 34:37] = 200  # a fainter piece beside it: one voxel after the erosion, 7 mm away
+    models = Models(CentreSliceThreshold(context=1), 1, CentreVoxelClassifier(), None, {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 150).float()
+    plain = analyze(ct, models)
+    assert [d.center_irc[2] for d in plain] == pytest.approx([28, 35], abs=0.01)
+    assert plain[0].diameter_mm > 7 and plain[0].nodule_prob > plain[1].nodule_prob > 0.5
+    assert analyze(ct, models, dedupe=True) == plain[:1]
+
+
+def test_analyze_split_adds_the_nodule_piece_of_a_component_merged_with_a_vessel():
+    from p2ch_app.analysis import Models, analyze
+
+    ct = hand_made_ct()
+    z, y, x = np.indices(ct.hu.shape)
+    ct.hu[(z - 18) ** 2 + (y - 40) ** 2 + (x - 28) ** 2 <= 9] = 600
+    ct.hu[16:20, 38:42, 31:39] = 600  # a vessel 4 voxels thick touching it: 2 voxels thick after the erosion
+    models = Models(CentreSliceThreshold(context=1), 1, CentreVoxelClassifier(), None, {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 150).float()
+    (merged,) = analyze(ct, models)
+    assert merged.center_irc[2] > 30  # pulled towards the vessel
+    found = analyze(ct, models, split=True)
+    assert len(found) == 2 and merged in found
+    (piece,) = [d for d in found if d != merged]
+    assert piece.center_irc == pytest.approx((18, 40, 28), abs=0.3) and piece.voxels < merged.voxels
 
 
 def test_mined_lookalikes_are_in_body_candidates_away_from_every_nodule(prepared_synth, monkeypatch):
