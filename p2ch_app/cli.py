@@ -363,8 +363,9 @@ def train_seg(**opts):
               help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
                    "instructions, ignored with a note on other CPUs; probabilities move slightly (README).")
 @click.option("--tta", is_flag=True,
-              help="Average the classifiers over four mirror images of each crop (left-right, front-back): 4x the "
-                   "classification time, a better ranking of small nodules (README).")
+              help="Average the classifiers over four mirror images of each crop (left-right, front-back): a better "
+                   "ranking of small nodules for up to 4x the classification time; nodule candidates under "
+                   "probability 0.05 keep their single pass (README).")
 @click.option("--split", is_flag=True,
               help="Also propose the pieces left when the mask is eroded once more: a nodule touching a vessel "
                    "is one component with it, whose centre can lie outside the nodule (README).")
