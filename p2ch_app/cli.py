@@ -316,7 +316,7 @@ def finetune_mal(**opts):
 @click.option("--lookalike-share", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Share of training crops centred on a non-nodule candidate (vessel and other look-alikes) "
                    "instead of a nodule, so the U-Net learns what to leave unmarked (fewer candidates).")
-@click.option("--per-nodule", is_flag=True,
+@click.option("--per-nodule/--no-per-nodule", default=False,
               help="Draw training slices so that every nodule comes up equally often; by default each slice "
                    "does, so large nodules (more slices) dominate.")
 @click.option("--unet-depth", type=click.IntRange(1), default=3, show_default=True)
@@ -358,18 +358,18 @@ def train_seg(**opts):
               help="Nodule probability from which a candidate is reported and scored for malignancy.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Candidate crops per classifier batch (small batches run fastest on CPU; raise it on a GPU).")
-@click.option("--keep-outside", is_flag=True, help="Keep candidates outside the patient's body.")
-@click.option("--fast", is_flag=True,
+@click.option("--keep-outside/--no-keep-outside", default=False, help="Keep candidates outside the patient's body.")
+@click.option("--fast/--no-fast", default=False,
               help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
                    "instructions, ignored with a note on other CPUs; probabilities move slightly (README).")
-@click.option("--tta", is_flag=True,
+@click.option("--tta/--no-tta", default=False,
               help="Average the classifiers over four mirror images of each crop (left-right, front-back): a better "
                    "ranking of small nodules for up to 4x the classification time; nodule candidates under "
                    "probability 0.05 keep their single pass (README).")
-@click.option("--split", is_flag=True,
+@click.option("--split/--no-split", default=False,
               help="Also propose the pieces left when the mask is eroded once more: a nodule touching a vessel "
                    "is one component with it, whose centre can lie outside the nodule (README).")
-@click.option("--dedupe", is_flag=True,
+@click.option("--dedupe/--no-dedupe", default=False,
               help="Drop a candidate whose centre lies within the estimated diameter of a more probable one: "
                    "pieces of one nodule's mask, each otherwise a false positive beside the hit (README).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,

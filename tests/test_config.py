@@ -63,3 +63,16 @@ def test_shipped_configs_are_valid_for_every_command(name):
 
     for command in COMMANDS.values():
         resolve_options(command.make_context(command.name, ["--config", str(Path("configs") / name)]))
+
+
+def test_a_flag_the_config_turns_on_can_be_turned_off_on_the_command_line(tmp_path):
+    from p2ch_app.cli import analyze
+
+    config = write(tmp_path, "[nodule-analyze]\ntta = true\ndedupe = true\n")
+
+    def flags(*args):
+        opts = resolve_options(analyze.make_context("nodule-analyze", ["--config", str(config), *args]))
+        return opts["tta"], opts["dedupe"], opts["split"]
+
+    assert flags() == (True, True, False)
+    assert flags("--no-dedupe", "--split") == (True, False, True)
