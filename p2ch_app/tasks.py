@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from p2ch_app.analysis import MINED_CLEARANCE_MM, load_segmenter, mine_lookalikes
+from p2ch_app.analysis import MINED_CLEARANCE_MM, in_pieces, load_segmenter, mine_lookalikes
 from p2ch_app.augment import augment
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import nearest_voxels
@@ -247,9 +247,10 @@ class SegmentationTask(Task):
         x, target = stacks.to(device, non_blocking=True).float(), masks.to(device, non_blocking=True)
         if generator is not None and self.augmentations:
             x, target = augment(x, self.augmentations, generator, masks=target)
-        if generator is None:  # validation: whole slices in channels-last run 1.5x faster on CPU (oneDNN)
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = model(x).float()
+        if generator is None:  # validation: whole slices, in channels-last (1.5x faster on CPU) and in pieces
+            pred = in_pieces(model, x.contiguous(memory_format=torch.channels_last)).float()
+        else:
+            pred = model(x).float()
         truth = target.float()
         losses = dice_loss(pred, truth) + self.fn_weight * dice_loss(pred * truth, truth)
         if self.bce_weight:

@@ -115,6 +115,24 @@ def test_row_bands_give_the_whole_slice_result(depth, height, rows):
     assert (wrong - whole).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("batch, height, width, batch_pixels", [(5, 32, 40, 2 * 32 * 40), (3, 128, 40, 64 * 40)])
+def test_in_pieces_gives_the_whole_batch_result(batch, height, width, batch_pixels, monkeypatch):
+    import p2ch_app.analysis
+    from p2ch_app.models import NoduleSegmenter
+
+    torch.manual_seed(0)
+    model = NoduleSegmenter(in_channels=3, depth=2, wf=2).eval()
+    passes = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x: passes.append(x.shape[0] * x.shape[2] * x.shape[3]) or real_forward(x))
+    x = torch.randn(batch, 3, height, width)
+    with torch.inference_mode():
+        whole = real_forward(x)
+        pieces = p2ch_app.analysis.in_pieces(model, x, batch_pixels)
+    assert pieces.shape == whole.shape and torch.allclose(pieces, whole, rtol=0, atol=1e-5)
+    assert len(passes) > 1 and max(passes) <= batch_pixels + 2 * 32 * width  # a band carries its halo
+
+
 class CentreVoxelClassifier(nn.Module):
     """Stands in for the CNN: nodule probability rises with the density at the crop centre."""
 
