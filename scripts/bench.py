@@ -230,7 +230,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
 
     import torch
 
-    from p2ch_app.analysis import BATCH_PIXELS, classify, group, in_row_bands, inside_body, segment
+    from p2ch_app.analysis import classify, group, in_pieces, inside_body, segment
     from p2ch_app.data.ct import load_ct
 
     real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
@@ -264,7 +264,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
               for i in range(len(hu))]  # the inputs ready-made: what is left is the U-Net alone
     with torch.inference_mode():
         stage["unet_forward_only"], _ = timed(
-            lambda: [in_row_bands(models.segmenter, x, BATCH_PIXELS // hu.shape[2]) for x in stacks])
+            lambda: [in_pieces(models.segmenter, x) for x in stacks])
     del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
     stage["body_mask"], inside = timed(inside_body, hu, centers)
