@@ -8,16 +8,20 @@ def generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_flip_only_really_flips_each_sample_on_some_axes():
+def test_flip_only_mirrors_each_sample_and_its_mask_exactly_on_some_axes():
     images = torch.randn(16, 1, 6, 8, 10)
-    out, _ = augment(images, ["flip"], generator())
+    masks = images > 1
+    out, moved = augment(images, ["flip"], generator(), masks=masks)
     theta = random_affines(16, 3, ["flip"], generator(), "cpu")
     for i in range(16):
         signs = theta[i].diagonal()  # affine axes are (x, y, z) = (col, row, index)
         flip_dims = [3 - k for k in range(3) if signs[k] < 0]  # sample dims (C, D, H, W)
-        expected = images[i].flip(flip_dims) if flip_dims else images[i]
-        assert torch.allclose(out[i], expected, atol=1e-5)
-    assert not torch.allclose(out, images)
+        assert torch.equal(out[i], images[i].flip(flip_dims) if flip_dims else images[i])
+        assert torch.equal(moved[i], masks[i].flip(flip_dims) if flip_dims else masks[i])
+    assert not torch.equal(out, images)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    resampled = torch.nn.functional.grid_sample(images, grid, align_corners=False)
+    assert torch.allclose(out, resampled, atol=1e-5)  # what the general path computes, less exactly
 
 
 def test_identity_returns_the_input():
@@ -31,8 +35,9 @@ def test_identity_returns_the_input():
 
 def test_noise_has_the_asked_standard_deviation():
     images = torch.zeros(8, 1, 16, 32, 32)
-    out, _ = augment(images, ["noise"], generator())
-    assert out.std().item() == pytest.approx(25, rel=0.05)
+    for names in (["noise"], ["flip", "noise"]):
+        out, _ = augment(images, names, generator())
+        assert out.std().item() == pytest.approx(25, rel=0.05), names
 
 
 def test_masks_follow_their_images():
