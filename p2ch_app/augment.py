@@ -1,5 +1,6 @@
 """Batched augmentation on the training device: one random affine per sample, applied to the
 whole batch by a single affine_grid + grid_sample, so images and their masks move together.
+Flips alone are plain mirrors of the batch: they need no resampling.
 
 Works for 3D crops (N, C, D, H, W) and 2D slice stacks (N, C, H, W). Rotation is about the
 index (slice) axis only: CT voxels are rarely isotropic along it.
