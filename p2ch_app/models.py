@@ -22,7 +22,7 @@ class _ConvPool3d(nn.Module):
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool3d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        return F.max_pool3d(F.relu_(self.conv2(F.relu_(self.conv1(x)))), 2)
 
 
 class NoduleClassifier(nn.Module):
@@ -57,7 +57,7 @@ class NoduleClassifier(nn.Module):
 def _conv_block(in_channels: int, out_channels: int, padding: bool, batch_norm: bool) -> nn.Sequential:
     layers = []
     for c_in in (in_channels, out_channels):
-        layers += [nn.Conv2d(c_in, out_channels, 3, padding=int(padding)), nn.ReLU()]
+        layers += [nn.Conv2d(c_in, out_channels, 3, padding=int(padding)), nn.ReLU(inplace=True)]
         layers.append(nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity())
     return nn.Sequential(*layers)
 
