@@ -216,6 +216,17 @@ def test_analyze_end_to_end_with_stand_in_models():
     assert len(both) == 2 and sorted(d.inside_body for d in both) == [False, True]
 
 
+def test_glibc_takes_the_allocator_settings():
+    import ctypes.util
+
+    from p2ch_app.analysis import keep_freed_memory, return_freed_memory
+
+    if "libc.so.6" not in str(ctypes.util.find_library("c")):
+        pytest.skip("glibc's allocator settings: this C library is not glibc")
+    assert keep_freed_memory()  # False when glibc refuses a setting (older ones cap the mmap threshold)
+    return_freed_memory()
+
+
 def test_malignancy_is_scored_only_above_the_nodule_threshold():
     from p2ch_app.analysis import Models, analyze
 
