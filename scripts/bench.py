@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -222,6 +223,53 @@ def _reference_analysis(hu: np.ndarray, models, context: int) -> tuple[np.ndarra
     return centers, probs, mask, seg_probs
 
 
+def _conv_layers(model, x) -> list[tuple]:
+    """(layer, its input, FLOPs of its multiply-adds) for every convolution of one forward pass."""
+    import torch
+
+    seen = []
+
+    def record(layer, inputs, output):
+        kernel = math.prod(layer.kernel_size) * layer.in_channels * layer.out_channels // layer.groups
+        positions = inputs[0].numel() // layer.in_channels if layer.transposed else output.numel() // layer.out_channels
+        seen.append((layer, inputs[0], 2 * kernel * positions))
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    hooks = [m.register_forward_hook(record) for m in convs]
+    with torch.inference_mode():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repeats: int = 10) -> dict:
+    """How fast the pipeline's own convolutions run on this CPU, layer by layer (each alone, on its
+    real input shape: one 512x512 slice for the U-Net, a batch of crops for the classifier), and
+    what the real CT's convolutions alone would take: at these rates, and all at the best rate any
+    layer reached (a floor no exact float32 implementation of this design goes under here)."""
+    import torch
+
+    stack = torch.randn(1, 2 * models.context + 1, 512, 512).contiguous(memory_format=torch.channels_last)
+    batch = torch.randn(batch_size, 1, *CROP_SIZE).mul(300).contiguous(memory_format=torch.channels_last_3d)
+    result, best = {}, 0.0
+    for name, model, x, calls in (("segment", models.segmenter, stack, slices),
+                                  ("classify", models.classifier, batch, crops / batch_size)):
+        seconds = flop = 0.0
+        with torch.inference_mode():
+            for layer, inputs, layer_flop in _conv_layers(model, x):
+                layer(inputs)
+                took, _ = timed(lambda: [layer(inputs) for _ in range(repeats)])
+                seconds, flop = seconds + took / repeats, flop + layer_flop
+                best = max(best, layer_flop * repeats / took)
+        result[f"{name}_conv_tflop"] = flop * calls / 1e12
+        result[f"{name}_conv_seconds_at_layer_rates"] = seconds * calls
+        result[f"{name}_conv_gflop_per_s"] = flop / seconds / 1e9
+    result["best_layer_gflop_per_s"] = best / 1e9
+    result["conv_floor_seconds_at_best_rate"] = (result["segment_conv_tflop"] + result["classify_conv_tflop"]) * 1e12 / best
+    return result
+
+
 def bench_real_ct(batch_size: int = 8) -> dict:
     """nodule-analyze on the real CT with the book's models: the command's wall time and peak memory,
     time per stage beside the U-Net forward passes alone (the floor of the segmentation stage),
@@ -230,7 +278,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
 
     import torch
 
-    from p2ch_app.analysis import classify, group, in_pieces, inside_body, segment
+    from p2ch_app.analysis import classify, group, in_pieces, inside_body, keep_freed_memory, segment
     from p2ch_app.data.ct import load_ct
 
     real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
@@ -255,6 +303,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
 
     device = torch.device("cpu")
     models = _book_models(device)
+    keep_freed_memory()  # as nodule-analyze does
     stage = {}
     stage["load"], ct = timed(load_ct, real)
     hu = ct.hu
@@ -274,6 +323,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
                   single_voxel_candidates=int((voxels == 1).sum()),
                   classify_crops_per_s=int(inside.sum()) / stage["classify"],
                   segment_over_unet_floor=stage["segment"] / stage["unet_forward_only"])
+    result.update(bench_conv_floor(models, len(hu), int(inside.sum()), batch_size))
     print(f"[bench] {result}", file=sys.stderr, flush=True)  # the slow reference follows
 
     ref_seconds, (ref_centers, ref_probs, ref_mask, ref_seg_probs) = timed(
