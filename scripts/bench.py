@@ -247,7 +247,7 @@ def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repea
     """How fast the pipeline's own convolutions run on this CPU, layer by layer (each alone, on its
     real input shape: one 512x512 slice for the U-Net, a batch of crops for the classifier), and
     what the real CT's convolutions alone would take: at these rates, and all at the best rate any
-    layer reached (a floor no exact float32 implementation of this design goes under here)."""
+    layer reached (a floor for direct convolution, the only kind oneDNN runs on a CPU without AVX-512)."""
     import torch
 
     stack = torch.randn(1, 2 * models.context + 1, 512, 512).contiguous(memory_format=torch.channels_last)
