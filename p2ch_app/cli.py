@@ -460,18 +460,17 @@ def _analyze_validation(data_root, val_stride, include_train, models, settings, 
     index = build_index(data_root)
     chosen = np.ones(len(index.series_uids), bool) if include_train else index.validation_series(val_stride)
     uids = [uid for uid, keep in zip(index.series_uids, chosen) if keep]
-    on_ct = None
-    if report_dir is not None:
-        from p2ch_app.report import write_report, write_report_index
+    entries = []  # report pages, one per series, when --report is given
 
-        entries = []
+    def report_ct(ct, detections):
+        from p2ch_app.report import write_report
 
-        def on_ct(ct, detections):
-            shown = [d for d in detections if d.nodule_prob >= settings["threshold"]]
-            write_report(report_dir / ct.series_uid, ct, shown, title=f"nodule-analyze {ct.series_uid}")
-            entries.append((ct.series_uid, f"{ct.series_uid}/index.html", len(shown)))
+        shown = [d for d in detections if d.nodule_prob >= settings["threshold"]]
+        write_report(report_dir / ct.series_uid, ct, shown, title=f"nodule-analyze {ct.series_uid}")
+        entries.append((ct.series_uid, f"{ct.series_uid}/index.html", len(shown)))
 
-    results = analyze_series(data_root, index, uids, models, progress=True, on_ct=on_ct, **settings)
+    results = analyze_series(data_root, index, uids, models, progress=True,
+                             on_ct=report_ct if report_dir is not None else None, **settings)
     metrics = evaluate([scan for _, _, scan in results], settings["threshold"])
     metrics.update(series=uids, models=models.paths, threshold=settings["threshold"],
                    keep_outside=settings["keep_outside"], tta=settings["tta"], dedupe=settings["dedupe"],
@@ -484,6 +483,8 @@ def _analyze_validation(data_root, val_stride, include_train, models, settings, 
         _write_detections(output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings["threshold"]],
                           models.paths, uids)
     if report_dir is not None:
+        from p2ch_app.report import write_report_index
+
         write_report_index(report_dir, entries, title="nodule-analyze validation")
     click.echo(format_summary(metrics))
     click.echo(f"results in {run_dir} (metrics.json, froc.png, detections.csv, TensorBoard: make tensorboard)")

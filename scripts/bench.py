@@ -313,7 +313,7 @@ def bench_real_ct(batch_size: int = 8) -> dict:
               for i in range(len(hu))]  # the inputs ready-made: what is left is the U-Net alone
     with torch.inference_mode():
         stage["unet_forward_only"], _ = timed(
-            lambda: [in_pieces(models.segmenter, x) for x in stacks])
+            lambda inputs: [in_pieces(models.segmenter, x) for x in inputs], stacks)
     del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
     stage["body_mask"], inside = timed(inside_body, hu, centers)
