@@ -291,12 +291,18 @@ def bench_real_ct(batch_size: int = 8) -> dict:
                "--runs-dir", str(BENCH_DIR / "runs"), "--output", str(out_json)]
 
     def run_alone():
-        """The command's own peak memory: earlier bench steps' children must not count."""
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
+        """The command's own peak memory. Linux counts the memory of the process that starts a child
+        in the child's peak (it is the child's until exec), and this process has grown by now: so
+        a small launcher starts the command and reads the command's peak, with the launcher's
+        ~10 MB as the least it can report."""
+        launcher = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, "
+                    "stderr=subprocess.DEVNULL); _, status, usage = os.wait4(child.pid, 0); "
+                    "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+        done = subprocess.run([sys.executable, "-c", launcher, *command], capture_output=True, text=True, check=True)
+        status, peak_kib = map(int, done.stdout.split())
         if status != 0:
             raise RuntimeError(f"nodule-analyze failed with status {status}")
-        return usage.ru_maxrss / 2**20
+        return peak_kib / 2**20
 
     seconds, peak_gib = timed(run_alone)
     result = {"command_seconds": seconds, "command_peak_rss_gib": peak_gib}
