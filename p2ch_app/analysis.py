@@ -17,12 +17,12 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
+from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import HU_MIN, CtVolume, context_slices, gather_crops, irc_to_xyz, load_series
 from p2ch_app.data.index import LunaIndex
 from p2ch_app.evaluation import ScanResult
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
-from p2ch_app.training import load_checkpoint, load_weights
 
 BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
 MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
@@ -56,27 +56,20 @@ def newest_best(runs_dir: Path, command: str) -> Path | None:
 
 
 def load_segmenter(path: Path, device: torch.device) -> tuple[NoduleSegmenter, int]:
-    """(U-Net, context) from our checkpoint or the book's .state; its shape comes from the saved options."""
-    checkpoint = load_checkpoint(path)
-    options = checkpoint.get("config", {}).get("options", {})
-    context = int(options.get("context", 3))
-    segmenter = NoduleSegmenter(in_channels=2 * context + 1, depth=int(options.get("unet_depth", 3)),
-                                wf=int(options.get("width_factor", 4)), up_mode=options.get("up_mode", "upconv"))
-    load_weights(segmenter, path, "a segmentation (luna-train-seg) checkpoint", checkpoint)
-    segmenter.to(device, memory_format=torch.channels_last).eval()  # channels-last: 1.7x (2D), 2x (3D) on CPU
-    return segmenter, context
+    """(U-Net, context) from our checkpoint or the book's .state, built as it was trained."""
+    segmenter = load_model(path, SEGMENTER)
+    segmenter.to(device, memory_format=torch.channels_last)  # channels-last: 1.7x (2D), 2x (3D) on CPU
+    return segmenter, segmenter.config.context
 
 
 def load_models(seg: Path, cls: Path, mal: Path | None, device: torch.device) -> Models:
     """Our checkpoints or the book's .state files."""
     segmenter, context = load_segmenter(seg, device)
-    classifier = load_weights(NoduleClassifier(), cls, "a nodule classifier (luna-train-cls) checkpoint")
-    malignancy = None
-    if mal is not None:
-        malignancy = load_weights(NoduleClassifier(), mal, "a malignancy (luna-finetune-mal) checkpoint")
+    classifier = load_model(cls, CLASSIFIER)
+    malignancy = load_model(mal, CLASSIFIER) if mal is not None else None
     for model in (classifier, malignancy):
         if model is not None:
-            model.to(device, memory_format=torch.channels_last_3d).eval()
+            model.to(device, memory_format=torch.channels_last_3d)
     return Models(segmenter, context, classifier, malignancy,
                   {"seg": str(seg), "cls": str(cls), "mal": str(mal) if mal else None})
 
@@ -161,6 +154,17 @@ def slices_per_pass(height: int, width: int, batch_pixels: int = BATCH_PIXELS) -
     return max(1, batch_pixels // (height * width))
 
 
+def slice_probabilities(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.device, start: int,
+                        stop: int, batch_pixels: int = BATCH_PIXELS) -> torch.Tensor:
+    """The U-Net's nodule probability (stop-start, H, W) for slices start..stop-1, each seen with its
+    context slices (the edge slice repeated beyond the volume), as the book feeds its U-Net."""
+    chunk = hu[context_slices(start, stop, context, hu.shape[0])]
+    stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
+    x = torch.from_numpy(stacks.astype(np.float32)).to(device)
+    x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
+    return in_pieces(model, x, batch_pixels)[:, 0]
+
+
 def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.device, progress: bool = False,
             fast: bool = False, batch_pixels: int = BATCH_PIXELS) -> np.ndarray:
     """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion.
@@ -173,11 +177,8 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, context: int, device: torch.
     with torch.inference_mode(), precision(device, fast):
         for start in tqdm(range(0, hu.shape[0], slices), desc="segment", unit="batch", disable=not progress):
             stop = min(start + slices, hu.shape[0])
-            chunk = hu[context_slices(start, stop, context, hu.shape[0])]
-            stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
-            x = torch.from_numpy(stacks.astype(np.float32)).to(device)
-            x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
-            mask[start:stop] = (in_pieces(model, x, batch_pixels)[:, 0] > 0.5).cpu().numpy()
+            probs = slice_probabilities(hu, model, context, device, start, stop, batch_pixels)
+            mask[start:stop] = (probs > 0.5).cpu().numpy()
     return_freed_memory()  # the U-Net's activations, before the erosion's copy of the mask
     return ndimage.binary_erosion(mask, iterations=1)
 
@@ -348,7 +349,7 @@ def analyze(ct: CtVolume, models: Models, threshold: float = 0.5, batch_size: in
         malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, batch_size, device, progress, fast,
                                       desc="malignancy", tta=tta)
     order = np.argsort(-nodule, kind="stable")
-    return [Detection(tuple(xyz[i].round(2).tolist()), tuple(centers[i].round(2).tolist()), float(nodule[i]),
+    return [Detection(tuple(xyz[i].round(4).tolist()), tuple(centers[i].round(4).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
                       int(voxels[i]), bool(inside[i])) for i in order]
 

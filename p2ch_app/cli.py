@@ -70,9 +70,9 @@ def resolve_options(ctx: click.Context) -> dict:
         names = {cmd: {p.name for p in c.params if p.name != "config"} for cmd, c in COMMANDS.items()}
         layers.append((str(params["config"]), read_config(params["config"], names)[ctx.command.name]))
     if params.get("resume") is not None:
-        from p2ch_app.training import load_checkpoint
+        from p2ch_app.checkpoints import load_checkpoint, saved_options
 
-        saved = load_checkpoint(params["resume"]).get("config", {}).get("options", {})
+        saved = saved_options(load_checkpoint(params["resume"]))
         moot = ("resume", "init")  # a resumed run continues its own weights
         layers.append((str(params["resume"]), {k: v for k, v in saved.items() if k in by_name and k not in moot}))
     for source, values in layers:
@@ -228,7 +228,8 @@ def _augmentations(opts: dict) -> tuple[str, ...]:
 
 
 def _fit(task, opts: dict, command: str) -> None:
-    from p2ch_app.training import TrainConfig, fit, load_weights
+    from p2ch_app.checkpoints import load_weights
+    from p2ch_app.training import TrainConfig, fit
 
     keys = ("epochs", "batch_size", "workers", "lr", "optimizer", "device", "seed", "comment", "runs_dir")
     cfg = TrainConfig(command=command, options=opts, **{k: opts[k] for k in keys})
@@ -324,17 +325,23 @@ def finetune_mal(**opts):
               help="First-level filters = 2**width_factor, doubling per level.")
 @click.option("--up-mode", type=click.Choice(["upconv", "upsample"]), default="upconv", show_default=True,
               help="Transposed convolution or bilinear up-sampling.")
+@click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
+              help="2x2 pooling between U-Net levels: average, as the book's model, or max. Saved with the "
+                   "weights, so nodule-analyze runs the network as it was trained.")
 def train_seg(**opts):
     """Train the 2D U-Net that marks nodule pixels from 7-slice context stacks.
 
     The best checkpoint is the one with the highest validation F2 (pixel recall weighted twice).
     """
+    from p2ch_app.models import SegmenterConfig
     from p2ch_app.tasks import segmentation_task
 
     index, _, cache_dir = _training_data(opts)
-    task = segmentation_task(cache_dir, index, opts["val_stride"], opts["context"], opts["crop"], opts["window"],
+    architecture = SegmenterConfig(context=opts["context"], depth=opts["unet_depth"], width_factor=opts["width_factor"],
+                                   up_mode=opts["up_mode"], pooling=opts["pooling"])
+    task = segmentation_task(cache_dir, index, opts["val_stride"], architecture, opts["crop"], opts["window"],
                              opts["epoch_samples"], _augmentations(opts), opts["seed"], opts["fn_weight"],
-                             opts["unet_depth"], opts["width_factor"], opts["up_mode"], opts["bce_weight"],
+                             opts["bce_weight"],
                              opts["label_margin"], opts["lookalike_share"], opts["per_nodule"])
     _fit(task, opts, "luna-train-seg")
 

@@ -1,12 +1,15 @@
 """The two networks: a 3D CNN that classifies candidate crops, a 2D U-Net that segments slices.
 
 Parameter names follow the book's published checkpoints (tail_batchnorm, block1.conv1, ...,
-input_batchnorm, unet.down_path.N.block.M, ...) so those files load with strict=True.
+input_batchnorm, unet.down_path.N.block.M, ...) so those files load with strict=True. Each
+network is built from a frozen config that travels in our checkpoints (checkpoints.py), so the
+network that runs is always the one that was trained, down to parameter-free parts like pooling.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +28,22 @@ class _ConvPool3d(nn.Module):
         return F.max_pool3d(F.relu_(self.conv2(F.relu_(self.conv1(x)))), 2)
 
 
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The classifier's architecture; the defaults are the book's LunaModel."""
+
+    width: int = 8  # channels of the first block, doubling per block
+    crop_size: tuple[int, int, int] = (32, 48, 48)
+    classes: int = 2
+
+
 class NoduleClassifier(nn.Module):
     """Nodule vs non-nodule (or benign vs malignant) from a 1x32x48x48 HU crop."""
 
-    def __init__(self, width: int = 8, crop_size=(32, 48, 48), classes: int = 2):
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
         super().__init__()
+        self.config = config
+        width, crop_size, classes = config.width, config.crop_size, config.classes
         self.tail_batchnorm = nn.BatchNorm3d(1)  # normalises raw HU; the book's name for it
         self.block1 = _ConvPool3d(1, width)
         self.block2 = _ConvPool3d(width, width * 2)
@@ -90,10 +104,14 @@ class _UpStep(nn.Module):
         return self.conv_block(torch.cat([x, skip], dim=1))
 
 
+POOLS = {"avg": F.avg_pool2d, "max": F.max_pool2d}
+
+
 class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, depth: int, wf: int, padding: bool,
-                 batch_norm: bool, up_mode: str):
+                 batch_norm: bool, up_mode: str, pooling: str = "avg"):
         super().__init__()
+        self.pool = POOLS[pooling]
         widths = [2 ** (wf + i) for i in range(depth)]
         self.down_path = nn.ModuleList(
             _DownStep(c_in, c_out, padding, batch_norm) for c_in, c_out in zip([in_channels] + widths, widths))
@@ -108,29 +126,51 @@ class UNet(nn.Module):
             x = down(x)
             if i < len(self.down_path) - 1:
                 skips.append(x)
-                x = F.max_pool2d(x, 2)
+                x = self.pool(x, 2)
         for up, skip in zip(self.up_path, reversed(skips)):
             x = up(x, skip)
         return self.last(x)
 
 
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """The U-Net's architecture; the defaults are the book's published model (UNetWrapper):
+    3 context slices either side (7 channels), depth 3, 2**4 = 16 first-level filters, padding,
+    batch norm, transposed-conv up-sampling and 2x2 average pooling between levels."""
+
+    context: int = 3
+    depth: int = 3
+    width_factor: int = 4
+    padding: bool = True
+    batch_norm: bool = True
+    up_mode: str = "upconv"  # or "upsample": bilinear, then a 1x1 convolution
+    pooling: str = "avg"  # or "max"; pooling has no parameters, so only the config tells them apart
+
+    def __post_init__(self):
+        if self.up_mode not in ("upconv", "upsample"):
+            raise ValueError(f"up_mode must be 'upconv' or 'upsample', got {self.up_mode!r}")
+        if self.pooling not in POOLS:
+            raise ValueError(f"pooling must be one of {sorted(POOLS)}, got {self.pooling!r}")
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context + 1
+
+
 class NoduleSegmenter(nn.Module):
     """Per-pixel nodule probability for the centre slice of a (2C+1)-slice stack.
 
-    Defaults are the book's published model: 7 channels, depth 3, 16 first-level filters
-    (wf=4), padding, batch norm, transposed-conv up-sampling. Any slice size works: inputs are
-    padded to a multiple of 2^(depth-1) and the output cropped back.
+    Any slice size works: inputs are padded to a multiple of 2^(depth-1) and the output cropped back.
     """
 
-    def __init__(self, in_channels: int = 7, depth: int = 3, wf: int = 4, padding: bool = True,
-                 batch_norm: bool = True, up_mode: str = "upconv"):
+    def __init__(self, config: SegmenterConfig = SegmenterConfig()):
         super().__init__()
-        if up_mode not in ("upconv", "upsample"):
-            raise ValueError(f"up_mode must be 'upconv' or 'upsample', got {up_mode!r}")
-        self.input_batchnorm = nn.BatchNorm2d(in_channels)
-        self.unet = UNet(in_channels, 1, depth, wf, padding, batch_norm, up_mode)
-        self.multiple = 2 ** (depth - 1)
-        self.padding = padding
+        self.config = config
+        self.input_batchnorm = nn.BatchNorm2d(config.in_channels)
+        self.unet = UNet(config.in_channels, 1, config.depth, config.width_factor, config.padding,
+                         config.batch_norm, config.up_mode, config.pooling)
+        self.multiple = 2 ** (config.depth - 1)
+        self.padding = config.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -21,8 +21,9 @@ from p2ch_app.data.index import LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_atomic
 from p2ch_app.metrics import binary_metrics, roc_auc, scores_from_counts
-from p2ch_app.models import NoduleClassifier, NoduleSegmenter
-from p2ch_app.training import Task, load_weights
+from p2ch_app.models import NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from p2ch_app.checkpoints import load_weights
+from p2ch_app.training import Task
 
 
 def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
@@ -330,9 +331,9 @@ def per_nodule_weights(cache_dir: Path, index: LunaIndex, samples: np.ndarray, m
     return weights
 
 
-def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, context: int, crop: int, window: int,
-                      epoch_samples: int, augmentations, seed: int, fn_weight: float, depth: int, wf: int,
-                      up_mode: str, bce_weight: float = 0.0, label_margin: int = 0,
+def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, architecture: SegmenterConfig, crop: int,
+                      window: int, epoch_samples: int, augmentations, seed: int, fn_weight: float,
+                      bce_weight: float = 0.0, label_margin: int = 0,
                       lookalike_share: float = 0.0, per_nodule: bool = False) -> SegmentationTask:
     """Training: the nodule slices of the training series, cropped around a nodule, and with
     lookalike_share that share of crops centred on a non-nodule candidate instead (vessels and other
@@ -365,7 +366,7 @@ def segmentation_task(cache_dir: Path, index: LunaIndex, val_stride: int, contex
         want = int(np.sum(val[:, 0] == code))
         empty += [(code, k) for k in free[np.linspace(0, len(free) - 1, min(want, len(free))).astype(int)]]
     val = np.concatenate([val, np.array(empty, np.int64).reshape(-1, 2)])
-    make_model = lambda: NoduleSegmenter(in_channels=2 * context + 1, depth=depth, wf=wf, up_mode=up_mode)
-    return SegmentationTask(cache_dir, index.series_uids, train, val, context, crop, window, epoch_samples,
+    make_model = lambda: NoduleSegmenter(architecture)
+    return SegmentationTask(cache_dir, index.series_uids, train, val, architecture.context, crop, window, epoch_samples,
                             augmentations, seed, fn_weight, make_model, groups, pattern,
                             [nodule_weights] + [None] * (len(groups) - 1), bce_weight, label_margin)

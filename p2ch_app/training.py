@@ -8,7 +8,6 @@ epoch; only rank 0 prints, logs and saves.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from p2ch_app.checkpoints import load_checkpoint, model_entries, save_checkpoint
 from p2ch_app.errors import UserError
-from p2ch_app.files import plain, write_atomic
+from p2ch_app.files import plain
 
 
 @dataclass
@@ -106,45 +106,6 @@ def _start_distributed(device_name: str) -> _Distributed:
         use_nccl = torch.cuda.is_available() and device_name != "cpu"
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Through a temporary file and a rename: a crash never leaves half a checkpoint."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with weights_only=True: tensors and plain values only, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; pass an existing .pt or .state file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
-        if refused:
-            raise UserError(f"refused to load {path}: it holds objects beyond tensors and plain values, and "
-                            f"unpickling them could run code ({refused[0][:100]}); use a checkpoint written "
-                            "by p2ch_app or the book") from None
-        raise UserError(f"{path} is not a readable checkpoint; it may be truncated or another kind of file") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
-                        "it may be truncated") from None
-    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
-        raise UserError(f"{path} has no model_state; it is not a p2ch_app or book checkpoint")
-    return checkpoint
-
-
-def load_weights(model: nn.Module, path: Path, what: str, checkpoint: dict | None = None) -> nn.Module:
-    """Copy a checkpoint's weights (ours or the book's) into model, strictly: a checkpoint of another
-    architecture is a user error naming `what` it should be and the first mismatch, not a traceback.
-    Pass `checkpoint` when path is already loaded, so it is read once."""
-    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
-    try:
-        model.load_state_dict(checkpoint["model_state"], strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{path} is not {what} ({str(err).splitlines()[0][:100]})") from None
-    return model
 
 
 def _rng_state() -> dict:
@@ -308,7 +269,7 @@ def fit(task: Task, cfg: TrainConfig, resume: Path | None = None, model: nn.Modu
         best = value if improved else best
         improved = improved or not (run_dir / "best.pt").exists()  # ...but every run has a best.pt
         rate = epoch_samples / max(train_seconds, 1e-9)
-        state = {"model_state": model.state_dict(), "model_name": type(model).__name__,
+        state = {**model_entries(model),
                  "optimizer_state": optimizer.state_dict(), "optimizer_name": type(optimizer).__name__,
                  "scaler_state": scaler.state_dict(),
                  "epoch": epoch, "samples_seen": samples_seen, "rng": _rng_state(),

@@ -25,7 +25,7 @@ from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
 from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
 from p2ch_app.tasks import nodule_task
-from p2ch_app.training import load_checkpoint
+from p2ch_app.checkpoints import load_checkpoint
 
 BENCH_DIR = Path("data-unversioned/bench")
 RESULTS = Path("bench-results/bench.json")

@@ -94,14 +94,14 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
 
 @pytest.mark.parametrize("depth, height, rows", [(3, 200, 64), (3, 128, 50), (2, 96, 16)])
 def test_row_bands_give_the_whole_slice_result(depth, height, rows):
-    from p2ch_app.models import NoduleSegmenter
+    from p2ch_app.models import NoduleSegmenter, SegmenterConfig
 
     class Logits(NoduleSegmenter):  # before the sigmoid, which would hide differences
         def forward(self, x):
             return self.unet(self.input_batchnorm(x))
 
     torch.manual_seed(depth)
-    model = Logits(in_channels=3, depth=depth, wf=2).eval()
+    model = Logits(SegmenterConfig(context=1, depth=depth, width_factor=2)).eval()
     for module in model.modules():  # batch norm with non-trivial statistics
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-1, 1)
@@ -118,10 +118,10 @@ def test_row_bands_give_the_whole_slice_result(depth, height, rows):
 @pytest.mark.parametrize("batch, height, width, batch_pixels", [(5, 32, 40, 2 * 32 * 40), (3, 128, 40, 64 * 40)])
 def test_in_pieces_gives_the_whole_batch_result(batch, height, width, batch_pixels, monkeypatch):
     import p2ch_app.analysis
-    from p2ch_app.models import NoduleSegmenter
+    from p2ch_app.models import NoduleSegmenter, SegmenterConfig
 
     torch.manual_seed(0)
-    model = NoduleSegmenter(in_channels=3, depth=2, wf=2).eval()
+    model = NoduleSegmenter(SegmenterConfig(context=1, depth=2, width_factor=2)).eval()
     passes = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda x: passes.append(x.shape[0] * x.shape[2] * x.shape[3]) or real_forward(x))
@@ -331,5 +331,7 @@ def test_load_the_book_models_and_refuse_swapped_ones():
     seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
     models = load_models(seg, cls, None, torch.device("cpu"))
     assert models.context == 3 and not models.segmenter.training and models.malignancy is None
-    with pytest.raises(UserError, match="is not a segmentation"):
+    with pytest.raises(UserError, match="holds a classifier .*not a segmenter"):
         load_models(cls, cls, None, torch.device("cpu"))
+    with pytest.raises(UserError, match="holds a segmenter .*not a classifier"):
+        load_models(seg, seg, None, torch.device("cpu"))

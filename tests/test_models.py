@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.data.ct import extract_crop, load_ct
-from p2ch_app.models import NoduleClassifier, NoduleSegmenter
-from p2ch_app.training import load_checkpoint
+from p2ch_app.models import NoduleClassifier, NoduleSegmenter, SegmenterConfig
 from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared
 
 # A spiculated nodule of about 15 mm in the right lung of the real CT (found by eye, slices 30-34),
@@ -26,11 +26,28 @@ def test_classifier_shapes_and_init():
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (67, 93), (33, 50), (128, 128)])
-@pytest.mark.parametrize("up_mode", ["upconv", "upsample"])
-def test_segmenter_keeps_any_slice_size(shape, up_mode):
-    model = NoduleSegmenter(up_mode=up_mode).eval()
+@pytest.mark.parametrize("up_mode, pooling", [("upconv", "avg"), ("upsample", "max")])
+def test_segmenter_keeps_any_slice_size(shape, up_mode, pooling):
+    model = NoduleSegmenter(SegmenterConfig(up_mode=up_mode, pooling=pooling)).eval()
     out = model(torch.randn(2, 7, *shape))
     assert out.shape == (2, 1, *shape) and out.min() >= 0 and out.max() <= 1
+
+
+def test_segmenter_pools_between_levels_as_configured():
+    """Average pooling (the book's) by default, max pooling when configured: what the second level sees
+    is the first level's output pooled that way. A strict load cannot tell the two apart."""
+    assert SegmenterConfig().pooling == "avg"
+    x = torch.randn(1, 7, 32, 32)
+    for pooling, pool in (("avg", torch.nn.functional.avg_pool2d), ("max", torch.nn.functional.max_pool2d)):
+        model = NoduleSegmenter(SegmenterConfig(pooling=pooling)).eval()
+        seen = {}
+        model.unet.down_path[0].register_forward_hook(lambda m, args, out: seen.update(first=out))
+        model.unet.down_path[1].register_forward_pre_hook(lambda m, args: seen.update(second=args[0]))
+        with torch.no_grad():
+            model(x)
+        assert torch.equal(seen["second"], pool(seen["first"], 2)), pooling
+    with pytest.raises(ValueError, match="pooling"):
+        SegmenterConfig(pooling="min")
 
 
 def book_checkpoint(prefix: str) -> dict:

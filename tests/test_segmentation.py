@@ -6,14 +6,16 @@ import torch
 from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import train_seg
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.datasets import SliceDataset, pad_collate
 from p2ch_app.data.index import build_index
-from p2ch_app.models import NoduleSegmenter
+from p2ch_app.models import NoduleSegmenter, SegmenterConfig
 from p2ch_app.tasks import dice_loss, lookalike_pixels, nodule_slices, segmentation_task
-from p2ch_app.training import load_checkpoint
 from tests.conftest import BOOK_MODELS, requires_shared
+
+BOOK, SMALL = SegmenterConfig(), SegmenterConfig(depth=2, width_factor=3)
 
 
 def square(size=20, lo=5, hi=15) -> torch.Tensor:
@@ -82,7 +84,7 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
     checkpoint = load_checkpoint(run_dir / "best.pt")
     assert checkpoint["best_metric"] == "f2"
     assert set(checkpoint["metrics"]["val"]) >= {"loss", "precision", "recall", "f1", "f2"}
-    model = NoduleSegmenter(in_channels=5, depth=2, wf=3, up_mode="upsample")
+    model = NoduleSegmenter(SegmenterConfig(context=2, depth=2, width_factor=3, up_mode="upsample"))
     model.load_state_dict(checkpoint["model_state"], strict=True)
     assert checkpoint["config"]["options"]["fn_weight"] == 4 and checkpoint["config"]["options"]["bce_weight"] == 0.5
     assert checkpoint["config"]["options"]["label_margin"] == 2
@@ -95,8 +97,8 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
 
 def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
     index = build_index(prepared_synth)
-    make = lambda weight: segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 3, 4,
-                                            "upconv", bce_weight=weight)
+    make = lambda weight: segmentation_task(prepared_synth / "cache", index, 3, BOOK, 32, 48, 8, (), 0, 8.0,
+                                            bce_weight=weight)
     plain, mixed = make(0.0), make(2.0)
     batch = pad_collate([plain.train_dataset(1)[i] for i in range(4)])
     torch.manual_seed(0)
@@ -111,7 +113,7 @@ def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
 
 def test_validation_step_runs_channels_last_with_the_same_results(prepared_synth):
     index = build_index(prepared_synth)
-    task = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 3, 4, "upconv")
+    task = segmentation_task(prepared_synth / "cache", index, 3, BOOK, 32, 48, 8, (), 0, 8.0)
     batch = pad_collate([task.val_dataset()[i] for i in range(4)])
     torch.manual_seed(0)
     model = task.model().eval()
@@ -130,8 +132,8 @@ def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    plain = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 2, 3, "upconv")
-    grown = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 8, (), 0, 8.0, 2, 3, "upconv",
+    plain = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 8, (), 0, 8.0)
+    grown = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 8, (), 0, 8.0,
                               label_margin=1)
     assert len(grown.train_samples) > len(plain.train_samples)  # the slices next to each nodule join
     code, k = grown.val_samples[0]
@@ -146,7 +148,7 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    task = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 40, (), 0, 8.0, 2, 3, "upconv",
+    task = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 40, (), 0, 8.0,
                              lookalike_share=0.25)
     is_val = index.validation_series(3)
     lookalikes = lookalike_pixels(prepared_synth / "cache", index, np.flatnonzero(~is_val))
@@ -168,7 +170,7 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
                    if r <= row < r + 32 and c <= col < c + 32
                    and np.array_equal(stack[3].numpy(), volume[k, r:r + 32, c:c + 32])]
         assert matches  # the crop holds the look-alike's pixel
-    plain = segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 40, (), 0, 8.0, 2, 3, "upconv")
+    plain = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 40, (), 0, 8.0)
     assert np.all(plain.train_dataset(1).samples[:, 2:] == -1)
 
 
@@ -179,8 +181,8 @@ def test_per_nodule_draws_every_nodule_equally_often(prepared_synth):
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    make = lambda per_nodule: segmentation_task(prepared_synth / "cache", index, 3, 3, 32, 48, 30000, (), 0, 8.0, 2,
-                                                3, "upconv", per_nodule=per_nodule)
+    make = lambda per_nodule: segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 30000, (), 0, 8.0,
+                                                per_nodule=per_nodule)
     slices = []  # (uid code, first, last slice) of each nodule's label component
     for code in np.unique(make(False).train_samples[:, 0]):
         record = cache.record(index.series_uids[code])

@@ -19,7 +19,8 @@ from p2ch_app.data.datasets import interleave
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
 from p2ch_app.tasks import fine_tunable, nodule_task
-from p2ch_app.training import TrainConfig, fit, load_checkpoint, select_device
+from p2ch_app.checkpoints import load_checkpoint
+from p2ch_app.training import TrainConfig, fit, select_device
 from tests.conftest import BOOK_MODELS, PROJECT, requires_shared
 
 TINY = ["--epochs", "2", "--epoch-samples", "32", "--batch-size", "16", "--workers", "0", "--val-stride", "3"]
@@ -309,7 +310,7 @@ def test_init_refuses_another_architecture_and_resume(cls_run, prepared_synth, t
     from p2ch_app.models import NoduleSegmenter
 
     seg = tmp_path / "seg.pt"
-    torch.save({"model_state": NoduleSegmenter(in_channels=7).state_dict()}, seg)
+    torch.save({"model_state": NoduleSegmenter().state_dict()}, seg)
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path, "--init", seg])
     assert result.exit_code == 2 and "is not a luna-train-cls model of this architecture" in result.output
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path, "--init", seg,
@@ -323,7 +324,7 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     from p2ch_app.data.cache import LunaCache
     from p2ch_app.models import NoduleSegmenter
 
-    unet = NoduleSegmenter(in_channels=7)
+    unet = NoduleSegmenter()
     with torch.no_grad():
         unet.unet.last.weight.fill_(0.0)
         unet.unet.last.bias.fill_(50.0)  # marks everything: one candidate per CT, near its middle

@@ -1,0 +1,115 @@
+"""Checkpoint files and the models they hold: the one place that knows their layout.
+
+Three layouts are read:
+- ours: `model_state` plus `model_name` and `model_config` (the architecture), so the network
+  is rebuilt exactly as it was trained;
+- ours from before the architecture was saved: a segmenter's shape is in the training options,
+  and those U-Nets pooled with max pooling;
+- the book's `.state` files: `model_state` and `model_name` (UNetWrapper, LunaModel), whose
+  architecture is our configs' defaults.
+Every file is read with weights_only=True: tensors and plain values, never code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from p2ch_app.errors import UserError
+from p2ch_app.files import write_atomic
+from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
+
+SEGMENTER, CLASSIFIER = "segmenter", "classifier"
+_KIND_OF_NAME = {"NoduleSegmenter": SEGMENTER, "UNetWrapper": SEGMENTER,
+                 "NoduleClassifier": CLASSIFIER, "LunaModel": CLASSIFIER}
+_WHAT = {SEGMENTER: "a segmentation (luna-train-seg) checkpoint",
+         CLASSIFIER: "a classifier (luna-train-cls or luna-finetune-mal) checkpoint"}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def model_entries(model: nn.Module) -> dict:
+    """What a checkpoint needs to rebuild `model`: its weights, class name and architecture."""
+    return {"model_state": model.state_dict(), "model_name": type(model).__name__,
+            "model_config": asdict(model.config)}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with weights_only=True: tensors and plain values only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass an existing .pt or .state file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if refused:
+            raise UserError(f"refused to load {path}: it holds objects beyond tensors and plain values, and "
+                            f"unpickling them could run code ({refused[0][:100]}); use a checkpoint written "
+                            "by p2ch_app or the book") from None
+        raise UserError(f"{path} is not a readable checkpoint; it may be truncated or another kind of file") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
+                        "it may be truncated") from None
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
+        raise UserError(f"{path} has no model_state; it is not a p2ch_app or book checkpoint")
+    return checkpoint
+
+
+def saved_options(checkpoint: dict) -> dict:
+    """The command-line options a run of ours was trained with (empty for the book's files). A
+    U-Net saved before its architecture was had max pooling, which its options do not say."""
+    options = dict(checkpoint.get("config", {}).get("options", {}))
+    if "model_config" not in checkpoint and checkpoint.get("model_name") == "NoduleSegmenter":
+        options.setdefault("pooling", "max")
+    return options
+
+
+def model_config(checkpoint: dict, kind: str) -> SegmenterConfig | ClassifierConfig:
+    """The architecture a checkpoint's weights belong to."""
+    saved = checkpoint.get("model_config")
+    if kind == CLASSIFIER:
+        return ClassifierConfig(**{**saved, "crop_size": tuple(saved["crop_size"])}) if saved else ClassifierConfig()
+    if saved:
+        return SegmenterConfig(**saved)
+    if "config" not in checkpoint:  # the book's file (or bare weights): the book's architecture
+        return SegmenterConfig()
+    options = saved_options(checkpoint)
+    return SegmenterConfig(context=int(options.get("context", 3)), depth=int(options.get("unet_depth", 3)),
+                           width_factor=int(options.get("width_factor", 4)),
+                           up_mode=options.get("up_mode", "upconv"), pooling=options["pooling"])
+
+
+def load_weights(model: nn.Module, path: Path, what: str, checkpoint: dict | None = None) -> nn.Module:
+    """Copy a checkpoint's weights (ours or the book's) into model, strictly: a checkpoint of another
+    architecture is a user error naming `what` it should be and the first mismatch, not a traceback.
+    Pass `checkpoint` when path is already loaded, so it is read once."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    try:
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{path} is not {what} ({str(err).splitlines()[0][:100]})") from None
+    return model
+
+
+def load_model(path: Path, kind: str, checkpoint: dict | None = None) -> nn.Module:
+    """The network a checkpoint holds, rebuilt from its saved architecture, weights loaded, in eval mode."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    found = _KIND_OF_NAME.get(checkpoint.get("model_name"))
+    if found is not None and found != kind:
+        raise UserError(f"{path} holds a {found} ({checkpoint['model_name']}), not a {kind}; "
+                        f"pass {_WHAT[kind]}")
+    try:
+        config = model_config(checkpoint, kind)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path} has an architecture this version cannot build ({err}); "
+                        f"pass {_WHAT[kind]}") from None
+    model = NoduleSegmenter(config) if kind == SEGMENTER else NoduleClassifier(config)
+    return load_weights(model, path, _WHAT[kind], checkpoint).eval()

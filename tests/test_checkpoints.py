@@ -1,0 +1,68 @@
+"""Checkpoints rebuild the network that was trained: ours with their saved architecture, ours from
+before it was saved as they were trained (max pooling), the book's as the book's."""
+
+import pytest
+import torch
+
+from p2ch_app.checkpoints import (CLASSIFIER, SEGMENTER, load_model, model_config, model_entries, save_checkpoint,
+                                  saved_options)
+from p2ch_app.errors import UserError
+from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from tests.conftest import BOOK_MODELS, requires_shared
+
+
+def outputs_equal(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_a_checkpoint_of_ours_rebuilds_its_architecture(tmp_path):
+    torch.manual_seed(0)
+    config = SegmenterConfig(context=2, depth=2, width_factor=3, up_mode="upsample", pooling="max")
+    trained = NoduleSegmenter(config)
+    save_checkpoint(tmp_path / "seg.pt", {**model_entries(trained), "config": {"options": {}}})
+    rebuilt = load_model(tmp_path / "seg.pt", SEGMENTER)
+    assert rebuilt.config == config
+    assert outputs_equal(rebuilt, trained, torch.randn(1, 5, 24, 24))
+    save_checkpoint(tmp_path / "cls.pt", model_entries(NoduleClassifier(ClassifierConfig(width=4))))
+    assert load_model(tmp_path / "cls.pt", CLASSIFIER).config == ClassifierConfig(width=4)
+
+
+def test_a_unet_saved_before_the_architecture_was_keeps_its_max_pooling(tmp_path):
+    """Our U-Nets were trained with max pooling until the architecture went into the checkpoint;
+    their options name the shape but not the pooling."""
+    torch.manual_seed(0)
+    trained = NoduleSegmenter(SegmenterConfig(context=1, depth=2, width_factor=2, pooling="max"))
+    options = {"context": 1, "unet_depth": 2, "width_factor": 2, "up_mode": "upconv", "epochs": 3}
+    old = {"model_state": trained.state_dict(), "model_name": "NoduleSegmenter", "config": {"options": options}}
+    torch.save(old, tmp_path / "old.pt")
+    rebuilt = load_model(tmp_path / "old.pt", SEGMENTER)
+    assert rebuilt.config.pooling == "max" and rebuilt.config.depth == 2
+    assert outputs_equal(rebuilt, trained, torch.randn(1, 3, 16, 16))
+    assert saved_options(old)["pooling"] == "max"  # so --resume goes on with max pooling too
+    assert "pooling" not in saved_options({**old, "model_config": {}})
+
+
+def test_bare_weights_get_the_books_architecture():
+    assert model_config({"model_state": {}}, SEGMENTER) == SegmenterConfig(pooling="avg")
+    assert model_config({"model_state": {}}, CLASSIFIER) == ClassifierConfig()
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_a_one_line_error(tmp_path):
+    save_checkpoint(tmp_path / "cls.pt", model_entries(NoduleClassifier()))
+    with pytest.raises(UserError, match="holds a classifier .*not a segmenter"):
+        load_model(tmp_path / "cls.pt", SEGMENTER)
+    torch.save({"model_state": NoduleClassifier().state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(UserError, match="is not a segmentation"):
+        load_model(tmp_path / "bare.pt", SEGMENTER)
+    torch.save({**model_entries(NoduleSegmenter()), "model_config": {"pooling": "median"}}, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="architecture this version cannot build"):
+        load_model(tmp_path / "odd.pt", SEGMENTER)
+
+
+@requires_shared
+def test_the_books_files_load_as_the_books_networks():
+    seg = load_model(next(BOOK_MODELS.glob("seg_*.state")), SEGMENTER)
+    cls = load_model(next(BOOK_MODELS.glob("cls_*.state")), CLASSIFIER)
+    assert seg.config == SegmenterConfig() and seg.config.pooling == "avg" and cls.config == ClassifierConfig()
+    assert not seg.training and not cls.training

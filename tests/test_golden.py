@@ -1,0 +1,103 @@
+"""Golden tests: the book's published models through our pipeline, against what the book's own code
+computed with them on the real CT (../shared/data/reference, made outside this repository; see
+../shared/README.md). A test comparing our code with our code cannot catch a wrong architecture;
+these can: each of a wrong pooling, erosion, centre weighting or crop centre fails one of them."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.spatial import cKDTree
+
+from tests.conftest import BOOK_MODELS, REAL_DICOM, SHARED
+
+REFERENCE = SHARED / "data" / "reference"
+pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(),
+                                reason=f"{REFERENCE} is absent (outputs of the book's own code on the real CT)")
+TABLE_CORNER = lambda xyz: (xyz[:, 0] > 120) & (xyz[:, 1] < -265)  # noqa: E731  outside the patient
+
+
+def book_model(prefix: str):
+    return next(BOOK_MODELS.glob(f"{prefix}_*.state"))
+
+
+def read_candidates(path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {"xyz": np.array([[float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in rows]).reshape(-1, 3),
+            "irc": np.array([[float(r[k]) for k in ("index", "row", "col")] for r in rows]).reshape(-1, 3),
+            "voxels": np.array([int(r["voxels"]) for r in rows]),
+            "prob": np.array([float(r["nodule_prob"]) for r in rows])}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return read_candidates(REFERENCE / "cptac-book-candidates.csv")
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """nodule-analyze on the real CT with the book's models: every candidate, with and without --keep-outside."""
+    from p2ch_app.cli import analyze
+
+    folder = tmp_path_factory.mktemp("golden")
+    found = {}
+    for name, extra in (("all", ["--keep-outside"]), ("default", [])):
+        args = ["--ct", REAL_DICOM, "--seg-model", book_model("seg"), "--cls-model", book_model("cls"),
+                "--runs-dir", folder, "--threshold", 0, "--output", folder / f"{name}.csv", *extra]
+        result = CliRunner().invoke(analyze, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        found[name] = read_candidates(folder / f"{name}.csv")
+    return found
+
+
+def match(ours: np.ndarray, theirs: np.ndarray, tolerance_mm: float = 0.01) -> np.ndarray:
+    """For each of theirs, the index of our candidate within tolerance_mm; -1 where there is none."""
+    if len(ours) == 0:
+        return np.full(len(theirs), -1)
+    distance, nearest = cKDTree(ours).query(theirs)
+    return np.where(distance <= tolerance_mm, nearest, -1)
+
+
+def test_the_unet_gives_the_books_output_on_the_reference_slices():
+    from p2ch_app.analysis import load_segmenter, slice_probabilities
+    from p2ch_app.data.ct import load_ct
+
+    ct = load_ct(REAL_DICOM)
+    segmenter, context = load_segmenter(book_model("seg"), torch.device("cpu"))
+    expected = np.load(REFERENCE / "cptac-book-unet-slices.npz")
+    for k in (31, 44):
+        with torch.inference_mode():
+            ours = slice_probabilities(ct.hu, segmenter, context, torch.device("cpu"), k, k + 1)[0].numpy()
+        assert ours.shape == expected[f"slice_{k}"].shape == (512, 512)
+        assert np.abs(ours - expected[f"slice_{k}"]).max() <= 1e-4, f"slice {k}"
+
+
+def test_keep_outside_gives_the_books_candidates_one_to_one(analysed, reference):
+    ours = analysed["all"]
+    assert len(ours["xyz"]) == len(reference["xyz"]) == 1532
+    matched = match(ours["xyz"], reference["xyz"])
+    assert (matched >= 0).all(), f"{np.sum(matched < 0)} of the book's candidates have no centre of ours within 0.01 mm"
+    assert len(np.unique(matched)) == len(matched)  # one to one
+    assert np.array_equal(ours["voxels"][matched], reference["voxels"])
+    assert np.abs(ours["prob"][matched] - reference["prob"]).max() <= 1e-4
+
+
+def test_the_default_mode_keeps_the_patient_and_drops_the_table(analysed, reference):
+    from p2ch_app.analysis import inside_body
+    from p2ch_app.data.ct import load_ct
+
+    ours = analysed["default"]
+    in_patient = inside_body(load_ct(REAL_DICOM).hu, reference["irc"])
+    matched = match(ours["xyz"], reference["xyz"])
+    assert (matched[in_patient] >= 0).all()  # every reference candidate inside our body mask is kept
+    assert len(ours["xyz"]) == in_patient.sum()
+    detected = reference["prob"] > 0.5
+    on_table = detected & TABLE_CORNER(reference["xyz"])
+    assert on_table.sum() == 22 and (detected & ~on_table).sum() == 10
+    assert (matched[on_table] < 0).all()
+    others = detected & ~on_table
+    assert (matched[others] >= 0).all()
+    assert np.abs(ours["prob"][matched[others]] - reference["prob"][others]).max() <= 1e-4
