@@ -15,8 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-demo: install
-	$(PY) scripts/demo.py
+demo: install  # SEED=N: train the models with another seed
+	$(PY) scripts/demo.py $(if $(SEED),--seed $(SEED))
 
 test: install
 	$(PY) -m pytest -q
