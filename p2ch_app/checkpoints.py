@@ -113,3 +113,23 @@ def load_model(path: Path, kind: str, checkpoint: dict | None = None) -> nn.Modu
                         f"pass {_WHAT[kind]}") from None
     model = NoduleSegmenter(config) if kind == SEGMENTER else NoduleClassifier(config)
     return load_weights(model, path, _WHAT[kind], checkpoint).eval()
+
+
+def newest_best(runs_dir: Path, command: str) -> Path | None:
+    """The most recent best.pt of a trainer under runs_dir, if any."""
+    found = sorted(Path(runs_dir).glob(f"{command}/*/best.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def model_paths(runs_dir: Path, seg: Path | None, cls: Path | None, mal: Path | None) -> dict[str, Path | None]:
+    """The checkpoints nodule-analyze runs: those given, else the newest best.pt of each trainer
+    (a malignancy model only when one was trained)."""
+    trainers = {"seg": ("luna-train-seg", seg), "cls": ("luna-train-cls", cls)}
+    paths = {}
+    for key, (command, given) in trainers.items():
+        paths[key] = given or newest_best(runs_dir, command)
+        if paths[key] is None:
+            raise UserError(f"no trained model under {runs_dir}/{command}/; train one with {command} "
+                            f"or pass --{key}-model (the book's .state files work)")
+    paths["mal"] = mal or newest_best(runs_dir, "luna-finetune-mal")
+    return paths

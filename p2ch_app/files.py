@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -48,3 +49,15 @@ def plain(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def new_run_dir(runs_dir: Path, command: str, comment: str = "") -> Path:
+    """runs/<command>/<timestamp>[-comment], never an existing folder."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
+    base = Path(runs_dir) / command / (f"{stamp}-{comment}" if comment else stamp)
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import diskcache
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from p2ch_app.checkpoints import load_checkpoint
+from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE
 from p2ch_app.data.index import build_index
-from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
-from p2ch_app.tasks import nodule_task
-from p2ch_app.checkpoints import load_checkpoint
+from p2ch_app.training.classification import NoduleSettings, nodule_task
+from p2ch_app.training.loop import Sampling
 
 BENCH_DIR = Path("data-unversioned/bench")
 RESULTS = Path("bench-results/bench.json")
@@ -112,7 +112,8 @@ def write_luna_scale_csvs(folder: Path) -> None:
     """candidates.csv with the real row count (551,065) over 888 series, plus 1186 annotations."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{int.from_bytes(rng.bytes(12), 'big') + 10**29}" for _ in range(LUNA_SERIES)]
+    uids = [f"1.3.6.1.4.1.14519.5.2.1.6279.6001.{int.from_bytes(rng.bytes(12), 'big') + 10**29}"
+            for _ in range(LUNA_SERIES)]
     which = rng.integers(0, LUNA_SERIES, LUNA_CANDIDATE_ROWS)
     xyz = rng.uniform(-300, 300, (LUNA_CANDIDATE_ROWS, 3))
     label = (rng.random(LUNA_CANDIDATE_ROWS) < 1557 / LUNA_CANDIDATE_ROWS).astype(int)
@@ -162,7 +163,7 @@ def bench_loading(root: Path, samples: int = 2000) -> dict:
     from torch.utils.data import DataLoader
 
     index = build_index(root)
-    task = nodule_task(root / "cache", index, index.is_validation(4), 1, samples, (), seed=0)
+    task = nodule_task(index, NoduleSettings(Sampling(root / "cache", val_stride=4, epoch_samples=samples)))
     out = {}
     for workers in (0, 2):
         loader = DataLoader(task.train_dataset(1), batch_size=32, num_workers=workers)
@@ -188,39 +189,15 @@ def bench_demo_models(root: Path) -> dict:
             "mal_val_diameter_auc": mal_val["diameter_auc"]}
 
 
+REAL_CT = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
+BOOK_MODELS = Path("../shared/models/book")
+BOOK_CANDIDATES = Path("../shared/data/reference/cptac-book-candidates.csv")
+
+
 def _book_models(device):
-    from p2ch_app.analysis import load_models
+    from p2ch_app.inference.pipeline import load_models
 
-    book = Path("../shared/models/book")
-    return load_models(next(book.glob("seg_*.state")), next(book.glob("cls_*.state")), None, device)
-
-
-def _reference_analysis(hu: np.ndarray, models, context: int) -> tuple[np.ndarray, ...]:
-    """The plain way, for checking results: one slice at a time, crops cut one by one, models in
-    PyTorch's default layout. Returns (candidate centres, nodule probabilities, eroded mask, U-Net
-    probabilities), outside-body kept."""
-    import torch
-
-    from p2ch_app.data.ct import extract_crop, slice_stack
-
-    segmenter = models.segmenter.to(memory_format=torch.contiguous_format)
-    classifier = models.classifier.to(memory_format=torch.contiguous_format)
-    seg_probs = np.zeros(hu.shape, np.float32)
-    with torch.inference_mode():
-        for i in range(hu.shape[0]):
-            x = torch.from_numpy(slice_stack(hu, i, context).astype(np.float32))[None]
-            seg_probs[i] = segmenter(x)[0, 0].numpy()
-        mask = ndimage.binary_erosion(seg_probs > 0.5, iterations=1)
-        labels, count = ndimage.label(mask)
-        weights = hu.astype(np.float64) + 1001  # scipy's whole-volume centre of mass, not ours
-        centers = np.array(ndimage.center_of_mass(weights, labels, np.arange(1, count + 1))).reshape(-1, 3)
-        del labels, weights
-        probs = []
-        for start in range(0, len(centers), 16):  # crop by crop, classified 16 at a time
-            crops = np.stack([extract_crop(hu, c)[0] for c in centers[start:start + 16]]).astype(np.float32)
-            probs.append(classifier(torch.from_numpy(crops)[:, None])[1][:, 1].numpy())
-        probs = np.concatenate(probs) if probs else np.zeros(0)
-    return centers, probs, mask, seg_probs
+    return load_models(next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state")), None, device)
 
 
 def _conv_layers(model, x) -> list[tuple]:
@@ -250,7 +227,8 @@ def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repea
     layer reached (a floor for direct convolution, the only kind oneDNN runs on a CPU without AVX-512)."""
     import torch
 
-    stack = torch.randn(1, 2 * models.context + 1, 512, 512).contiguous(memory_format=torch.channels_last)
+    context = models.segmenter.config.context
+    stack = torch.randn(1, 2 * context + 1, 512, 512).contiguous(memory_format=torch.channels_last)
     batch = torch.randn(batch_size, 1, *CROP_SIZE).mul(300).contiguous(memory_format=torch.channels_last_3d)
     result, best = {}, 0.0
     for name, model, x, calls in (("segment", models.segmenter, stack, slices),
@@ -266,102 +244,130 @@ def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repea
         result[f"{name}_conv_seconds_at_layer_rates"] = seconds * calls
         result[f"{name}_conv_gflop_per_s"] = flop / seconds / 1e9
     result["best_layer_gflop_per_s"] = best / 1e9
-    result["conv_floor_seconds_at_best_rate"] = (result["segment_conv_tflop"] + result["classify_conv_tflop"]) * 1e12 / best
+    total_tflop = result["segment_conv_tflop"] + result["classify_conv_tflop"]
+    result["conv_floor_seconds_at_best_rate"] = total_tflop * 1e12 / best
     return result
 
 
-def bench_real_ct(batch_size: int = 8) -> dict:
-    """nodule-analyze on the real CT with the book's models: the command's wall time and peak memory,
-    time per stage beside the U-Net forward passes alone (the floor of the segmentation stage),
-    agreement with a plain one-slice, one-crop reference, and how far --fast moves probabilities."""
+def _peak_of_command(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak GiB) of one run of command. Linux counts the memory of the process that starts
+    a child in the child's peak (it is the child's until exec), and this process has grown by now:
+    so a small launcher starts the command and reads the command's peak, with the launcher's
+    ~10 MB as the least it can report."""
     import subprocess
 
+    launcher = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, "
+                "stderr=subprocess.DEVNULL); _, status, usage = os.wait4(child.pid, 0); "
+                "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", launcher, *command], capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
+    status, peak_kib = map(int, done.stdout.split())
+    if status != 0:
+        raise RuntimeError(f"{command[0]} failed with status {status}")
+    return seconds, peak_kib / 2**20
+
+
+def _stages(models, device, batch_size: int) -> tuple[dict, dict]:
+    """Each stage of nodule-analyze on the real CT timed alone, beside the U-Net passes alone:
+    (timings, what the stages found)."""
     import torch
 
-    from p2ch_app.analysis import classify, group, in_pieces, inside_body, keep_freed_memory, segment
     from p2ch_app.data.ct import load_ct
+    from p2ch_app.inference.pipeline import AnalysisSettings, classify, group, segment
+    from p2ch_app.inference.postprocess import inside_body
+    from p2ch_app.inference.runtime import in_pieces, keep_freed_memory
 
-    real = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
-    if not real.is_dir():
-        return {"skipped": f"{real} is absent"}
-    book = Path("../shared/models/book")
-    out_json = BENCH_DIR / "real-ct.json"
-    command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(real), "--batch-size", str(batch_size),
-               "--seg-model", str(next(book.glob("seg_*.state"))), "--cls-model", str(next(book.glob("cls_*.state"))),
-               "--runs-dir", str(BENCH_DIR / "runs"), "--output", str(out_json)]
-
-    def run_alone():
-        """The command's own peak memory. Linux counts the memory of the process that starts a child
-        in the child's peak (it is the child's until exec), and this process has grown by now: so
-        a small launcher starts the command and reads the command's peak, with the launcher's
-        ~10 MB as the least it can report."""
-        launcher = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, "
-                    "stderr=subprocess.DEVNULL); _, status, usage = os.wait4(child.pid, 0); "
-                    "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
-        done = subprocess.run([sys.executable, "-c", launcher, *command], capture_output=True, text=True, check=True)
-        status, peak_kib = map(int, done.stdout.split())
-        if status != 0:
-            raise RuntimeError(f"nodule-analyze failed with status {status}")
-        return peak_kib / 2**20
-
-    seconds, peak_gib = timed(run_alone)
-    result = {"command_seconds": seconds, "command_peak_rss_gib": peak_gib}
-
-    device = torch.device("cpu")
-    models = _book_models(device)
     keep_freed_memory()  # as nodule-analyze does
     stage = {}
-    stage["load"], ct = timed(load_ct, real)
+    stage["load"], ct = timed(load_ct, REAL_CT)
     hu = ct.hu
-    stage["segment"], mask = timed(segment, hu, models.segmenter, models.context, device)
+    stage["segment"], mask = timed(segment, hu, models.segmenter, device)
     padded = np.pad(hu, ((3, 3), (0, 0), (0, 0)), mode="edge").astype(np.float32)
     stacks = [torch.from_numpy(padded[i:i + 7])[None].contiguous(memory_format=torch.channels_last)
               for i in range(len(hu))]  # the inputs ready-made: what is left is the U-Net alone
     with torch.inference_mode():
-        stage["unet_forward_only"], _ = timed(
-            lambda inputs: [in_pieces(models.segmenter, x) for x in inputs], stacks)
+        stage["unet_forward_only"], _ = timed(lambda inputs: [in_pieces(models.segmenter, x) for x in inputs], stacks)
     del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
     stage["body_mask"], inside = timed(inside_body, hu, centers)
-    stage["classify"], probs = timed(classify, hu, centers[inside], models.classifier, batch_size, device)
-    result.update({f"stage_{k}_s": v for k, v in stage.items()})
-    result.update(candidates=len(centers), candidates_inside_body=int(inside.sum()),
-                  single_voxel_candidates=int((voxels == 1).sum()),
-                  classify_crops_per_s=int(inside.sum()) / stage["classify"],
-                  segment_over_unet_floor=stage["segment"] / stage["unet_forward_only"])
-    result.update(bench_conv_floor(models, len(hu), int(inside.sum()), batch_size))
-    print(f"[bench] {result}", file=sys.stderr, flush=True)  # the slow reference follows
+    settings = AnalysisSettings(batch_size=batch_size)
+    stage["classify"], probs = timed(classify, hu, centers[inside], models.classifier, device, settings)
+    found = {"hu": hu, "centers": centers, "voxels": voxels, "inside": inside, "probs": probs}
+    return {f"stage_{k}_s": v for k, v in stage.items()}, found
 
-    ref_seconds, (ref_centers, ref_probs, ref_mask, ref_seg_probs) = timed(
-        _reference_analysis, hu, _book_models(device), models.context)
-    # candidates pair up when their centres agree to 1e-3 voxel. An eroded-mask voxel can only
-    # differ when it or a face neighbour has a U-Net probability at 0.5 to within float rounding
-    # (the two layouts sum in other orders): the figure below is how close to 0.5 that one is
-    gap, nearest = cKDTree(ref_centers).query(centers)
-    paired = gap < 1e-3
-    differ = ref_mask != mask
-    nearest_to_half = ndimage.minimum_filter(np.abs(ref_seg_probs - 0.5), footprint=ndimage.generate_binary_structure(
-        3, 1), mode="nearest")
-    result.update(reference_seconds=ref_seconds, reference_candidates=len(ref_centers),
-                  same_candidates=bool(paired.all() and len(ref_centers) == len(centers)),
-                  candidates_paired_with_reference=int(paired.sum()),
-                  mask_voxels_differing_from_reference=int(differ.sum()),
-                  unet_prob_offset_from_half_where_masks_differ=float(nearest_to_half[differ].max())
-                  if differ.any() else 0.0,
-                  max_prob_diff_vs_reference=float(np.abs(ref_probs[nearest[inside & paired]]
-                                                          - probs[paired[inside]]).max()))
-    del ref_mask, ref_seg_probs, nearest_to_half
 
-    # bf16 is emulated on CPUs without bf16 instructions (12-120x slower): a small sample suffices
-    sample = np.random.default_rng(0).choice(int(inside.sum()), size=min(48, int(inside.sum())), replace=False)
-    fast_s, fast_probs = timed(classify, hu, centers[inside][sample], models.classifier, batch_size, device, fast=True)
-    plain_s, _ = timed(classify, hu, centers[inside][sample], models.classifier, batch_size, device)
-    fast_seg_s, fast_mask = timed(segment, hu[40:48], models.segmenter, models.context, device, fast=True)
-    plain_seg_s, plain_mask = timed(segment, hu[40:48], models.segmenter, models.context, device)
-    result.update(fast_classify_speedup=plain_s / fast_s, fast_segment_speedup=plain_seg_s / fast_seg_s,
-                  fast_max_prob_diff=float(np.abs(fast_probs - probs[sample]).max()),
-                  fast_mean_prob_diff=float(np.abs(fast_probs - probs[sample]).mean()),
-                  fast_mask_voxels_changed_share=float((fast_mask != plain_mask).sum() / max(plain_mask.sum(), 1)))
+def _against_book(detections: list[dict]) -> dict:
+    """The command's detections beside the book's own pipeline on the same CT (its reference CSV):
+    how many of the book's in-body candidates we have within 0.01 mm, and how far probabilities differ."""
+    import csv
+
+    from p2ch_app.data.ct import load_ct
+    from p2ch_app.inference.postprocess import inside_body
+
+    with open(BOOK_CANDIDATES, newline="") as f:
+        book = list(csv.DictReader(f))
+    book_xyz = np.array([[float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in book])
+    book_irc = np.array([[float(r[k]) for k in ("index", "row", "col")] for r in book])
+    book_prob = np.array([float(r["nodule_prob"]) for r in book])
+    inside = inside_body(load_ct(REAL_CT).hu, book_irc)
+    ours_xyz = np.array([[d["x_mm"], d["y_mm"], d["z_mm"]] for d in detections]).reshape(-1, 3)
+    ours_prob = np.array([d["nodule_prob"] for d in detections])
+    gap, nearest = cKDTree(ours_xyz).query(book_xyz[inside])
+    matched = gap <= 0.01
+    return {"book_candidates": len(book), "book_candidates_inside_body": int(inside.sum()),
+            "book_inside_matched_within_0.01mm": int(matched.sum()), "our_candidates": len(detections),
+            "max_prob_diff_vs_book": float(np.abs(ours_prob[nearest[matched]] - book_prob[inside][matched]).max()),
+            "book_detections_inside_body": int((book_prob[inside] > 0.5).sum()),
+            "our_detections": int((ours_prob > 0.5).sum())}
+
+
+def _fast_effect(models, device, found: dict, batch_size: int) -> dict:
+    """How --fast (bfloat16 on CPU) moves probabilities and masks, and its speed here. On CPUs without
+    bf16 instructions it is emulated (many times slower), so a small sample suffices."""
+    from p2ch_app.inference.pipeline import AnalysisSettings, classify, segment
+
+    hu, centers, probs = found["hu"], found["centers"][found["inside"]], found["probs"]
+    sample = np.random.default_rng(0).choice(len(centers), size=min(48, len(centers)), replace=False)
+    plain, fast = AnalysisSettings(batch_size=batch_size), AnalysisSettings(batch_size=batch_size, fast=True)
+    fast_s, fast_probs = timed(classify, hu, centers[sample], models.classifier, device, fast)
+    plain_s, _ = timed(classify, hu, centers[sample], models.classifier, device, plain)
+    fast_seg_s, fast_mask = timed(segment, hu[40:48], models.segmenter, device, True)
+    plain_seg_s, plain_mask = timed(segment, hu[40:48], models.segmenter, device, False)
+    return {"fast_classify_speedup": plain_s / fast_s, "fast_segment_speedup": plain_seg_s / fast_seg_s,
+            "fast_max_prob_diff": float(np.abs(fast_probs - probs[sample]).max()),
+            "fast_mean_prob_diff": float(np.abs(fast_probs - probs[sample]).mean()),
+            "fast_mask_voxels_changed_share": float((fast_mask != plain_mask).sum() / max(plain_mask.sum(), 1))}
+
+
+def bench_real_ct(batch_size: int = 8, runs: int = 3) -> dict:
+    """nodule-analyze on the real CT with the book's models, default options: the whole command's
+    median time and peak memory over `runs` runs, each stage beside the U-Net passes alone, the
+    detections beside the book's own pipeline's, and what --fast changes."""
+    import torch
+
+    if not REAL_CT.is_dir() or not BOOK_CANDIDATES.is_file():
+        return {"skipped": f"{REAL_CT} or {BOOK_CANDIDATES} is absent"}
+    out_json = BENCH_DIR / "real-ct.json"
+    command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(REAL_CT), "--batch-size",
+               str(batch_size), "--seg-model", str(next(BOOK_MODELS.glob("seg_*.state"))), "--cls-model",
+               str(next(BOOK_MODELS.glob("cls_*.state"))), "--runs-dir", str(BENCH_DIR / "runs"),
+               "--threshold", "0", "--output", str(out_json)]
+    measured = [_peak_of_command(command) for _ in range(runs)]
+    result = {"command_seconds_median": float(np.median([s for s, _ in measured])),
+              "command_seconds_all": [round(s, 1) for s, _ in measured],
+              "command_peak_rss_gib": max(p for _, p in measured)}
+    result.update(_against_book(json.loads(out_json.read_text())["detections"]))
+    device = torch.device("cpu")
+    models = _book_models(device)
+    stages, found = _stages(models, device, batch_size)
+    inside = found["inside"]
+    result.update(stages, candidates=len(found["centers"]), candidates_inside_body=int(inside.sum()),
+                  single_voxel_candidates=int((found["voxels"] == 1).sum()),
+                  classify_crops_per_s=int(inside.sum()) / stages["stage_classify_s"],
+                  segment_over_unet_floor=stages["stage_segment_s"] / stages["stage_unet_forward_only_s"])
+    result.update(bench_conv_floor(models, len(found["hu"]), int(inside.sum()), batch_size))
+    result.update(_fast_effect(models, device, found, batch_size))
     return result
 
 
@@ -374,12 +380,13 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
     import torch
 
     import p2ch_app.data.synth as synth_module
-    from p2ch_app.analysis import analyze_series
     from p2ch_app.data.synth import PRESETS, write_dataset
-    from p2ch_app.evaluation import confusion, cpm
+    from p2ch_app.evaluation.scoring import confusion, cpm
+    from p2ch_app.evaluation.series import analyze_series
+    from p2ch_app.inference.pipeline import AnalysisSettings
 
-    if not Path("../shared/models/book").is_dir():
-        return {"skipped": "../shared/models/book is absent"}
+    if not BOOK_MODELS.is_dir():
+        return {"skipped": f"{BOOK_MODELS} is absent"}
     root = BENCH_DIR / "full"
     stamp = root / "generator.sha256"  # the synth.py that wrote the data: a changed generator writes it afresh
     generator = hashlib.sha256(Path(synth_module.__file__).read_bytes()).hexdigest()
@@ -388,8 +395,9 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
         write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"], overwrite=True, workers=2)
         stamp.write_text(generator)
     index = build_index(root)
-    seconds, results = timed(analyze_series, root, index, index.series_uids, _book_models(torch.device("cpu")),
-                             progress=True)
+    device = torch.device("cpu")
+    seconds, results = timed(analyze_series, root, index, index.series_uids, _book_models(device),
+                             AnalysisSettings(), device)
     scans = [scan for _, _, scan in results]
     table = confusion(scans)
     big = [replace(s, nodules_xyz=s.nodules_xyz[s.diameters_mm >= min_diameter],

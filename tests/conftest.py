@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
-
-import pickle
 
 import diskcache
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from click.testing import CliRunner
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared"
@@ -135,3 +135,25 @@ def prepared_synth(tmp_path_factory):
     write_dataset(root, series=6, subsets=2, seed=0, geometry=small_geometry(), progress=False)
     LunaCache(root / "cache").build(root, build_index(root), workers=1, progress=False)
     return root
+
+
+TINY = ["--epochs", "2", "--epoch-samples", "32", "--batch-size", "16", "--workers", "0", "--val-stride", "3"]
+
+
+def run(command, args):
+    """A click command in this process, every argument as a string."""
+    return CliRunner().invoke(command, [str(a) for a in args])
+
+
+def only_run_dir(runs: Path, command: str) -> Path:
+    dirs = list((runs / command).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def tensorboard_tags(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    return events.Tags()

@@ -4,8 +4,15 @@ before it was saved as they were trained (max pooling), the book's as the book's
 import pytest
 import torch
 
-from p2ch_app.checkpoints import (CLASSIFIER, SEGMENTER, load_model, model_config, model_entries, save_checkpoint,
-                                  saved_options)
+from p2ch_app.checkpoints import (
+    CLASSIFIER,
+    SEGMENTER,
+    load_model,
+    model_config,
+    model_entries,
+    save_checkpoint,
+    saved_options,
+)
 from p2ch_app.errors import UserError
 from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 from tests.conftest import BOOK_MODELS, requires_shared
@@ -66,3 +73,17 @@ def test_the_books_files_load_as_the_books_networks():
     cls = load_model(next(BOOK_MODELS.glob("cls_*.state")), CLASSIFIER)
     assert seg.config == SegmenterConfig() and seg.config.pooling == "avg" and cls.config == ClassifierConfig()
     assert not seg.training and not cls.training
+
+
+def test_newest_best(tmp_path):
+    import os
+
+    from p2ch_app.checkpoints import newest_best
+
+    assert newest_best(tmp_path, "luna-train-cls") is None
+    for i, name in enumerate(["2026-01-01_10.00.00", "2026-01-02_10.00.00"]):
+        path = tmp_path / "luna-train-cls" / name / "best.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    assert newest_best(tmp_path, "luna-train-cls").parent.name == "2026-01-02_10.00.00"

@@ -62,15 +62,15 @@ def match(ours: np.ndarray, theirs: np.ndarray, tolerance_mm: float = 0.01) -> n
 
 
 def test_the_unet_gives_the_books_output_on_the_reference_slices():
-    from p2ch_app.analysis import load_segmenter, slice_probabilities
     from p2ch_app.data.ct import load_ct
+    from p2ch_app.inference.pipeline import load_segmenter, slice_probabilities
 
     ct = load_ct(REAL_DICOM)
-    segmenter, context = load_segmenter(book_model("seg"), torch.device("cpu"))
+    segmenter = load_segmenter(book_model("seg"), torch.device("cpu"))
     expected = np.load(REFERENCE / "cptac-book-unet-slices.npz")
     for k in (31, 44):
         with torch.inference_mode():
-            ours = slice_probabilities(ct.hu, segmenter, context, torch.device("cpu"), k, k + 1)[0].numpy()
+            ours = slice_probabilities(ct.hu, segmenter, torch.device("cpu"), k, k + 1)[0].numpy()
         assert ours.shape == expected[f"slice_{k}"].shape == (512, 512)
         assert np.abs(ours - expected[f"slice_{k}"]).max() <= 1e-4, f"slice {k}"
 
@@ -86,8 +86,8 @@ def test_keep_outside_gives_the_books_candidates_one_to_one(analysed, reference)
 
 
 def test_the_default_mode_keeps_the_patient_and_drops_the_table(analysed, reference):
-    from p2ch_app.analysis import inside_body
     from p2ch_app.data.ct import load_ct
+    from p2ch_app.inference.postprocess import inside_body
 
     ours = analysed["default"]
     in_patient = inside_body(load_ct(REAL_DICOM).hu, reference["irc"])

@@ -86,6 +86,16 @@ def default_cache_dir(data_root: Path) -> Path:
     return Path(data_root) / "cache"
 
 
+def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
+    """Refuse to train on an index whose series are not all in the cache, naming the fix."""
+    cache = LunaCache(cache_dir)
+    cached = set(cache.cached_uids()) if (Path(cache_dir) / "meta").is_dir() else set()
+    missing = [u for u in index.series_uids if u not in cached]
+    if missing:
+        raise UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {cache_dir}; "
+                        f"run luna-prep --data-root {data_root} first")
+
+
 class LunaCache:
     """Read access to a built cache; build() fills in what is missing."""
 
@@ -194,7 +204,8 @@ def _build_series(job) -> SeriesRecord:
     outside = ~ct.contains(centers_irc)
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        raise UserError(f"{data_root / ANNOTATIONS_CSV}:{lines[i]}: nodule at {np.round(centers_xyz[i], 1).tolist()} mm "
+        where = np.round(centers_xyz[i], 1).tolist()
+        raise UserError(f"{data_root / ANNOTATIONS_CSV}:{lines[i]}: nodule at {where} mm "
                         f"lies outside CT {uid} (shape {list(ct.hu.shape)}); fix the row or the CT")
     mask = grow_nodule_mask(ct.hu, centers_irc)
     tmp = volume_path[: -len(".npy")] + ".tmp.npy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,48 +54,60 @@ class CropDataset(Dataset):
         return torch.from_numpy(crop)[None], int(self.labels[row]), row
 
 
+@dataclass(frozen=True)
+class Patches:
+    """Training patches instead of whole slices: crop x crop pixels at a random place inside a
+    window x window square around a centre. Randomness comes from (seed, epoch, item), so epochs
+    repeat exactly."""
+
+    crop: int
+    window: int = 96
+    seed: int = 0
+    epoch: int = 0
+
+
 class SliceDataset(Dataset):
     """(2C+1)-slice stacks with the centre slice's nodule mask (grown by `margin` voxels): items are
     (int16 stack, bool 1xHxW mask).
 
-    Samples are rows of (uid code, slice), or (uid code, slice, row, col) to centre the crop on a
-    given pixel (a look-alike to learn from); a row or col of -1 means a random nodule pixel.
-    With `crop`, each item is a crop x crop patch at a random place inside a window x window
-    square around that centre (cheap batches that hold what matters); without, the whole slice.
-    Randomness comes from (seed, epoch, item), so epochs repeat exactly.
+    Samples are rows of (uid code, slice) or (uid code, slice, row, col). With patches, each item is
+    a patch around (row, col) where `centred` says the row has one (a look-alike to learn from),
+    else around a random nodule pixel of the slice; without, the whole slice.
     """
 
     def __init__(self, cache_dir: Path, uids: list[str], samples: np.ndarray, context: int,
-                 crop: int | None = None, window: int = 96, seed: int = 0, epoch: int = 0, margin: int = 0):
+                 patches: Patches | None = None, margin: int = 0, centred: np.ndarray | None = None):
         self.cache = LunaCache(cache_dir)
         rows = np.asarray(samples, np.int64)
         rows = rows.reshape(-1, rows.shape[-1] if rows.size else 2)
-        self.uids, self.samples = uids, np.pad(rows, ((0, 0), (0, 4 - rows.shape[1])), constant_values=-1)
-        self.context, self.crop, self.window = context, crop, max(window, crop or 0)
-        self.seed, self.epoch, self.margin = seed, epoch, margin
+        self.uids, self.samples = uids, np.pad(rows, ((0, 0), (0, 4 - rows.shape[1])))
+        self.centred = np.zeros(len(rows), bool) if centred is None else np.asarray(centred, bool)
+        self.context, self.patches, self.margin = context, patches, margin
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def _patch(self, i: int, mask: np.ndarray) -> tuple[slice, slice]:
         code, index, row, col = (int(v) for v in self.samples[i])
-        uid = self.uids[code]
-        record = self.cache.record(uid)
-        mask = record.mask_slice(index, self.margin)
+        crop, window = self.patches.crop, max(self.patches.window, self.patches.crop)
         height, width = mask.shape
-        rows, cols = slice(None), slice(None)
-        if self.crop:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            if row >= 0 and col >= 0:
-                cy, cx = row, col
-            else:
-                ys, xs = np.nonzero(mask)
-                pick = rng.integers(len(ys)) if len(ys) else None
-                cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
-            dy, dx = rng.integers(0, self.window - self.crop + 1, size=2)
-            r0 = int(np.clip(cy - self.window // 2 + dy, 0, max(height - self.crop, 0)))
-            c0 = int(np.clip(cx - self.window // 2 + dx, 0, max(width - self.crop, 0)))
-            rows, cols = slice(r0, r0 + self.crop), slice(c0, c0 + self.crop)
+        rng = np.random.default_rng([self.patches.seed, self.patches.epoch, i])
+        if self.centred[i]:
+            cy, cx = row, col
+        else:
+            ys, xs = np.nonzero(mask)
+            pick = rng.integers(len(ys)) if len(ys) else None
+            cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
+        dy, dx = rng.integers(0, window - crop + 1, size=2)
+        r0 = int(np.clip(cy - window // 2 + dy, 0, max(height - crop, 0)))
+        c0 = int(np.clip(cx - window // 2 + dx, 0, max(width - crop, 0)))
+        return slice(r0, r0 + crop), slice(c0, c0 + crop)
+
+    def __getitem__(self, i: int):
+        code, index = (int(v) for v in self.samples[i, :2])
+        uid = self.uids[code]
+        mask = self.cache.record(uid).mask_slice(index, self.margin)
+        rows, cols = self._patch(i, mask) if self.patches else (slice(None), slice(None))
         stack = slice_stack(self.cache.volume(uid), index, self.context, rows, cols)
         return torch.from_numpy(stack), torch.from_numpy(mask[rows, cols].copy())[None]
 

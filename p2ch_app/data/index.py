@@ -1,7 +1,7 @@
 """The LUNA16 candidate index: CSVs merged into one table of positives and negatives, split by series.
 
 Columns are numpy arrays rather than one object per row: the real candidates.csv has 551,065
-rows and the index must build in about a second. `index[i]` gives a `Candidate` record.
+rows and the index must build in about a second.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +24,8 @@ _XYZ = ["coordX", "coordY", "coordZ"]
 _MATCH_MM = 1e-3  # malignancy rows repeat the annotation coordinates, up to float formatting
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    series_uid: str
-    center_xyz: tuple[float, float, float]
-    is_nodule: bool
-    has_annotation: bool  # positives from annotations.csv carry a diameter and maybe malignancy
-    diameter_mm: float  # 0.0 when unknown
-    is_malignant: bool | None  # None when unknown; False for non-nodules
-    line: int  # line in annotations.csv (annotated) or candidates.csv (the others)
+# Values of LunaIndex.malignancy: one meaning each
+MALIGNANT, BENIGN, UNKNOWN_MALIGNANCY, NOT_A_NODULE = 1, 0, -1, -2
 
 
 @dataclass(eq=False)
@@ -43,17 +36,15 @@ class LunaIndex:
     is_nodule: np.ndarray  # (N,) bool
     has_annotation: np.ndarray  # (N,) bool
     diameter_mm: np.ndarray  # (N,) float64
-    malignancy: np.ndarray  # (N,) int8: 1 malignant, 0 benign or non-nodule, -1 unknown
-    line: np.ndarray  # (N,) int32
+    malignancy: np.ndarray  # (N,) int8: MALIGNANT, BENIGN, UNKNOWN_MALIGNANCY (a nodule) or NOT_A_NODULE
+    line: np.ndarray  # (N,) int32: 1-based line in annotations.csv (annotated) or candidates.csv (the others)
+    mined: np.ndarray  # (N,) bool: a look-alike found by a U-Net (luna-train-cls --mine-with), from no CSV
 
     def __len__(self) -> int:
         return len(self.series_code)
 
-    def __getitem__(self, i: int) -> Candidate:
-        mal = int(self.malignancy[i])
-        return Candidate(self.series_uids[self.series_code[i]], tuple(self.center_xyz[i].tolist()),
-                         bool(self.is_nodule[i]), bool(self.has_annotation[i]), float(self.diameter_mm[i]),
-                         None if mal < 0 else bool(mal), int(self.line[i]))
+    def _columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "series_uids"}
 
     def uids(self) -> np.ndarray:
         """Series UID of every row."""
@@ -61,24 +52,23 @@ class LunaIndex:
 
     def select(self, keep: np.ndarray) -> LunaIndex:
         """The rows where `keep` (bool mask or indices) holds, with the series list trimmed to match."""
-        codes = self.series_code[keep]
-        used = np.unique(codes)
+        columns = {name: values[keep] for name, values in self._columns().items()}
+        used = np.unique(columns["series_code"])
         remap = np.full(len(self.series_uids), -1, np.int32)
         remap[used] = np.arange(len(used), dtype=np.int32)
-        return LunaIndex([self.series_uids[c] for c in used], remap[codes], self.center_xyz[keep],
-                         self.is_nodule[keep], self.has_annotation[keep], self.diameter_mm[keep],
-                         self.malignancy[keep], self.line[keep])
+        columns["series_code"] = remap[columns["series_code"]]
+        return LunaIndex([self.series_uids[c] for c in used], **columns)
 
-    def with_negatives(self, series_code: np.ndarray, center_xyz: np.ndarray) -> LunaIndex:
-        """This index plus non-nodule rows at these centres of its series (line -1: from no CSV)."""
+    def with_mined(self, series_code: np.ndarray, center_xyz: np.ndarray) -> LunaIndex:
+        """This index plus mined non-nodule rows at these centres of its series (line 0: from no file)."""
         n = len(series_code)
-        return LunaIndex(self.series_uids, np.concatenate([self.series_code, np.asarray(series_code, np.int32)]),
-                         np.concatenate([self.center_xyz, np.asarray(center_xyz, float).reshape(-1, 3)]),
-                         np.concatenate([self.is_nodule, np.zeros(n, bool)]),
-                         np.concatenate([self.has_annotation, np.zeros(n, bool)]),
-                         np.concatenate([self.diameter_mm, np.zeros(n)]),
-                         np.concatenate([self.malignancy, np.zeros(n, np.int8)]),
-                         np.concatenate([self.line, np.full(n, -1, np.int32)]))
+        added = dict(series_code=np.asarray(series_code, np.int32),
+                     center_xyz=np.asarray(center_xyz, float).reshape(-1, 3), is_nodule=np.zeros(n, bool),
+                     has_annotation=np.zeros(n, bool), diameter_mm=np.zeros(n),
+                     malignancy=np.full(n, NOT_A_NODULE, np.int8), line=np.zeros(n, np.int32),
+                     mined=np.ones(n, bool))
+        return LunaIndex(self.series_uids, **{name: np.concatenate([values, added[name].astype(values.dtype)])
+                                              for name, values in self._columns().items()})
 
     def for_series(self, uid: str) -> LunaIndex:
         code = self.series_uids.index(uid) if uid in self.series_uids else -1
@@ -95,10 +85,6 @@ class LunaIndex:
         """Per row: whether its series validates."""
         return self.validation_series(val_stride)[self.series_code]
 
-    def split(self, val_stride: int = 10) -> tuple[LunaIndex, LunaIndex]:
-        """(train, validation) by series."""
-        is_val = self.is_validation(val_stride)
-        return self.select(~is_val), self.select(is_val)
 
 
 def build_index(data_root: Path, require_on_disk: bool = True) -> LunaIndex:
@@ -123,7 +109,7 @@ def build_index(data_root: Path, require_on_disk: bool = True) -> LunaIndex:
     bad = np.flatnonzero(ann_diam <= 0)
     if len(bad):
         _fail(ann, bad[0], "diameter_mm", "is not a positive diameter")
-    ann_mal = np.full(len(ann_diam), -1, np.int8)
+    ann_mal = np.full(len(ann_diam), UNKNOWN_MALIGNANCY, np.int8)
     if (data_root / MALIGNANCY_CSV).exists():
         _attach_malignancy(_read_csv(data_root / MALIGNANCY_CSV, ["seriesuid", *_XYZ, "mal_bool"]),
                            ann["seriesuid"], ann_xyz, ann_mal)
@@ -138,8 +124,10 @@ def build_index(data_root: Path, require_on_disk: bool = True) -> LunaIndex:
         is_nodule=np.concatenate([np.ones(n_ann, bool), cand_class[rows] == 1]),
         has_annotation=np.concatenate([np.ones(n_ann, bool), np.zeros(len(rows), bool)]),
         diameter_mm=np.concatenate([ann_diam, np.zeros(len(rows))]),
-        malignancy=np.concatenate([ann_mal, np.where(cand_class[rows] == 1, -1, 0).astype(np.int8)]),
+        malignancy=np.concatenate([ann_mal, np.where(cand_class[rows] == 1, UNKNOWN_MALIGNANCY,
+                                                     NOT_A_NODULE).astype(np.int8)]),
         line=np.concatenate([ann["_line"], cand["_line"][rows]]).astype(np.int32),
+        mined=np.zeros(n_ann + len(rows), bool),
     )
     # Series in order, nodules first within a series, then file order: stable for every run.
     order = np.lexsort((~table["has_annotation"], ~table["is_nodule"], codes))
@@ -253,7 +241,7 @@ def _attach_malignancy(mal: dict, ann_uids, ann_xyz, ann_mal) -> None:
             continue
         dist = np.linalg.norm(ann_xyz[rows] - mal_xyz[i], axis=1)
         if dist.min() <= _MATCH_MM:
-            ann_mal[rows[dist.argmin()]] = flags[i].strip() == "True"
+            ann_mal[rows[dist.argmin()]] = MALIGNANT if flags[i].strip() == "True" else BENIGN
 
 
 def _unmatched_class1(cand_uids, cand_xyz, cand_class, ann_uids, ann_xyz, ann_diam) -> np.ndarray:

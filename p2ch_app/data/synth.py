@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,18 @@ PRESETS = {
     "demo": SynthGeometry(256, (1.15, 1.45), (1.25, 2.5)),
     "full": SynthGeometry(512, (0.5, 0.9), (0.6, 2.5)),
 }
+
+
+def geometry_for(size: str, matrix: int | None = None, inplane_mm: tuple[float, float] | None = None,
+                 slice_mm: tuple[float, float] | None = None) -> SynthGeometry:
+    """A preset's geometry with the given parts replaced; a range must be 0 < MIN <= MAX."""
+    geometry = PRESETS[size]
+    for name, value in (("matrix", matrix), ("inplane_mm", inplane_mm), ("slice_mm", slice_mm)):
+        if value is not None:
+            if isinstance(value, tuple) and not 0 < value[0] <= value[1]:
+                raise UserError(f"--{name.replace('_', '-')} {value[0]} {value[1]}: give 0 < MIN <= MAX")
+            geometry = replace(geometry, **{name: value})
+    return geometry
 
 
 @dataclass

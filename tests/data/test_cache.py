@@ -109,7 +109,8 @@ def test_annotation_outside_its_ct_is_refused_and_the_cache_is_kept(tiny_root, t
     before = snapshot(tmp_path / "cache")
     ann = tiny_root.root / "annotations.csv"
     ann.write_text(ann.read_text() + "1.2.840.99.2,900.0,0.0,0.0,5.0\n")
-    with pytest.raises(UserError, match=r"annotations.csv:7: nodule at \[900.0, 0.0, 0.0\] mm lies outside CT 1.2.840.99.2"):
+    outside = r"annotations.csv:7: nodule at \[900.0, 0.0, 0.0\] mm lies outside CT 1.2.840.99.2"
+    with pytest.raises(UserError, match=outside):
         LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
     assert snapshot(tmp_path / "cache") == before
 

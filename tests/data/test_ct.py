@@ -5,8 +5,19 @@ import pytest
 import SimpleITK as sitk
 
 from p2ch_app.data.ct import (
-    CROP_SIZE, Geometry, check_uid, context_slices, crop_starts, extract_crop, find_series, gather_crops,
-    irc_to_xyz, load_ct, load_series, slice_stack, xyz_to_irc,
+    CROP_SIZE,
+    Geometry,
+    check_uid,
+    context_slices,
+    crop_starts,
+    extract_crop,
+    find_series,
+    gather_crops,
+    irc_to_xyz,
+    load_ct,
+    load_series,
+    slice_stack,
+    xyz_to_irc,
 )
 from p2ch_app.errors import UserError
 from tests.conftest import REAL_DICOM, requires_shared, write_image

@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from p2ch_app.data.index import build_index
+from p2ch_app.data.index import BENIGN, MALIGNANT, NOT_A_NODULE, UNKNOWN_MALIGNANCY, build_index
 from p2ch_app.errors import UserError
 from tests.conftest import REAL_LUNA_CSVS, make_tiny_root, requires_shared
 
@@ -17,17 +17,17 @@ def test_merge_rules(tiny_root):
     # the class-1 candidate one voxel off a nodule merged into its annotation; the far one stayed
     extra = index.is_nodule & ~annotated
     assert extra.sum() == 1 and index.uids()[extra].tolist() == ["1.2.840.99.1"]
-    assert index[int(np.flatnonzero(extra)[0])].diameter_mm == 0.0
-    assert index[int(np.flatnonzero(extra)[0])].is_malignant is None
-    assert (~index.is_nodule).sum() == 12 and (index.malignancy[~index.is_nodule] == 0).all()
-    assert index.malignancy[annotated].tolist().count(1) == 3  # first nodule of each series
+    assert index.diameter_mm[extra].tolist() == [0.0] and index.malignancy[extra].tolist() == [UNKNOWN_MALIGNANCY]
+    assert (~index.is_nodule).sum() == 12 and (index.malignancy[~index.is_nodule] == NOT_A_NODULE).all()
+    assert index.malignancy[annotated].tolist().count(MALIGNANT) == 3  # first nodule of each series
+    assert index.malignancy[annotated].tolist().count(BENIGN) == 2
+    assert not index.mined.any()
 
 
 def test_records_and_order(tiny_root):
     index = build_index(tiny_root.root)
-    first = index[0]
-    assert first.series_uid == "1.2.840.99.1" and first.is_nodule and first.has_annotation
-    assert first.is_malignant is True and first.line == 2
+    assert index.uids()[0] == "1.2.840.99.1" and index.is_nodule[0] and index.has_annotation[0]
+    assert index.malignancy[0] == MALIGNANT and index.line[0] == 2
     codes = index.series_code
     assert (np.diff(codes) >= 0).all()  # grouped by series, nodules first in each
     for code in range(len(index.series_uids)):
@@ -35,41 +35,49 @@ def test_records_and_order(tiny_root):
         assert (np.diff(flags.astype(int)) <= 0).all()
 
 
-def test_with_negatives_appends_non_nodule_rows(tiny_root):
+def test_with_mined_appends_non_nodule_rows_marked_as_mined(tiny_root):
     index = build_index(tiny_root.root)
-    grown = index.with_negatives(np.array([1, 0]), np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    grown = index.with_mined(np.array([1, 0]), np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
     assert len(grown) == len(index) + 2 and grown.series_uids == index.series_uids
-    for name in ("series_code", "center_xyz", "is_nodule", "has_annotation", "diameter_mm", "malignancy", "line"):
+    for name in ("series_code", "center_xyz", "is_nodule", "has_annotation", "diameter_mm", "malignancy", "line",
+                 "mined"):
         assert np.array_equal(getattr(grown, name)[:len(index)], getattr(index, name)), name
-    added = grown[len(index) + 1]
-    assert added.series_uid == index.series_uids[0] and added.center_xyz == (4.0, 5.0, 6.0)
-    assert not added.is_nodule and not added.has_annotation and added.is_malignant is False and added.line == -1
+    added = len(index) + 1
+    assert grown.uids()[added] == index.series_uids[0] and grown.center_xyz[added].tolist() == [4.0, 5.0, 6.0]
+    assert not grown.is_nodule[added] and not grown.has_annotation[added] and grown.mined[added]
+    assert grown.malignancy[added] == NOT_A_NODULE and grown.mined.sum() == 2
     assert np.array_equal(grown.is_validation(2)[len(index):], index.validation_series(2)[[1, 0]])
 
 
 def test_without_malignancy_file_malignancy_is_unknown(tiny_root):
     (tiny_root.root / "annotations_with_malignancy.csv").unlink()
     index = build_index(tiny_root.root)
-    assert (index.malignancy[index.has_annotation] == -1).all()
+    assert (index.malignancy[index.has_annotation] == UNKNOWN_MALIGNANCY).all()
 
 
 def test_index_can_include_series_not_on_disk(tiny_root):
     assert "1.2.840.99.777" in build_index(tiny_root.root, require_on_disk=False).series_uids
 
 
+def split(index, val_stride):
+    """(training rows, validation rows) as an index each."""
+    is_val = index.is_validation(val_stride)
+    return index.select(~is_val), index.select(is_val)
+
+
 def test_split_by_series_is_deterministic_and_disjoint(tmp_path):
     root = make_tiny_root(tmp_path, n_series=12, shape=(24, 48, 48))
     index = build_index(root.root)
-    train, val = index.split(val_stride=5)
+    train, val = split(index, 5)
     assert val.series_uids == [index.series_uids[i] for i in (0, 5, 10)]
     assert set(train.series_uids).isdisjoint(val.series_uids)
     assert len(train) + len(val) == len(index)
-    again_train, again_val = build_index(root.root).split(val_stride=5)
+    again_train, again_val = split(build_index(root.root), 5)
     assert again_val.series_uids == val.series_uids
     assert np.array_equal(again_train.center_xyz, train.center_xyz)
-    assert build_index(root.root).split()[1].series_uids == [index.series_uids[0], index.series_uids[10]]
+    assert split(build_index(root.root), 10)[1].series_uids == [index.series_uids[0], index.series_uids[10]]
     with pytest.raises(UserError, match="at least 2"):
-        index.split(1)
+        index.validation_series(1)
 
 
 @requires_shared
@@ -98,7 +106,8 @@ def test_real_luna16_annotation_files(tmp_path):
      "candidates.csv:3: field coordZ 'abc' is not a number"),
     ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,nan,0\n",
      "candidates.csv:2: field coordZ 'nan' is not a finite number"),
-    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,2\n", "candidates.csv:2: field class is not 0 or 1"),
+    ("candidates.csv", "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,2\n",
+     "candidates.csv:2: field class is not 0 or 1"),
     ("annotations.csv", "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,-4\n",
      "annotations.csv:2: field diameter_mm is not a positive diameter"),
     ("annotations_with_malignancy.csv",

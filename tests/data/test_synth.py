@@ -7,7 +7,12 @@ import SimpleITK as sitk
 
 from p2ch_app.data.ct import irc_to_xyz, load_ct, xyz_to_irc
 from p2ch_app.data.synth import (
-    PRESETS, _place_nodules, _sample_chest, _vessel_trees, make_series, write_dataset,
+    PRESETS,
+    _place_nodules,
+    _sample_chest,
+    _vessel_trees,
+    make_series,
+    write_dataset,
 )
 from p2ch_app.errors import UserError
 from tests.conftest import small_geometry, snapshot

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from p2ch_app.evaluation import ScanResult, confusion, cpm, format_confusion, froc, sensitivities_at
+from p2ch_app.evaluation.results import format_confusion
+from p2ch_app.evaluation.scoring import ScanResult, confusion, cpm, froc, sensitivities_at
 
 
 def scan_a(mal_probs=None):
@@ -62,7 +63,7 @@ def test_confusion_without_malignancy_model_and_the_0_7_rule():
 
 
 def test_malignancy_aucs_score_only_the_nodules_predicted_as_nodules():
-    from p2ch_app.evaluation import malignancy_aucs
+    from p2ch_app.evaluation.scoring import malignancy_aucs
 
     # scan_a: the 10 mm malignant nodule is found by detections 0.9 and 0.8 (the 0.9 one counts);
     # the 6 mm benign one by the 0.6 detection. scan_b's nodule is missed (5 mm away > 0.7 * 4 mm).
@@ -75,7 +76,8 @@ def test_malignancy_aucs_score_only_the_nodules_predicted_as_nodules():
 def test_evaluate_and_its_files(tmp_path):
     import json
 
-    from p2ch_app.evaluation import evaluate, format_summary, save_evaluation
+    from p2ch_app.evaluation.results import format_summary, save_evaluation
+    from p2ch_app.evaluation.scoring import evaluate
 
     scans = [scan_a(np.array([0.2, 0.9, 0.5, 0.7, 0.1])), scan_b()]
     metrics = evaluate(scans, threshold=0.5, bootstrap=50)

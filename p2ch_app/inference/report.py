@@ -23,7 +23,7 @@ from p2ch_app.errors import UserError
 from p2ch_app.files import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    from p2ch_app.analysis import Detection
+    from p2ch_app.inference.pipeline import Detection
 
 HALF_FIELD_MM = 30.0  # every view shows 60 mm x 60 mm around the detection
 LUNG_LEVEL, LUNG_WIDTH = -600, 1500

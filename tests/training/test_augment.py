@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from p2ch_app.augment import augment, parse_augmentations, random_affines
+from p2ch_app.training.augment import augment, parse_augmentations, random_affines
 
 
 def generator(seed=0):

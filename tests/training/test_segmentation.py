@@ -9,13 +9,27 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import train_seg
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.datasets import SliceDataset, pad_collate
+from p2ch_app.data.datasets import Patches, SliceDataset, pad_collate
 from p2ch_app.data.index import build_index
 from p2ch_app.models import NoduleSegmenter, SegmenterConfig
-from p2ch_app.tasks import dice_loss, lookalike_pixels, nodule_slices, segmentation_task
+from p2ch_app.training.loop import Sampling
+from p2ch_app.training.segmentation import (
+    SegmentationSettings,
+    dice_loss,
+    lookalike_pixels,
+    nodule_slices,
+    segmentation_task,
+)
 from tests.conftest import BOOK_MODELS, requires_shared
 
 BOOK, SMALL = SegmenterConfig(), SegmenterConfig(depth=2, width_factor=3)
+
+
+def seg_settings(root, architecture, crop, window, epoch_samples, **given) -> SegmentationSettings:
+    """Segmentation settings over the prepared data, validating every third series, unaugmented."""
+    sampling = Sampling(root / "cache", val_stride=3, epoch_samples=epoch_samples)
+    return SegmentationSettings(sampling, architecture, crop, window, label_margin=given.pop("label_margin", 0),
+                                **given)
 
 
 def square(size=20, lo=5, hi=15) -> torch.Tensor:
@@ -52,7 +66,8 @@ def test_slice_stacks_repeat_edges_and_crop_around_a_nodule(prepared_synth):
     code, k = samples[0]
     record = cache.record(index.series_uids[code])
     assert np.array_equal(record.mask_slice(k), record.mask()[k])
-    cropped = SliceDataset(prepared_synth / "cache", index.series_uids, samples, context=3, crop=32, window=48)
+    cropped = SliceDataset(prepared_synth / "cache", index.series_uids, samples, context=3,
+                           patches=Patches(crop=32, window=48))
     for i in range(len(samples)):
         stack, mask = cropped[i]
         assert stack.shape == (7, 32, 32) and mask.shape == (1, 32, 32) and mask.any()
@@ -97,15 +112,14 @@ def test_tiny_segmentation_run(prepared_synth, tmp_path):
 
 def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
     index = build_index(prepared_synth)
-    make = lambda weight: segmentation_task(prepared_synth / "cache", index, 3, BOOK, 32, 48, 8, (), 0, 8.0,
-                                            bce_weight=weight)
+    make = lambda weight: segmentation_task(index, seg_settings(prepared_synth, BOOK, 32, 48, 8, bce_weight=weight))
     plain, mixed = make(0.0), make(2.0)
     batch = pad_collate([plain.train_dataset(1)[i] for i in range(4)])
     torch.manual_seed(0)
     model = plain.model().eval()
     with torch.no_grad():
-        loss_plain, _ = plain.step(model, batch, torch.device("cpu"), None)
-        loss_mixed, _ = mixed.step(model, batch, torch.device("cpu"), None)
+        loss_plain = plain.val_step(model, batch, torch.device("cpu"))["loss"].mean()
+        loss_mixed = mixed.val_step(model, batch, torch.device("cpu"))["loss"].mean()
         pred = model(batch[0].float())
         bce = torch.nn.functional.binary_cross_entropy(pred, batch[1].float(), reduction="none").mean(dim=(1, 2, 3))
     assert loss_mixed.item() == pytest.approx(loss_plain.item() + 2.0 * bce.mean().item(), rel=1e-5)
@@ -113,17 +127,17 @@ def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
 
 def test_validation_step_runs_channels_last_with_the_same_results(prepared_synth):
     index = build_index(prepared_synth)
-    task = segmentation_task(prepared_synth / "cache", index, 3, BOOK, 32, 48, 8, (), 0, 8.0)
+    task = segmentation_task(index, seg_settings(prepared_synth, BOOK, 32, 48, 8))
     batch = pad_collate([task.val_dataset()[i] for i in range(4)])
     torch.manual_seed(0)
     model = task.model().eval()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     with torch.no_grad():
-        val_loss, val_record = task.step(model, batch, torch.device("cpu"), None)
-        train_loss, train_record = task.step(model, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
+        val_record = task.val_step(model, batch, torch.device("cpu"))
+        train_loss, train_record = task.train_step(model, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert seen == [False, True]  # validation input channels-last, training input in the default layout
-    assert val_loss.item() == pytest.approx(train_loss.item(), abs=1e-5)
+    assert val_record["loss"].mean() == pytest.approx(train_loss.item(), abs=1e-5)
     assert all(abs(int(val_record[k][0]) - int(train_record[k][0])) <= 2 for k in ("tp", "fp", "fn"))
 
 
@@ -132,11 +146,10 @@ def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    plain = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 8, (), 0, 8.0)
-    grown = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 8, (), 0, 8.0,
-                              label_margin=1)
+    plain = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 8))
+    grown = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 8, label_margin=1))
     assert len(grown.train_samples) > len(plain.train_samples)  # the slices next to each nodule join
-    code, k = grown.val_samples[0]
+    code, k = grown.draws.val_rows[0]
     label = cache.record(index.series_uids[code]).mask()
     expected = ndimage.binary_dilation(label, ndimage.generate_binary_structure(3, 1))[k]
     _, mask = grown.val_dataset()[0]
@@ -148,8 +161,7 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    task = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 40, (), 0, 8.0,
-                             lookalike_share=0.25)
+    task = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 40, lookalike_share=0.25))
     is_val = index.validation_series(3)
     lookalikes = lookalike_pixels(prepared_synth / "cache", index, np.flatnonzero(~is_val))
     expected = sum(int(np.sum((index.series_code == c) & ~index.is_nodule)) for c in np.flatnonzero(~is_val))
@@ -160,8 +172,8 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
     assert np.array_equal(np.rint(xyz_to_irc(centers[0], record.geometry)), irc)
 
     dataset = task.train_dataset(1)
-    centred = dataset.samples[:, 2] >= 0
-    assert centred.sum() == 10 and np.all(dataset.samples[~centred, 2:] == -1)  # 5 of every 20 crops
+    centred = dataset.centred
+    assert centred.sum() == 10 and np.all(dataset.samples[~centred, 2:] == 0)  # 5 of every 20 crops
     for i in np.flatnonzero(centred)[:3]:
         code, k, row, col = dataset.samples[i]
         stack, _ = dataset[i]
@@ -170,8 +182,8 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
                    if r <= row < r + 32 and c <= col < c + 32
                    and np.array_equal(stack[3].numpy(), volume[k, r:r + 32, c:c + 32])]
         assert matches  # the crop holds the look-alike's pixel
-    plain = segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 40, (), 0, 8.0)
-    assert np.all(plain.train_dataset(1).samples[:, 2:] == -1)
+    plain = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 40))
+    assert not plain.train_dataset(1).centred.any()
 
 
 def test_per_nodule_draws_every_nodule_equally_often(prepared_synth):
@@ -181,8 +193,8 @@ def test_per_nodule_draws_every_nodule_equally_often(prepared_synth):
 
     index = build_index(prepared_synth)
     cache = LunaCache(prepared_synth / "cache")
-    make = lambda per_nodule: segmentation_task(prepared_synth / "cache", index, 3, SMALL, 32, 48, 30000, (), 0, 8.0,
-                                                per_nodule=per_nodule)
+    make = lambda per_nodule: segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 30000,
+                                                                    per_nodule=per_nodule))
     slices = []  # (uid code, first, last slice) of each nodule's label component
     for code in np.unique(make(False).train_samples[:, 0]):
         record = cache.record(index.series_uids[code])

@@ -7,9 +7,10 @@ malignancy probability); its truth is the annotated nodules (centre, diameter, m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from p2ch_app.metrics import roc_auc
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -108,7 +109,8 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
     nodule are the Non-nodule row. Nodules of unknown malignancy count as Benign.
     """
     with_mal = any(s.malignancy_prob is not None for s in scans)
-    columns = ["Complete miss", "Filtered out"] + (["Pred. benign", "Pred. malignant"] if with_mal else ["Pred. nodule"])
+    predicted = ["Pred. benign", "Pred. malignant"] if with_mal else ["Pred. nodule"]
+    columns = ["Complete miss", "Filtered out"] + predicted
     table = {row: {c: 0 for c in columns} for row in ROWS}
     for scan in scans:
         best, near_nodule = _best_matches(scan, match_fraction)
@@ -131,21 +133,9 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
     return table
 
 
-def format_confusion(table: dict[str, dict[str, int]]) -> str:
-    columns = list(next(iter(table.values())))
-    width = max(len(c) for c in columns) + 2
-    lines = ["".ljust(12) + "".join(c.rjust(width) for c in columns)]
-    for row, counts in table.items():
-        cells = ["-" if row == "Non-nodule" and c == "Complete miss" else str(counts[c]) for c in columns]
-        lines.append(row.ljust(12) + "".join(v.rjust(width) for v in cells))
-    return "\n".join(lines)
-
-
 def malignancy_aucs(scans: list[ScanResult], threshold: float = 0.5, match_fraction: float = 0.7) -> dict:
     """ROC AUC of the malignancy probability on the true nodules the pipeline found (predicted nodule,
     matched as in the confusion table, malignancy known), beside the AUC of their annotated diameter."""
-    from p2ch_app.metrics import roc_auc
-
     labels, probs, diameters = [], [], []
     for scan in scans:
         if scan.malignancy_prob is None:
@@ -172,68 +162,3 @@ def evaluate(scans: list[ScanResult], threshold: float = 0.5, bootstrap: int = 1
     if any(s.malignancy_prob is not None for s in scans):
         metrics["malignancy"] = malignancy_aucs(scans, threshold)
     return metrics
-
-
-def plot_froc(metrics: dict):
-    """The FROC curve with the seven CPM operating points, as a matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    ax = fig.add_subplot()
-    fps, sens = np.array(metrics["froc_fps"]), np.array(metrics["froc_sensitivity"])
-    shown = fps > 0
-    ax.step(fps[shown], sens[shown], where="post", label="FROC")
-    rates = [float(r) for r in metrics["sensitivity_at"]]
-    ax.plot(rates, list(metrics["sensitivity_at"].values()), "o", label="CPM points")
-    ax.set_xscale("log", base=2)
-    ax.set_xlim(1 / 16, 16)
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(rates, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
-    ax.set_xlabel("false positives per scan")
-    ax.set_ylabel("sensitivity")
-    low, high = metrics["cpm_ci95"]
-    ax.set_title(f"CPM {metrics['cpm']:.3f} (95% CI {low:.3f}-{high:.3f}), {metrics['scans']} scans, "
-                 f"{metrics['nodules']} nodules", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def save_evaluation(run_dir: Path, metrics: dict) -> None:
-    """metrics.json, froc.png and the same figures in TensorBoard, all in run_dir."""
-    import json
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    from p2ch_app.files import plain, write_atomic, write_text_atomic
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "metrics.json", json.dumps(plain(metrics), indent=2))
-    figure = plot_froc(metrics)
-    write_atomic(run_dir / "froc.png", figure.savefig)
-    with SummaryWriter(str(run_dir)) as writer:
-        writer.add_scalar("eval/cpm", metrics["cpm"], 0)
-        for rate, sens in metrics["sensitivity_at"].items():
-            writer.add_scalar(f"eval/sensitivity_at_{rate}_fp", sens, 0)
-        for name, value in metrics.get("malignancy", {}).items():
-            writer.add_scalar(f"eval/malignancy_{name}", value, 0)
-        writer.add_figure("eval/froc", figure, 0)
-        writer.add_text("eval/confusion", "    " + format_confusion(metrics["confusion"]).replace("\n", "\n    "), 0)
-
-
-def format_summary(metrics: dict) -> str:
-    """The lines --validation prints: confusion table, CPM with its interval, malignancy AUCs."""
-    low, high = metrics["cpm_ci95"]
-    at = "  ".join(f"{rate}: {sens:.3f}" for rate, sens in metrics["sensitivity_at"].items())
-    lines = [format_confusion(metrics["confusion"]), "",
-             f"CPM {metrics['cpm']:.3f} (bootstrap 95% CI {low:.3f}-{high:.3f}) over {metrics['scans']} scans, "
-             f"{metrics['nodules']} nodules", f"sensitivity at FPs/scan  {at}"]
-    mal = metrics.get("malignancy")
-    if mal:
-        lines.append(f"malignancy AUC {mal['auc']:.3f} on {mal['nodules']} detected nodules ({mal['malignant']} "
-                     f"malignant); diameter-only baseline AUC {mal['diameter_auc']:.3f}")
-    return "\n".join(lines)

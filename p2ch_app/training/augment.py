@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise")
+FULL_AUGMENTATION = ",".join(AUGMENTATIONS)  # the trainers' default
 
 
 def parse_augmentations(text: str | None) -> tuple[str, ...]:

@@ -1,16 +1,10 @@
 """The commands through click: bad input gives one line naming problem and fix, exit 2, nothing harmed;
 good input runs end to end."""
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from p2ch_app.cli import COMMANDS, prep
-from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared, snapshot
-
-
-def run(command, args):
-    return CliRunner().invoke(command, [str(a) for a in args])
+from tests.conftest import BOOK_MODELS, requires_shared, run, snapshot
 
 
 def assert_one_line_error(result, message):
@@ -218,7 +212,7 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
 def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepared_synth, tmp_path, monkeypatch):
     import json
 
-    import p2ch_app.analysis
+    import p2ch_app.inference.runtime
     from p2ch_app.cli import analyze
     from p2ch_app.data.index import build_index
 
@@ -228,7 +222,7 @@ def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepare
               "--threshold", 0.0]
     found, notes = {}, {}
     for name, extra, pays in (("exact", [], True), ("fast", ["--fast"], True), ("ignored", ["--fast"], False)):
-        monkeypatch.setattr(p2ch_app.analysis, "reduced_precision_pays", lambda device, pays=pays: pays)
+        monkeypatch.setattr(p2ch_app.inference.runtime, "reduced_precision_pays", lambda device, pays=pays: pays)
         result = run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"])
         assert result.exit_code == 0
         notes[name] = "--fast ignored" in result.output
@@ -240,35 +234,3 @@ def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepare
     # bfloat16 flips a few mask voxels near 0.5, which can split or merge small components (86% kept here)
     assert len(found["exact"]) > 10 and len(common_keys) >= 0.8 * len(found["exact"])
     assert max(abs(found["exact"][k] - found["fast"][k]) for k in common_keys) < 0.05
-
-
-@requires_shared
-def test_analyze_the_real_ct_with_the_book_models(tmp_path):
-    """The real chest CT (99 DICOM slices, 512x512) end to end: candidates inside the volume; outside
-    the body (table, cables) only with --keep-outside, everything else unchanged."""
-    import json
-
-    import SimpleITK as sitk
-
-    from p2ch_app.cli import analyze
-
-    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
-    common = ["--ct", REAL_DICOM, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path,
-              "--threshold", 0.0]
-    results = {}
-    for name, extra in (("inside", []), ("all", ["--keep-outside"])):
-        result = run(analyze, [*common, *extra, "--output", tmp_path / f"{name}.json"])
-        assert result.exit_code == 0, result.output
-        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["detections"]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(REAL_DICOM)))
-    shape = np.array(reader.Execute().GetSize()[::-1])  # (slices, rows, cols)
-    everything = results["all"]
-    irc = np.array([[d["index"], d["row"], d["col"]] for d in everything])
-    assert len(everything) > 100 and ((irc >= 0) & (irc <= shape - 1)).all()
-    assert all(d["inside_body"] for d in results["inside"])
-    outside = [d for d in everything if not d["inside_body"]]
-    assert outside, "the table and cables of this CT should give outside-body candidates"
-    key = lambda d: (d["index"], d["row"], d["col"])  # noqa: E731
-    kept = {key(d): d["nodule_prob"] for d in everything if d["inside_body"]}
-    assert {key(d): d["nodule_prob"] for d in results["inside"]} == pytest.approx(kept, abs=1e-6)  # other batches

@@ -7,10 +7,10 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from p2ch_app.analysis import Detection
 from p2ch_app.data.ct import CtVolume, Geometry, irc_to_xyz
 from p2ch_app.errors import UserError
-from p2ch_app.report import _window, write_report, write_report_index
+from p2ch_app.inference.pipeline import Detection
+from p2ch_app.inference.report import _window, write_report, write_report_index
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPACING = (0.7, 0.7, 2.5)  # x (col), y (row), z (slice) mm

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from p2ch_app.cli import DEFAULT_DATA_ROOT, prep, resolve_options
-from p2ch_app.config import read_config
+from p2ch_app.cli import prep
+from p2ch_app.cli.config import read_config
+from p2ch_app.cli.options import DEFAULT_DATA_ROOT, resolve_options
 from p2ch_app.errors import UserError
 
 OPTIONS = {"luna-prep": {"data_root", "workers"}, "luna-synth": {"data_root", "series"}}

@@ -1,0 +1,131 @@
+"""nodule-analyze: one LUNA series, one CT file or DICOM folder, or every validation series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from p2ch_app.cli.options import (
+    app_command,
+    comment_option,
+    device_option,
+    require_dir,
+    runs_dir_option,
+    settings_from,
+    val_stride_option,
+)
+from p2ch_app.errors import UserError
+
+
+@app_command("nodule-analyze")
+@click.argument("series_uid", required=False)
+@click.option("--ct", "ct_path", type=click.Path(path_type=Path), default=None,
+              help="Analyse this CT instead: .mhd/.mha, .nii/.nii.gz or a DICOM series folder.")
+@click.option("--validation", is_flag=True,
+              help="Analyse every validation series of --data-root and score them against the annotations.")
+@click.option("--include-train", is_flag=True, help="With --validation: the training series too.")
+@val_stride_option
+@click.option("--seg-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Segmentation checkpoint [default: newest runs/luna-train-seg/*/best.pt].")
+@click.option("--cls-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Nodule classifier checkpoint [default: newest runs/luna-train-cls/*/best.pt].")
+@click.option("--mal-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Nodule probability from which a candidate is reported and scored for malignancy.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Candidate crops per classifier batch (small batches run fastest on CPU; raise it on a GPU).")
+@click.option("--keep-outside/--no-keep-outside", default=False, help="Keep candidates outside the patient's body.")
+@click.option("--fast/--no-fast", default=False,
+              help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
+                   "instructions, ignored with a note on other CPUs; probabilities move slightly (README).")
+@click.option("--tta/--no-tta", default=False,
+              help="Average the classifiers over four mirror images of each crop (left-right, front-back): a better "
+                   "ranking of small nodules for up to 4x the classification time; nodule candidates under "
+                   "probability 0.05 keep their single pass.")
+@click.option("--split/--no-split", default=False,
+              help="Also propose the pieces left when the mask is eroded once more: a nodule touching a vessel "
+                   "is one component with it, whose centre can lie outside the nodule.")
+@click.option("--dedupe/--no-dedupe", default=False,
+              help="Drop a candidate whose centre lies within the estimated diameter of a more probable one: "
+                   "pieces of one nodule's mask, each otherwise a false positive beside the hit.")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the rows to FILE.json or FILE.csv.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write a PNG (axial, coronal, sagittal views) per reported nodule and an index.html to DIR.")
+@device_option
+@runs_dir_option
+@comment_option
+def analyze(**opts):
+    """Find nodules in a CT: segment, group voxels into candidates, classify, score malignancy.
+
+    Give a LUNA series UID (looked up under --data-root), --ct PATH, or --validation to run every
+    validation series and print the confusion table and the LUNA16 FROC/CPM (results, FROC curve
+    and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
+    table, cables) are dropped unless --keep-outside.
+    """
+    from p2ch_app.checkpoints import model_paths
+    from p2ch_app.inference.pipeline import AnalysisSettings, load_models
+    from p2ch_app.inference.runtime import reduced_precision_pays, select_device
+
+    _check_analyze_options(opts)
+    paths = model_paths(opts["runs_dir"], opts["seg_model"], opts["cls_model"], opts["mal_model"])
+    device = select_device(opts["device"])
+    if opts["fast"] and not reduced_precision_pays(device):
+        click.echo("nodule-analyze: note: --fast ignored: this CPU has no bfloat16 instructions, so reduced "
+                   "precision would run slower; running in float32", err=True)
+        opts["fast"] = False
+    settings = settings_from(AnalysisSettings, opts)
+    if opts["validation"]:
+        require_dir(opts["data_root"], "data root", "pass --data-root DIR (or run luna-synth to make one)")
+        _validation(opts, load_models(paths["seg"], paths["cls"], paths["mal"], device), settings, device)
+    else:
+        _one_ct(opts, paths, settings, device)
+
+
+def _check_analyze_options(opts: dict) -> None:
+    if sum((opts["series_uid"] is not None, opts["ct_path"] is not None, opts["validation"])) != 1:
+        raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
+    if opts["include_train"] and not opts["validation"]:
+        raise UserError("--include-train only goes with --validation")
+    output, report_dir = opts["output"], opts["report_dir"]
+    if output is not None and output.suffix.lower() not in (".json", ".csv"):
+        raise UserError(f"--output {output}: use a .json or .csv file name")
+    if report_dir is not None and report_dir.exists() and any(report_dir.iterdir()):
+        raise UserError(f"--report {report_dir} is not empty; choose a new folder")
+
+
+def _one_ct(opts: dict, paths: dict, settings, device) -> None:
+    from p2ch_app.data.ct import load_ct, load_series
+    from p2ch_app.inference.outputs import detection_table, write_detections
+    from p2ch_app.inference.pipeline import analyze as run_analysis
+    from p2ch_app.inference.pipeline import load_models
+    from p2ch_app.inference.report import write_report
+
+    if opts["ct_path"] is not None:
+        ct = load_ct(opts["ct_path"])
+    else:
+        ct = load_series(opts["data_root"], opts["series_uid"])
+    models = load_models(paths["seg"], paths["cls"], paths["mal"], device)
+    found = run_analysis(ct, models, settings, device, progress=True)
+    rows = [d for d in found if d.nodule_prob >= settings.threshold]
+    click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= "
+               f"{settings.threshold}")
+    click.echo(detection_table(rows))
+    if opts["output"] is not None:
+        write_detections(opts["output"], [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
+        click.echo(f"wrote {opts['output']}")
+    if opts["report_dir"] is not None:
+        title = f"nodule-analyze {ct.series_uid}"
+        click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, title=title)}")
+
+
+def _validation(opts: dict, models, settings, device) -> None:
+    from p2ch_app.evaluation.results import format_summary
+    from p2ch_app.evaluation.series import ValidationRun, run_validation
+
+    run = settings_from(ValidationRun, opts)
+    metrics, run_dir = run_validation(run, models, settings, device)
+    click.echo(format_summary(metrics))
+    click.echo(f"results in {run_dir} (metrics.json, froc.png, detections.csv, TensorBoard: make tensorboard)")

@@ -1,0 +1,1 @@
+"""Scoring detections against annotations, over one scan or many series."""

@@ -1,0 +1,97 @@
+"""Scoring many series: nodule-analyze --validation runs the pipeline over a data root's series and
+scores every scan against its annotations, in a run folder of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from p2ch_app.data.ct import CtVolume, load_series
+from p2ch_app.data.index import LunaIndex, build_index
+from p2ch_app.evaluation.results import save_evaluation
+from p2ch_app.evaluation.scoring import ScanResult, evaluate
+from p2ch_app.files import new_run_dir
+from p2ch_app.inference.outputs import write_detections
+from p2ch_app.inference.pipeline import AnalysisSettings, Detection, Models, analyze
+from p2ch_app.inference.report import write_report, write_report_index
+
+
+@dataclass(frozen=True)
+class ValidationRun:
+    """Which series --validation scores and where its results go."""
+
+    data_root: Path
+    val_stride: int = 10  # every Nth series (sorted by UID) validates, as in training
+    include_train: bool = False  # score the training series too
+    runs_dir: Path = Path("runs")
+    comment: str = ""
+    output: Path | None = None  # also write the reported rows here
+    report_dir: Path | None = None  # a visual report per series under this folder
+
+
+def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -> ScanResult:
+    """A scan's detections beside its annotated nodules (those with a diameter), for scoring."""
+    nodules = truth.has_annotation
+    return ScanResult(
+        detections_xyz=np.array([d.center_xyz for d in detections], float).reshape(-1, 3),
+        nodule_prob=np.array([d.nodule_prob for d in detections], float),
+        nodules_xyz=truth.center_xyz[nodules], diameters_mm=truth.diameter_mm[nodules],
+        malignant=truth.malignancy[nodules],
+        malignancy_prob=np.array([np.nan if d.malignancy_prob is None else d.malignancy_prob for d in detections])
+        if with_mal else None)
+
+
+def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
+                   device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None
+                   ) -> list[tuple[str, list[Detection], ScanResult]]:
+    """analyze() over many LUNA series, each paired with its scoring against the annotations.
+    on_ct(ct, detections), when given, sees each CT while it is loaded (for reports)."""
+    results = []
+    for uid in tqdm(uids, desc="nodule-analyze", unit="CT"):
+        ct = load_series(data_root, uid)
+        detections = analyze(ct, models, settings, device)
+        if on_ct is not None:
+            on_ct(ct, detections)
+        results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None)))
+    return results
+
+
+def _series_reporter(report_dir: Path, threshold: float, entries: list) -> Callable[[CtVolume, list[Detection]], None]:
+    """An on_ct callback writing each series' visual report under report_dir and noting it in entries."""
+    def report(ct: CtVolume, detections: list[Detection]) -> None:
+        shown = [d for d in detections if d.nodule_prob >= threshold]
+        write_report(report_dir / ct.series_uid, ct, shown, title=f"nodule-analyze {ct.series_uid}")
+        entries.append((ct.series_uid, f"{ct.series_uid}/index.html", len(shown)))
+    return report
+
+
+def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings,
+                   device: torch.device) -> tuple[dict, Path]:
+    """Every validation series (and the training ones with include_train), scored and saved in a run
+    folder (metrics.json, froc.png, detections.csv, TensorBoard): (metrics, run folder)."""
+    index = build_index(run.data_root)
+    chosen = np.ones(len(index.series_uids), bool) if run.include_train else index.validation_series(run.val_stride)
+    uids = [uid for uid, keep in zip(index.series_uids, chosen) if keep]
+    entries = []  # report pages, one per series
+    reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
+    results = analyze_series(run.data_root, index, uids, models, settings, device, reporter)
+    metrics = evaluate([scan for _, _, scan in results], settings.threshold)
+    metrics.update(series=uids, models=models.paths, threshold=settings.threshold,
+                   keep_outside=settings.keep_outside, tta=settings.tta, dedupe=settings.dedupe,
+                   split=settings.split, include_train=run.include_train, val_stride=run.val_stride)
+    run_dir = new_run_dir(run.runs_dir, "nodule-analyze", run.comment)
+    save_evaluation(run_dir, metrics)
+    rows = [(uid, d) for uid, detections, _ in results for d in detections]
+    write_detections(run_dir / "detections.csv", rows, models.paths, uids)
+    if run.output is not None:
+        write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings.threshold],
+                         models.paths, uids)
+    if run.report_dir is not None:
+        write_report_index(run.report_dir, entries, title="nodule-analyze validation")
+    return metrics, run_dir
+

@@ -1,0 +1,49 @@
+"""Detections as text: the console table and the --output files (CSV or JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from p2ch_app.files import write_csv_atomic, write_text_atomic
+from p2ch_app.inference.pipeline import Detection
+
+
+def detection_table(rows: list[Detection]) -> str:
+    """Ranked detections as aligned columns, for the console."""
+    head = f"{'rank':>4} {'x mm':>8} {'y mm':>8} {'z mm':>8} {'index':>6} {'row':>6} {'col':>6} " \
+           f"{'nodule':>7} {'malig.':>7} {'diam mm':>8}"
+    lines = [head]
+    for rank, d in enumerate(rows, 1):
+        mal = "-" if d.malignancy_prob is None else f"{d.malignancy_prob:.3f}"
+        lines.append(f"{rank:>4} {d.center_xyz[0]:>8.1f} {d.center_xyz[1]:>8.1f} {d.center_xyz[2]:>8.1f} "
+                     f"{d.center_irc[0]:>6.1f} {d.center_irc[1]:>6.1f} {d.center_irc[2]:>6.1f} "
+                     f"{d.nodule_prob:>7.3f} {mal:>7} {d.diameter_mm:>8.1f}")
+    return "\n".join(lines)
+
+
+def detection_records(rows: list[tuple[str, Detection]], model_paths: dict) -> list[dict]:
+    """(series UID, detection) rows as flat records, ranked within their series, with the models used."""
+    ranks, seen = [], {}
+    for uid, _ in rows:
+        seen[uid] = seen.get(uid, 0) + 1
+        ranks.append(seen[uid])
+    return [{"rank": rank, "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
+             "z_mm": d.center_xyz[2], "index": d.center_irc[0], "row": d.center_irc[1], "col": d.center_irc[2],
+             "nodule_prob": d.nodule_prob, "malignancy_prob": d.malignancy_prob, "diameter_mm": d.diameter_mm,
+             "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
+             "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
+            for rank, (uid, d) in zip(ranks, rows)]
+
+
+def write_detections(path: Path, rows: list[tuple[str, Detection]], model_paths: dict, series) -> None:
+    """The rows to FILE.csv or FILE.json, through a temporary file. series: the one UID analysed, or
+    the list of them (recorded in the JSON)."""
+    records = detection_records(rows, model_paths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        write_text_atomic(path, json.dumps({"series_uid": series, "models": model_paths, "detections": records},
+                                           indent=2))
+    else:
+        write_csv_atomic(path, list(records[0]) if records else ["rank", "series_uid"],
+                         [list(r.values()) for r in records])

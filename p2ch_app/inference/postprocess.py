@@ -1,0 +1,56 @@
+"""What the pipeline does to candidates besides finding and scoring them: keep those inside the
+patient, and drop those that repeat a more probable one."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
+
+
+def body_mask(hu: np.ndarray, step: int = 1) -> np.ndarray:
+    """The patient: the largest 3D component denser than BODY_HU, with the holes of each axial slice
+    (lungs, airways) filled. Tubes, cables and the table fall outside it. With step, the mask is
+    found on every step-th row and column (a quarter of the memory and time for step 2)."""
+    dense = hu[:, ::step, ::step] > BODY_HU
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    filled = ndimage.binary_fill_holes(dense, structure=in_plane)
+    del dense
+    labels, count = ndimage.label(filled)
+    if count == 0:
+        return filled
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
+    """Whether each centre lies in the patient. Slices of 512 pixels are masked at every second
+    pixel (about 1 mm): ample for telling the body from tubes and table, at a quarter of the cost."""
+    if len(centers_irc) == 0:
+        return np.zeros(0, bool)
+    step = max(1, hu.shape[1] // 256)
+    idx = np.rint(centers_irc).astype(int) // np.array([1, step, step])
+    return body_mask(hu, step)[tuple(idx.T)]
+
+
+def suppress_duplicates(centers_xyz: np.ndarray, diameters_mm: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Which candidates to keep: not those whose centre lies within the diameter of a more probable
+    candidate (a sphere of that component's volume). A nodule's mask can come apart at its rim after
+    the erosion, and each piece, scored as a nodule because the nodule fills its crop, would count
+    as a false positive beside the hit. Ties go to the earlier candidate."""
+    keep = np.ones(len(probs), bool)
+    if len(probs) < 2:
+        return keep
+    pairs = cKDTree(centers_xyz).query_pairs(float(diameters_mm.max()), output_type="ndarray")
+    rank = np.empty(len(probs), np.int64)
+    rank[np.argsort(-probs, kind="stable")] = np.arange(len(probs))
+    first, second = pairs.T
+    stronger = np.where(rank[first] < rank[second], first, second)
+    weaker = first + second - stronger
+    covered = np.linalg.norm(centers_xyz[stronger] - centers_xyz[weaker], axis=1) <= diameters_mm[stronger]
+    keep[weaker[covered]] = False
+    return keep

@@ -1,0 +1,1 @@
+"""The trainers: one loop, and the tasks it trains (classifiers, U-Net), with augmentation and mining."""

@@ -1,0 +1,164 @@
+"""The candidate classifiers as tasks for the training loop: nodule vs non-nodule (luna-train-cls)
+and, fine-tuned from it, malignant vs benign (luna-finetune-mal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2ch_app.checkpoints import CLASSIFIER, load_model
+from p2ch_app.data.datasets import CropDataset, interleave
+from p2ch_app.data.index import BENIGN, MALIGNANT, LunaIndex
+from p2ch_app.errors import UserError
+from p2ch_app.metrics import binary_metrics, roc_auc
+from p2ch_app.models import NoduleClassifier
+from p2ch_app.training.augment import augment
+from p2ch_app.training.loop import Draws, Sampling, Task
+
+
+@dataclass(frozen=True)
+class NoduleSettings:
+    sampling: Sampling
+    balance: int = 1  # negatives per positive in training batches; 0: the natural ratio
+
+
+@dataclass(frozen=True)
+class MalignancySettings:
+    sampling: Sampling
+    from_checkpoint: Path  # the nodule classifier to fine-tune
+    depth: int = 1  # blocks that train, counted from the head (1: the head only)
+
+
+class CandidateTask(Task):
+    """Classify candidate crops: nodule vs non-nodule, or malignant vs benign."""
+
+    memory_format = torch.channels_last_3d
+
+    def __init__(self, name: str, index: LunaIndex, labels: np.ndarray, sampling: Sampling, draws: Draws,
+                 make_model: Callable[[], nn.Module], best_metric: str = "f1",
+                 label_names: tuple[str, str] = ("non-nodule", "nodule")):
+        self.name, self.index, self.labels, self.sampling, self.draws = name, index, labels, sampling, draws
+        self.make_model, self.best_metric, self.label_names = make_model, best_metric, label_names
+        self._uids = index.uids()
+
+    def model(self) -> nn.Module:
+        return self.make_model()
+
+    def _dataset(self, rows):
+        return CropDataset(self.sampling.cache_dir, self._uids, self.index.center_xyz, self.labels, rows)
+
+    def train_dataset(self, epoch: int):
+        rng = np.random.default_rng([self.sampling.seed, epoch])
+        return self._dataset(interleave(self.draws.groups, self.draws.pattern, self.sampling.epoch_samples, rng))
+
+    def val_dataset(self):
+        return self._dataset(self.draws.val_rows)
+
+    def _forward(self, model, x, labels, rows, device):
+        logits, probs = model(x.contiguous(memory_format=self.memory_format))
+        losses = F.cross_entropy(logits.float(), labels.to(device), reduction="none")
+        record = {"label": labels.numpy(), "prob": probs[:, 1].detach().float().cpu().numpy(),
+                  "loss": losses.detach().cpu().numpy(), "row": rows.numpy()}
+        return losses.mean(), record
+
+    def train_step(self, model, batch, device, generator):
+        crops, labels, rows = batch
+        x = crops.to(device, non_blocking=True).float()
+        if self.sampling.augmentations:
+            x, _ = augment(x, self.sampling.augmentations, generator)
+        return self._forward(model, x, labels, rows, device)
+
+    def val_step(self, model, batch, device):
+        crops, labels, rows = batch
+        return self._forward(model, crops.to(device, non_blocking=True).float(), labels, rows, device)[1]
+
+    def summarize(self, record: dict) -> dict[str, float]:
+        if not record:
+            return {}
+        return binary_metrics(record["label"], record["prob"], loss=record["loss"].mean())
+
+    def log_extra(self, writer, phase, record, step, epoch, model):
+        if not record:
+            return
+        labels, probs = record["label"].astype(bool), record["prob"]
+        writer.add_pr_curve(f"{phase}/pr_curve", labels, probs, step)
+        for flag, name in ((True, self.label_names[1]), (False, self.label_names[0])):
+            if np.any(labels == flag):
+                writer.add_histogram(f"{phase}/prob_{name.replace('-', '_')}", probs[labels == flag], step)
+
+
+def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
+    """Nodule vs non-nodule; settings.balance negatives per positive. Mined look-alikes and
+    candidates.csv's non-nodules then take turns, so however many were mined, each kind is half
+    the negatives."""
+    is_val = index.is_validation(settings.sampling.val_stride)
+    labels = index.is_nodule.astype(np.int64)
+    positives = np.flatnonzero(~is_val & (labels == 1))
+    negatives = np.flatnonzero(~is_val & (labels == 0) & ~index.mined)
+    mined = np.flatnonzero(~is_val & (labels == 0) & index.mined)
+    if settings.balance > 0:
+        if len(positives) == 0 or len(negatives) == 0:
+            raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
+                            "add series or use --balance 0")
+        groups, pattern = [positives, negatives], [0] + [1] * settings.balance
+        if len(mined):
+            groups, pattern = groups + [mined], pattern + [0] + [2] * settings.balance
+    else:
+        groups, pattern = [np.flatnonzero(~is_val)], [0]
+    return CandidateTask("luna-train-cls", index, labels, settings.sampling,
+                         Draws(groups, pattern, np.flatnonzero(is_val)), NoduleClassifier)
+
+
+class MalignancyTask(CandidateTask):
+    """Benign vs malignant, fine-tuned; also reports the diameter-only baseline AUC."""
+
+    summary_metrics = ("loss", "auc", "diameter_auc", "f1")
+
+    def summarize(self, record):
+        metrics = super().summarize(record)
+        if record:
+            rows = record["row"]
+            nodules = self.index.has_annotation[rows]
+            metrics["diameter_auc"] = roc_auc(record["label"][nodules], self.index.diameter_mm[rows][nodules])
+        return metrics
+
+
+def malignancy_task(index: LunaIndex, settings: MalignancySettings) -> MalignancyTask:
+    """Training draws malignant / benign / non-nodule in turn, so non-nodules are learnt as not
+    malignant; validation is the validation series' benign and malignant nodules."""
+    is_val = index.is_validation(settings.sampling.val_stride)
+    malignant, benign = index.malignancy == MALIGNANT, index.malignancy == BENIGN
+    groups = [np.flatnonzero(~is_val & malignant), np.flatnonzero(~is_val & benign),
+              np.flatnonzero(~is_val & ~index.is_nodule)]
+    if any(len(g) == 0 for g in groups):
+        raise UserError("the training series need malignant, benign and non-nodule candidates; malignancy comes "
+                        "from annotations_with_malignancy.csv in the data root")
+    val_rows = np.flatnonzero(is_val & (malignant | benign))
+    if len(val_rows) == 0:
+        raise UserError("the validation series hold no nodules of known malignancy; add series or change --val-stride")
+    source = load_model(settings.from_checkpoint, CLASSIFIER)
+    state, config = source.state_dict(), source.config
+    return MalignancyTask("luna-finetune-mal", index, malignant.astype(np.int64), settings.sampling,
+                          Draws(groups, [0, 1, 2], val_rows),
+                          lambda: fine_tunable(NoduleClassifier(config), state, settings.depth),
+                          best_metric="auc", label_names=("benign", "malignant"))
+
+
+def fine_tunable(model: NoduleClassifier, state: dict, depth: int) -> NoduleClassifier:
+    """model with `state`'s weights, whose last `depth` blocks train (1: the head only); the head
+    starts afresh, everything before the trained blocks is frozen."""
+    model.load_state_dict(state, strict=True)
+    blocks = model.blocks()
+    if not 1 <= depth <= len(blocks):
+        raise UserError(f"--depth must be between 1 (head only) and {len(blocks)} (everything), got {depth}")
+    fresh = NoduleClassifier(model.config)
+    model.head_linear.load_state_dict(fresh.head_linear.state_dict())
+    for i, block in enumerate(blocks):
+        block.requires_grad_(i >= len(blocks) - depth)
+    return model

@@ -1,0 +1,90 @@
+"""Look-alike mining: the U-Net's in-body candidates away from every nodule, as extra non-nodules."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import p2ch_app.training.mining as mining
+from p2ch_app.checkpoints import load_checkpoint
+from p2ch_app.cli import train_cls
+from p2ch_app.data.index import build_index
+from p2ch_app.training.classification import NoduleSettings, nodule_task
+from p2ch_app.training.loop import Sampling
+from tests.conftest import TINY, only_run_dir, run
+
+
+def test_mined_lookalikes_are_in_body_candidates_away_from_every_nodule(prepared_synth, monkeypatch):
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.data.ct import xyz_to_irc
+    from p2ch_app.data.index import build_index
+
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache")
+    row = int(np.flatnonzero(index.has_annotation)[0])
+    code, nodule = int(index.series_code[row]), index.center_xyz[row]
+    clearance = max(index.diameter_mm[row], mining.MINED_CLEARANCE_MM)
+    others = index.center_xyz[(index.series_code == code) & index.is_nodule]
+    near, far = nodule + [0.9 * clearance, 0, 0], nodule + [0, 0, clearance + 1]
+    assert np.all(np.linalg.norm(others - far, axis=1) > clearance)  # far from the other nodules too
+    geometry = cache.record(index.series_uids[code]).geometry
+    proposed = xyz_to_irc(np.array([nodule, near, far, far]), geometry)
+    inside = np.array([True, True, True, False])
+    monkeypatch.setattr(mining, "propose", lambda hu, *args, **kwargs: (proposed, np.ones(4, int), inside))
+    codes, found = mining.mine_lookalikes(cache, index, [code], None, torch.device("cpu"))
+    assert codes.tolist() == [code] and found == pytest.approx(far[None], abs=1e-6)
+
+
+def test_mined_lookalikes_are_half_the_negatives_however_many(prepared_synth, tmp_path):
+    index = build_index(prepared_synth)
+    train = np.flatnonzero(~index.is_validation(3) & ~index.is_nodule)
+    for copies in (1, 10):  # few or many mined rows: the same share
+        rows = np.tile(train, copies)
+        grown = index.with_mined(index.series_code[rows], index.center_xyz[rows] + 0.5)
+        task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=800)))
+        drawn = task.train_dataset(1).rows
+        mined = drawn >= len(index)
+        assert task.labels[drawn].mean() == pytest.approx(0.5, abs=0.01)
+        assert mined.mean() == pytest.approx(0.25, abs=0.01) and not task.labels[drawn[mined]].any()
+        assert np.all(task.val_dataset().rows < len(index))  # validation is candidates.csv's alone
+
+
+def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.inference.pipeline import load_segmenter
+    from p2ch_app.models import NoduleSegmenter
+    from p2ch_app.training.mining import mine_lookalikes
+
+    unet = NoduleSegmenter()
+    with torch.no_grad():
+        unet.unet.last.weight.fill_(0.0)
+        unet.unet.last.bias.fill_(50.0)  # marks everything: one candidate per CT, near its middle
+    torch.save({"model_state": unet.state_dict()}, tmp_path / "seg.pt")
+    index = build_index(prepared_synth)
+    segmenter = load_segmenter(tmp_path / "seg.pt", torch.device("cpu"))
+    train_codes = np.flatnonzero(~index.validation_series(3))
+    codes, _ = mine_lookalikes(LunaCache(prepared_synth / "cache"), index, train_codes, segmenter, torch.device("cpu"))
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert 0 < len(codes) <= len(train_codes)
+    assert f"mined {len(codes)} look-alikes in the training series" in result.output
+    options = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["config"]["options"]
+    assert Path(options["mine_with"]) == tmp_path / "seg.pt"
+    assert "found in the cache" not in result.output
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "again",
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert f"mined {len(codes)} look-alikes in the training series with {tmp_path / 'seg.pt'} (found in the cache" \
+        in result.output
+    with torch.no_grad():
+        unet.unet.last.bias.fill_(-50.0)  # other weights mark nothing: mined afresh, none found
+    torch.save({"model_state": unet.state_dict()}, tmp_path / "seg.pt")
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "other",
+                             "--mine-with", tmp_path / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    assert "mined 0 look-alikes" in result.output and "found in the cache" not in result.output
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
+                             "--mine-with", tmp_path / "missing.pt"])
+    assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output
