@@ -18,7 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: install  # SEED=N: train the models with another seed
 	$(PY) scripts/demo.py $(if $(SEED),--seed $(SEED))
 
+# Lint (pyflakes, pycodestyle, import order), the import layers, then the tests.
 test: install
+	$(VENV)/bin/ruff check p2ch_app scripts tests
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: install
