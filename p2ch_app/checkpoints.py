@@ -12,6 +12,7 @@ Every file is read with weights_only=True: tensors and plain values, never code.
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from p2ch_app.errors import UserError
+from p2ch_app.errors import UserError, brief
 from p2ch_app.files import write_atomic
 from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 
@@ -31,8 +32,12 @@ _WHAT = {SEGMENTER: "a segmentation (luna-train-seg) checkpoint",
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Through a temporary file and a rename: a crash never leaves half a checkpoint."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    """Through a temporary file and a rename: a crash never leaves half a checkpoint. The bytes are
+    written by Python, not by torch's own file writer, so a full disk is an OSError that names its
+    cause (torch reports it as "file write failed")."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def model_entries(model: nn.Module) -> dict:
@@ -46,17 +51,20 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass an existing .pt or .state file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes); pass a complete checkpoint (a run's last.pt or "
+                        "best.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
         if refused:
             raise UserError(f"refused to load {path}: it holds objects beyond tensors and plain values, and "
-                            f"unpickling them could run code ({refused[0][:100]}); use a checkpoint written "
+                            f"unpickling them could run code ({brief(refused[0], 100)}); use a checkpoint written "
                             "by p2ch_app or the book") from None
         raise UserError(f"{path} is not a readable checkpoint; it may be truncated or another kind of file") from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0][:120]}); "
+        raise UserError(f"{path} is not a readable checkpoint ({brief(err)}); "
                         "it may be truncated") from None
     if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
         raise UserError(f"{path} has no model_state; it is not a p2ch_app or book checkpoint")
@@ -95,7 +103,7 @@ def load_weights(model: nn.Module, path: Path, what: str, checkpoint: dict | Non
     try:
         model.load_state_dict(checkpoint["model_state"], strict=True)
     except RuntimeError as err:
-        raise UserError(f"{path} is not {what} ({str(err).splitlines()[0][:100]})") from None
+        raise UserError(f"{path} is not {what} ({brief(err, 100)})") from None
     return model
 
 

@@ -1,27 +1,102 @@
-"""Writing files so that a crash never leaves half of one under its final name, and the plain
-values (JSON, weights_only checkpoints) that go into them."""
+"""Writing files so that a crash never leaves half of one under its final name, checking before long
+work that its outputs can be written at all, and the plain values (JSON, weights_only checkpoints)
+that go into them. Every failure to write is one line that names the fault (a full disk as such)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import math
 import os
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from p2ch_app.errors import UserError, brief
+
+PROBE_BYTES = 4096  # a full disk may still create an empty file, but not one holding a block
+_FAULTS = {  # errno -> (the problem, the fix) of a path that cannot be written (or read)
+    errno.ENOSPC: ("disk full (no space left on device)", "free space or choose another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another disk"),
+    errno.EROFS: ("read-only file system", "choose a folder on a writable disk"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to, or fix its permissions"),
+    errno.ENAMETOOLONG: ("name too long", "choose a shorter name"),
+    errno.EISDIR: ("is a folder", "give a file name"),
+}
+
+
+def os_error(err: OSError, path: Path | None = None, what: str = "") -> UserError:
+    """One line for an OSError on `path`: "<what> <path>: <fault>; <fix>". A parent that is a file is
+    named, since the error itself only says "not a directory" about the whole path."""
+    path = Path(err.filename) if path is None and err.filename else path
+    head = " ".join(str(part) for part in (what, path) if part)
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and path is not None:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            return UserError(f"{head}: {blocker} is a file, not a folder; choose another path")
+    problem, fix = _FAULTS.get(err.errno, (err.strerror or brief(err), "check the path or choose another"))
+    return UserError(f"{head}: {problem}; {fix}" if head else f"{problem}; {fix}")
+
+
+def _temp_path(path: Path) -> Path:
+    """A temporary name beside path, unique to this process and call, so concurrent writers never share
+    one. It keeps the suffix, so writers that pick a format by suffix still work."""
+    return path.with_name(f".{path.stem[:64]}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
+def check_writable(path: Path, what: str, folder: bool = False) -> Path:
+    """Create the folder an output goes into and write a probe file there, so an output that cannot be
+    written (read-only, under a file, a full disk, a name too long) fails now, in one line naming `what`
+    (the option), instead of after the long work whose results it would lose. With folder=True, path is
+    the output folder itself."""
+    path = Path(path)
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not folder:
+            _check_file_name(path)
+        probe = _temp_path(where / ".probe" if folder else path)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, bytes(PROBE_BYTES))
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except OSError as err:
+        raise os_error(err, path, what) from None
+    return path
+
+
+def _check_file_name(path: Path) -> None:
+    """The final name is only created at the end, by a rename; refuse now what the rename would refuse."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(path.name)) > limit:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) fills a temporary file beside path, which then replaces path in one rename.
-    The temporary name keeps the suffix, so writers that pick a format by suffix still work."""
+    """write(tmp) fills a temporary file beside path, which then replaces path in one rename. On any
+    failure (or Ctrl-C) the temporary file is removed and path is as it was; an OSError becomes one
+    line naming path and the fault."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = _temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise os_error(err, path, "cannot write") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -59,5 +134,8 @@ def new_run_dir(runs_dir: Path, command: str, comment: str = "") -> Path:
     while run_dir.exists():
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as err:
+        raise os_error(err, run_dir, "cannot create the run folder") from None
     return run_dir

@@ -87,3 +87,29 @@ def test_newest_best(tmp_path):
         path.write_bytes(b"x")
         os.utime(path, (1000 + i, 1000 + i))
     assert newest_best(tmp_path, "luna-train-cls").parent.name == "2026-01-02_10.00.00"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"checkpoint .*empty.pt is empty \(0 bytes\); pass a complete checkpoint"),
+    (b"PK\x03\x04", r"empty.pt is not a readable checkpoint \(.+\); it may be truncated"),
+])
+def test_an_empty_or_cut_checkpoint_is_a_one_line_error(tmp_path, content, message):
+    from p2ch_app.checkpoints import load_checkpoint
+
+    (tmp_path / "empty.pt").write_bytes(content)
+    with pytest.raises(UserError, match=message) as caught:
+        load_checkpoint(tmp_path / "empty.pt")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*last.pt: disk full"):
+        save_checkpoint(tmp_path / "last.pt", model_entries(NoduleClassifier(ClassifierConfig(width=4))))
+    assert not list(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from p2ch_app.cli.options import (
     val_stride_option,
 )
 from p2ch_app.errors import UserError
+from p2ch_app.files import check_writable
 
 
 @app_command("nodule-analyze")
@@ -92,8 +93,13 @@ def _check_analyze_options(opts: dict) -> None:
     output, report_dir = opts["output"], opts["report_dir"]
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {output}: use a .json or .csv file name")
-    if report_dir is not None and report_dir.exists() and any(report_dir.iterdir()):
+    # before the analysis, whose results a failed write would lose
+    if output is not None:
+        check_writable(output, "--output")
+    if report_dir is not None and any(check_writable(report_dir, "--report", folder=True).iterdir()):
         raise UserError(f"--report {report_dir} is not empty; choose a new folder")
+    if opts["validation"]:
+        check_writable(opts["runs_dir"] / "nodule-analyze", "--runs-dir", folder=True)
 
 
 def _one_ct(opts: dict, paths: dict, settings, device) -> None:

@@ -6,6 +6,7 @@ import click
 
 from p2ch_app.cli.options import app_command, cache_dir_of, cache_dir_option, require_dir, workers_default
 from p2ch_app.errors import UserError
+from p2ch_app.files import check_writable
 
 
 @app_command("luna-synth")
@@ -49,13 +50,18 @@ def prep(**opts):
     from p2ch_app.data.index import build_index
 
     data_root = require_dir(opts["data_root"], "data root", "pass --data-root DIR (or run luna-synth to make one)")
-    uids = [check_uid(u) for u in opts["series_uids"]] or None
+    try:
+        uids = [check_uid(u) for u in opts["series_uids"]] or None
+    except UserError as err:  # the library's fix serves every command; luna-prep can say where UIDs are
+        raise err.with_fix("pass --series with a UID listed in candidates.csv") from None
     index = build_index(data_root)
     for uid in uids or []:
         if uid not in index.series_uids:
             raise UserError(f"series {uid} is not on disk under {data_root}/subset*/ or has no row in "
                             "candidates.csv; check the UID")
     cache = LunaCache(cache_dir_of(opts))
+    for folder in (cache.dir, cache.dir / "volumes", cache.dir / "meta"):
+        check_writable(folder, "--cache-dir", folder=True)
     done = cache.build(data_root, index, uids, workers=opts["workers"])
     mb = done["bytes"] / 2**20
     per_ct = mb / max(done["series"], 1)

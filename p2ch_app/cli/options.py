@@ -12,26 +12,36 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from tqdm import tqdm
 
 from p2ch_app.cli.config import read_config
 from p2ch_app.errors import UserError
+from p2ch_app.files import os_error
 
 DEFAULT_DATA_ROOT = Path("data-unversioned/luna")
 COMMANDS: dict[str, click.Command] = {}
 
 
 class AppCommand(click.Command):
-    """Turns a UserError into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turns a UserError (or an OSError: a full disk, a folder that cannot be written) into one line
+    on stderr and exit code 2; Ctrl-C into one line and exit code 130. Progress bars still on screen
+    are closed first, so the line starts on a line of its own and no bar is redrawn over it."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            click.echo(f"{self.name}: error: {err}", err=True)
-            ctx.exit(2)
+            self._fail(ctx, f"error: {err}", 2)
+        except OSError as err:
+            self._fail(ctx, f"error: {os_error(err)}", 2)
         except KeyboardInterrupt:
-            click.echo(f"{self.name}: interrupted; finished work is kept, rerun to continue", err=True)
-            ctx.exit(130)
+            self._fail(ctx, "interrupted; finished work is kept, rerun to continue", 130)
+
+    def _fail(self, ctx: click.Context, message: str, code: int) -> None:
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        click.echo(f"{self.name}: {message}", err=True)
+        ctx.exit(code)
 
 
 def app_command(name: str, **settings):
@@ -69,20 +79,67 @@ def resolve_options(ctx: click.Context) -> dict:
         names = {cmd: {p.name for p in c.params if p.name != "config"} for cmd, c in COMMANDS.items()}
         layers.append((str(params["config"]), read_config(params["config"], names)[ctx.command.name]))
     if params.get("resume") is not None:
-        from p2ch_app.checkpoints import load_checkpoint, saved_options
+        from p2ch_app.checkpoints import saved_options
+        from p2ch_app.training.loop import load_resumable
 
-        saved = saved_options(load_checkpoint(params["resume"]))
+        saved = saved_options(load_resumable(params["resume"], ctx.command.name))
         moot = ("resume", "init")  # a resumed run continues its own weights
         layers.append((str(params["resume"]), {k: v for k, v in saved.items() if k in by_name and k not in moot}))
     for source, values in layers:
         for name, value in values.items():
             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
                 continue
+            expected = _expected_in_config(by_name[name], value)
+            if expected is not None:
+                raise UserError(f"bad value {value!r} for '{name}' in {source}: expected {expected}, not "
+                                f"{_kind(value)}; correct the value there")
             try:
                 params[name] = by_name[name].type_cast_value(ctx, value)
             except click.BadParameter as err:
                 raise UserError(f"bad value {value!r} for '{name}' in {source}: {err.message}") from None
     return params
+
+
+_TOML_TYPES = (  # click type -> what a config value of that option must be, as the Python types TOML reads
+    (click.types.BoolParamType, "true or false", (bool,)),
+    (click.types.IntParamType, "an integer", (int,)),  # IntRange too
+    (click.types.FloatParamType, "a number", (int, float)),  # FloatRange too
+    ((click.types.StringParamType, click.Choice, click.Path), "a string", (str,)),
+)
+
+
+def _fits(param_type: click.ParamType, value) -> bool:
+    for kinds, _, python in _TOML_TYPES:
+        if isinstance(param_type, kinds):
+            return isinstance(value, python) and (bool in python or not isinstance(value, bool))
+    return True  # a type the table does not know: its own conversion decides
+
+
+def _describe(param_type: click.ParamType) -> str:
+    return next((what for kinds, what, _ in _TOML_TYPES if isinstance(param_type, kinds)), "a value")
+
+
+def _expected_in_config(param: click.Parameter, value) -> str | None:
+    """What a config (or resumed) value of param must be, when its type does not fit; else None. click
+    would cast it silently (1.9 -> 1, true -> 1) where the command line refuses the same values."""
+    if value is None:  # an option a resumed run left unset
+        return None
+    if isinstance(param.type, click.Tuple):
+        types = list(param.type.types)
+        ok = isinstance(value, list) and len(value) == len(types) and all(map(_fits, types, value))
+        return None if ok else "[" + ", ".join(map(_describe, types)) + "]"
+    if param.multiple:
+        ok = isinstance(value, list) and all(_fits(param.type, v) for v in value)
+        return None if ok else f"[{_describe(param.type)}, ...]"
+    return None if _fits(param.type, value) else _describe(param.type)
+
+
+def _kind(value) -> str:
+    """A TOML value's type in words; a list's as [its items' types]."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_kind, value[:4])) + (", ..." if len(value) > 4 else "") + "]"
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", dict: "a table"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def settings_from(cls, opts: dict, **given):

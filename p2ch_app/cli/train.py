@@ -9,33 +9,39 @@ import click
 
 from p2ch_app.cli.options import app_command, cache_dir_of, init_option, require_dir, settings_from, training_options
 from p2ch_app.errors import UserError
+from p2ch_app.files import check_writable
 
 
-def _training_data(opts: dict):
-    """(index, Sampling) every trainer starts from, once the cache is known to hold every series."""
+def _training_data(opts: dict, command: str):
+    """(TrainConfig, index, Sampling) every trainer starts from, once the cache is known to hold every
+    series and the run folder (a new one, or the resumed run's) to be writable."""
     from p2ch_app.data.cache import require_cached
     from p2ch_app.data.index import build_index
     from p2ch_app.training.augment import parse_augmentations
-    from p2ch_app.training.loop import Sampling
+    from p2ch_app.training.loop import Sampling, TrainConfig
 
+    cfg = settings_from(TrainConfig, opts, command=command, init=opts.get("init"), options=opts)
     require_dir(opts["data_root"], "data root", "pass --data-root DIR (or run luna-synth to make one)")
     index = build_index(opts["data_root"])
     cache_dir = cache_dir_of(opts)
     require_cached(cache_dir, index, opts["data_root"])
+    if opts["resume"] is not None:
+        check_writable(opts["resume"].parent, "--resume's run folder", folder=True)
+    else:
+        check_writable(opts["runs_dir"] / command, "--runs-dir", folder=True)
     try:
         augmentations = () if opts["no_augment"] else parse_augmentations(opts["augment"])
     except ValueError as err:
         raise UserError(f"--augment: {err}") from None
-    return index, settings_from(Sampling, opts, cache_dir=cache_dir, augmentations=augmentations)
+    return cfg, index, settings_from(Sampling, opts, cache_dir=cache_dir, augmentations=augmentations)
 
 
-def _fit(task, opts: dict, command: str) -> None:
-    from p2ch_app.training.loop import TrainConfig, fit
+def _fit(task, cfg) -> None:
+    from p2ch_app.training.loop import fit
 
-    cfg = settings_from(TrainConfig, opts, command=command, init=opts.get("init"), options=opts)
     _, run_dir = fit(task, cfg)
     if run_dir is not None:
-        click.echo(f"{command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
+        click.echo(f"{cfg.command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
                    f"see the curves with: make tensorboard")
 
 
@@ -55,7 +61,7 @@ def train_cls(**opts):
     """
     from p2ch_app.training.classification import NoduleSettings, nodule_task
 
-    index, sampling = _training_data(opts)
+    cfg, index, sampling = _training_data(opts, "luna-train-cls")
     if opts["mine_with"] is not None:
         from p2ch_app.inference.runtime import select_device
         from p2ch_app.training.mining import with_mined_lookalikes
@@ -65,7 +71,7 @@ def train_cls(**opts):
                                               select_device(opts["device"]))
         click.echo(f"mined {len(index) - before} look-alikes in the training series with {opts['mine_with']}"
                    + (" (found in the cache from an earlier run)" if reused else ""))
-    _fit(nodule_task(index, NoduleSettings(sampling, opts["balance"])), opts, "luna-train-cls")
+    _fit(nodule_task(index, NoduleSettings(sampling, opts["balance"])), cfg)
 
 
 @app_command("luna-finetune-mal")
@@ -84,9 +90,9 @@ def finetune_mal(**opts):
 
     if opts["from_checkpoint"] is None:
         raise UserError("--from CHECKPOINT is required: a nodule classifier from luna-train-cls or the book")
-    index, sampling = _training_data(opts)
+    cfg, index, sampling = _training_data(opts, "luna-finetune-mal")
     settings = MalignancySettings(sampling, opts["from_checkpoint"], opts["depth"])
-    _fit(malignancy_task(index, settings), opts, "luna-finetune-mal")
+    _fit(malignancy_task(index, settings), cfg)
 
 
 @app_command("luna-train-seg")
@@ -127,8 +133,8 @@ def train_seg(**opts):
     from p2ch_app.models import SegmenterConfig
     from p2ch_app.training.segmentation import SegmentationSettings, segmentation_task
 
-    index, sampling = _training_data(opts)
+    cfg, index, sampling = _training_data(opts, "luna-train-seg")
     architecture = SegmenterConfig(context=opts["context"], depth=opts["unet_depth"], width_factor=opts["width_factor"],
                                    up_mode=opts["up_mode"], pooling=opts["pooling"])
     settings = settings_from(SegmentationSettings, opts, sampling=sampling, architecture=architecture)
-    _fit(segmentation_task(index, settings), opts, "luna-train-seg")
+    _fit(segmentation_task(index, settings), cfg)

@@ -8,17 +8,22 @@ Layout under the cache directory:
                       holding nodule voxels, and a fingerprint of the annotations the mask came from.
   mined/<key>.npz     look-alikes a U-Net proposed in the training series (luna-train-cls
                       --mine-with), keyed by everything they depend on, so they are mined once.
-A series is cached when its record exists; the record is written only after its volume file is
-complete (temp file + rename), so a killed run leaves nothing half-built that looks whole.
+  luna-prep.lock      held by the luna-prep building the cache: a second one waits for it.
+A series is cached when its record exists and its volume file is whole (as long as the record's
+shape says); the record is written only after its volume file is complete (temp file + rename), so
+a killed run leaves nothing half-built that looks whole, and a file damaged later is rebuilt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import os
+import pickle
+import sqlite3
+import sys
 from dataclasses import dataclass
 from functools import cached_property
-from multiprocessing import get_context
 from pathlib import Path
 
 import diskcache
@@ -28,10 +33,13 @@ from tqdm import tqdm
 
 from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, series_on_disk, xyz_to_irc
 from p2ch_app.data.index import ANNOTATIONS_CSV, LunaIndex
-from p2ch_app.errors import UserError
+from p2ch_app.data.workers import worker_pool
+from p2ch_app.errors import UserError, brief
+from p2ch_app.files import write_atomic
 
 FORMAT_VERSION = 1
 MASK_THRESHOLD_HU = -700  # nodule tissue (solid and ground-glass) is denser than this; lung is not
+LOCK_FILE = "luna-prep.lock"
 
 
 @dataclass(eq=False)
@@ -92,8 +100,44 @@ def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
     cached = set(cache.cached_uids()) if (Path(cache_dir) / "meta").is_dir() else set()
     missing = [u for u in index.series_uids if u not in cached]
     if missing:
-        raise UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {cache_dir}; "
-                        f"run luna-prep --data-root {data_root} first")
+        raise UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {cache_dir} (or damaged "
+                        f"there); run luna-prep --data-root {data_root} first")
+
+
+class _Records:
+    """meta/, the diskcache store of series records. A damaged database is one line saying how to
+    rebuild it, wherever it is touched (luna-prep, training, analysis), not an sqlite traceback."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        with self._guard():
+            self.store = diskcache.Cache(str(folder))
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            yield
+        except (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError) as err:
+            if "full" in str(err):
+                raise UserError(f"cannot write the cache database {self.folder}: disk full; free space or choose "
+                                "another --cache-dir") from None
+            if "locked" in str(err):
+                raise UserError(f"the cache database {self.folder} is locked by another process; "
+                                "retry when it is done") from None
+            raise UserError(f"the cache database {self.folder} is damaged ({brief(err)}); delete {self.folder} "
+                            "(or the whole cache folder) and run luna-prep again to rebuild it") from None
+
+    def get(self, uid: str) -> dict | None:
+        with self._guard():
+            return self.store.get(uid)
+
+    def set(self, uid: str, raw: dict) -> None:
+        with self._guard():
+            self.store.set(uid, raw)
+
+    def uids(self) -> list[str]:
+        with self._guard():
+            return list(self.store.iterkeys())
 
 
 class LunaCache:
@@ -105,10 +149,10 @@ class LunaCache:
         self._records: dict[str, SeriesRecord] = {}
 
     @cached_property
-    def _meta(self) -> diskcache.Cache:
+    def _meta(self) -> _Records:
         # Opened lazily: each DataLoader worker process then opens its own sqlite connection.
         (self.dir / "volumes").mkdir(parents=True, exist_ok=True)
-        return diskcache.Cache(str(self.dir / "meta"))
+        return _Records(self.dir / "meta")
 
     def __getstate__(self):
         return {"dir": self.dir, "_volumes": {}, "_records": {}}
@@ -127,7 +171,9 @@ class LunaCache:
     def volume(self, uid: str) -> np.ndarray:
         """The CT as a read-only memory map (int16 HU)."""
         if uid not in self._volumes:
-            self.record(uid)
+            if not self._volume_whole(uid, self.record(uid).shape):
+                raise UserError(f"the cached volume {self.volume_path(uid)} does not match its record (truncated "
+                                "or replaced); run luna-prep again to rebuild it")
             self._volumes[uid] = np.load(self.volume_path(uid), mmap_mode="r")
         return self._volumes[uid]
 
@@ -139,10 +185,26 @@ class LunaCache:
     def is_current(self, uid: str, fingerprint: str) -> bool:
         raw = self._meta.get(uid)
         return (raw is not None and raw.get("version") == FORMAT_VERSION
-                and raw.get("fingerprint") == fingerprint and self.volume_path(uid).is_file())
+                and raw.get("fingerprint") == fingerprint and self._volume_whole(uid, raw["shape"]))
 
     def cached_uids(self) -> list[str]:
-        return sorted(k for k in self._meta.iterkeys() if self.volume_path(k).is_file())
+        """The series whose record and whole volume are both here."""
+        return sorted(k for k in self._meta.uids() if self._volume_whole(k, (self._meta.get(k) or {}).get("shape")))
+
+    def _volume_whole(self, uid: str, shape) -> bool:
+        """Whether volumes/<uid>.npy holds an int16 array of the recorded shape, every byte of it: a
+        truncated or replaced file is not cached, so luna-prep rebuilds it and readers never map it."""
+        path, fmt = self.volume_path(uid), np.lib.format
+        try:
+            with open(path, "rb") as f:
+                version = fmt.read_magic(f)
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                found, fortran, dtype = read_header(f)
+                data_start = f.tell()
+            return (shape is not None and found == tuple(shape) and not fortran and dtype == np.dtype(np.int16)
+                    and path.stat().st_size == data_start + int(np.prod(shape)) * 2)
+        except (OSError, ValueError):
+            return False
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
@@ -154,8 +216,33 @@ class LunaCache:
         Returns counts: built, skipped (already current), bytes (cache size after).
         """
         uids = list(index.series_uids if uids is None else uids)
+        with self._build_lock():
+            self._remove_temp_files()  # of a run that died: every live one holds the lock
+            try:
+                jobs = self._stale_jobs(data_root, index, uids)
+                self._run_jobs(jobs, workers, progress)
+            finally:
+                self._remove_temp_files()  # of workers stopped mid-write by an error or Ctrl-C
+        return {"built": len(jobs), "skipped": len(uids) - len(jobs), "bytes": self.size_bytes(),
+                "series": len(self.cached_uids())}
+
+    @contextlib.contextmanager
+    def _build_lock(self):
+        """One luna-prep builds a cache at a time; a second waits, then finds the series built. So two
+        runs never write the same volume, and a temp file seen while holding the lock is a dead run's."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / LOCK_FILE, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"luna-prep: waiting for another luna-prep to finish building {self.dir}", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _stale_jobs(self, data_root: Path, index: LunaIndex, uids: list[str]) -> list[tuple]:
+        """The build jobs of the series that are missing, stale or damaged."""
         on_disk = series_on_disk(data_root)
-        self._remove_stale_temp_files()
         jobs = []
         for uid in uids:
             rows = index.for_series(uid)
@@ -164,24 +251,23 @@ class LunaCache:
             if not self.is_current(uid, key):
                 jobs.append((Path(data_root), uid, centers, rows.line[rows.has_annotation],
                              str(self.volume_path(uid)), key))
-        bar = tqdm(total=len(jobs), desc="luna-prep", unit="CT", disable=not progress)
-        if jobs and workers > 1:
-            with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                for record in pool.imap_unordered(_build_series, jobs):
-                    self._meta.set(record.uid, record.to_dict())
-                    bar.update()
-        else:
-            for job in jobs:
-                record = _build_series(job)
+        return jobs
+
+    def _run_jobs(self, jobs: list[tuple], workers: int, progress: bool) -> None:
+        with tqdm(total=len(jobs), desc="luna-prep", unit="CT", disable=not progress) as bar, \
+                contextlib.ExitStack() as stack:
+            if jobs and workers > 1:
+                pool = stack.enter_context(worker_pool(min(workers, len(jobs))))
+                done = pool.imap_unordered(_build_series, jobs)
+            else:
+                done = map(_build_series, jobs)
+            for record in done:
                 self._meta.set(record.uid, record.to_dict())
                 bar.update()
-        bar.close()
-        return {"built": len(jobs), "skipped": len(uids) - len(jobs), "bytes": self.size_bytes(),
-                "series": len(self.cached_uids())}
 
-    def _remove_stale_temp_files(self) -> None:
+    def _remove_temp_files(self) -> None:
         for tmp in (self.dir / "volumes").glob("*.tmp.npy"):
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
 
 
 def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray, mhd: Path | None = None) -> str:
@@ -208,9 +294,7 @@ def _build_series(job) -> SeriesRecord:
         raise UserError(f"{data_root / ANNOTATIONS_CSV}:{lines[i]}: nodule at {where} mm "
                         f"lies outside CT {uid} (shape {list(ct.hu.shape)}); fix the row or the CT")
     mask = grow_nodule_mask(ct.hu, centers_irc)
-    tmp = volume_path[: -len(".npy")] + ".tmp.npy"
-    np.save(tmp, ct.hu)
-    os.replace(tmp, volume_path)
+    write_atomic(Path(volume_path), lambda tmp: np.save(tmp, ct.hu))
     voxels = np.flatnonzero(mask)
     return SeriesRecord(uid, ct.hu.shape, ct.geometry, voxels,
                         np.unique(voxels // (ct.hu.shape[1] * ct.hu.shape[2])), key)

@@ -6,7 +6,11 @@ coordinates are always (x, y, z) millimetres in the scanner's (LPS) frame, as LU
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,14 +18,32 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from p2ch_app.errors import UserError
+from p2ch_app.errors import UserError, brief
 
 HU_MIN, HU_MAX = -1000, 1000
 CROP_SIZE = (32, 48, 48)
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-              "MET_UINT": 4, "MET_LONG": 8, "MET_ULONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+UID_MAX_CHARS = 64  # DICOM PS3.5 section 9.1
+
+MAX_CT_VOXELS_ENV = "P2CH_MAX_CT_VOXELS"
+# 2**31 voxels (4 GiB as int16) is twice a 1024x1024 matrix at 1,000 thin slices, far beyond any chest
+# CT (LUNA16's largest is 512x512x764), yet a header claiming more is refused before ITK tries to
+# allocate it. A user with a larger scan raises it through the environment variable.
+DEFAULT_MAX_CT_VOXELS = 2**31
+
+_ITK_PREFIX = re.compile(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?")
+_REASON_CHARS = 200
+_MAX_HEADER_BYTES = 1 << 20  # a MetaImage header is a few hundred bytes of text
+_ZLIB_OR_GZIP = 32 + zlib.MAX_WBITS  # zlib accepts either header
+_GZIP_MAGIC = b"\x1f\x8b"
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_CHUNK_BYTES = 1 << 16  # compressed bytes per step: at most ~64 MiB inflated at once
+_SAME_POSITION_MM = 1e-3  # DICOM positions are written to about 1e-4 mm
+_SAME_ORIENTATION = 1e-3  # direction cosines
+_DICOM_TAGS = {"0020|0032": "ImagePositionPatient", "0020|0037": "ImageOrientationPatient", "0028|0010": "Rows",
+               "0028|0011": "Columns", "0028|0100": "BitsAllocated", "0028|0008": "NumberOfFrames"}
+_STEP_TOLERANCE = 0.1  # of the slice step: rounding passes, a missing or repeated slice (100%) does not
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,17 +112,25 @@ def nearest_voxels(centers_xyz, geometry: Geometry, shape) -> np.ndarray:
 
 def check_uid(uid: str) -> str:
     """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob."""
-    if not _UID_RE.fullmatch(uid or ""):
-        raise UserError(f"'{uid}' is not a series UID: UIDs hold only digits and dots "
-                        "(e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); pass a UID, or a file with --ct")
+    uid = uid or ""
+    if not _is_uid(uid):
+        too_long = len(uid) > UID_MAX_CHARS
+        shown = f"{uid[:24]!r}... ({len(uid):,} characters)" if too_long else repr(uid)
+        rule = f"DICOM UIDs are at most {UID_MAX_CHARS} characters" if too_long else "UIDs hold only digits and dots"
+        raise UserError(f"{shown} is not a series UID: {rule} (e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); "
+                        "pass a series UID")
     return uid
+
+
+def _is_uid(text: str) -> bool:
+    return len(text) <= UID_MAX_CHARS and _UID_RE.fullmatch(text) is not None
 
 
 def series_on_disk(data_root: Path) -> dict[str, Path]:
     """Every LUNA series present as subset*/<uid>.mhd under the data root, by UID."""
     found = {}
     for mhd in sorted(Path(data_root).glob("subset*/*.mhd")):
-        if _UID_RE.fullmatch(mhd.stem):
+        if _is_uid(mhd.stem):
             found[mhd.stem] = mhd
     return found
 
@@ -110,7 +140,7 @@ def find_series(data_root: Path, uid: str) -> Path:
     hits = sorted(Path(data_root).glob(f"subset*/{uid}.mhd"))
     if not hits:
         raise UserError(f"series {uid} is not on disk: no subset*/{uid}.mhd under {data_root}; "
-                        "check the UID or --data-root")
+                        "check the UID and the data root")
     return hits[0]
 
 
@@ -119,23 +149,42 @@ def load_series(data_root: Path, uid: str) -> CtVolume:
     return load_ct(find_series(data_root, uid), series_uid=uid)
 
 
+def max_ct_voxels() -> int:
+    """The most voxels a CT header may claim before anything is allocated: the environment variable
+    P2CH_MAX_CT_VOXELS (a whole number) when set, else DEFAULT_MAX_CT_VOXELS."""
+    raw = os.environ.get(MAX_CT_VOXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_CT_VOXELS
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_CT_VOXELS_ENV}={raw!r} is not a positive whole number of voxels; "
+                        f"set it to e.g. {2 * DEFAULT_MAX_CT_VOXELS} or unset it")
+    return limit
+
+
 def load_ct(path: Path, series_uid: str | None = None) -> CtVolume:
-    """Load .mhd/.mha, .nii/.nii.gz or a DICOM series folder (slices ordered by position)."""
+    """Load .mhd/.mha, .nii/.nii.gz or a DICOM series folder (slices ordered by position).
+
+    A damaged CT is refused, never read as if whole: every DICOM slice must read and the slices must
+    be evenly spaced; a file's voxel data must be exactly as long as its header says; a voxel holds
+    one value. The size a header claims is checked before anything is allocated: more voxels than
+    the environment variable P2CH_MAX_CT_VOXELS (default DEFAULT_MAX_CT_VOXELS, 2**31) are refused.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"CT not found: {path}; pass an existing .mhd/.mha/.nii/.nii.gz file or DICOM folder")
     if path.is_dir():
-        image, uid = _read_dicom_folder(path)
+        with _itk_warnings_off():  # what ITK warns of (no series, uneven slices) is refused here, in one line
+            image, uid = _read_dicom_folder(path)
     else:
         name = path.name.lower()
         if not name.endswith((".mhd", ".mha", ".nii", ".nii.gz")):
             raise UserError(f"unsupported CT file {path}: use .mhd/.mha, .nii/.nii.gz or a DICOM folder")
-        if name.endswith(".mhd"):
-            _check_mhd_data(path)
-        image = _sitk_read(lambda: sitk.ReadImage(str(path)), path)
+        image = _read_file(path)
         uid = path.name.split(".nii")[0] if ".nii" in name else path.stem
-    if image.GetDimension() != 3:
-        raise UserError(f"{path} is a {image.GetDimension()}D image; a CT must be 3D")
     hu = sitk.GetArrayViewFromImage(image)
     if not np.issubdtype(hu.dtype, np.integer):
         hu = np.rint(hu)
@@ -143,52 +192,275 @@ def load_ct(path: Path, series_uid: str | None = None) -> CtVolume:
     return CtVolume(hu, Geometry.from_image(image), series_uid or uid)
 
 
-def _sitk_read(read, path: Path) -> sitk.Image:
+def _read_file(path: Path) -> sitk.Image:
+    """Read a MetaImage or NIfTI file after its header has passed every check: ITK itself would
+    allocate whatever a header claims and zero-fill data that ends early."""
+    meta = path.name.lower().endswith((".mhd", ".mha"))
+    header = _meta_header(path) if meta else None  # before ITK, whose MetaIO prints parse errors to stderr
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    _sitk_read(reader.ReadImageInformation, path)
+    if reader.GetDimension() != 3:
+        raise UserError(f"{path} is a {reader.GetDimension()}D image; a CT must be 3D")
+    _check_claim(path, reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
+    if header:
+        _check_meta_data(path, *header, math.prod(reader.GetSize()) * _component_bytes(reader.GetPixelID()))
+    else:
+        _check_nifti_data(path, reader)
+    return _sitk_read(reader.Execute, path)
+
+
+def _check_claim(source: Path, size, components: int, pixel_id: int) -> None:
+    """One value per voxel, and no more voxels than the limit: checked from the header alone."""
+    if components != 1:
+        raise UserError(f"{source} holds {components} values per voxel (a colour or vector image); a CT holds "
+                        "one, so export it as a single-channel (greyscale) image")
+    voxels, limit = math.prod(size), max_ct_voxels()
+    if voxels > limit:
+        gib = voxels * _component_bytes(pixel_id) / 2**30
+        raise UserError(f"{source} claims {'x'.join(map(str, size))} = {voxels:,} voxels ({gib:,.1f} GiB), over "
+                        f"the limit of {limit:,}; if the scan really is that large, raise the limit with the "
+                        f"environment variable {MAX_CT_VOXELS_ENV}")
+
+
+def _component_bytes(pixel_id: int) -> int:
+    return sitk.Image([1, 1], pixel_id).GetSizeOfPixelComponent()
+
+
+def _sitk_read(read, path: Path):
     try:
         return read()
     except RuntimeError as err:
-        detail = " ".join(str(err).split())[-160:]
-        raise UserError(f"cannot read CT {path} ({detail}); check that the file is complete") from None
+        raise UserError(f"cannot read CT {path}: {_itk_reason(err)}; check the file, or export or copy it "
+                        "again") from None
+
+
+def _itk_reason(err: RuntimeError) -> str:
+    """The meaningful part of a SimpleITK exception, whole words only: its first line names only
+    the C++ source line, and ITK prefixes the reason with the class and its address."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception thrown in SimpleITK"):
+        lines = lines[1:]
+    return brief(RuntimeError(" ".join(_ITK_PREFIX.sub("", line) for line in lines)), _REASON_CHARS)
+
+
+def _meta_header(path: Path) -> tuple[dict[str, str], int]:
+    """The fields of a MetaImage header, up to its ElementDataFile line, and the byte offset where
+    LOCAL voxel data start (right after that line)."""
+    fields = {}
+    with open(path, "rb") as f:
+        while f.tell() < _MAX_HEADER_BYTES and (line := f.readline(_MAX_HEADER_BYTES)):
+            key, sep, value = line.decode("latin-1").partition("=")
+            if sep:
+                fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                return fields, f.tell()
+    raise UserError(f"{path} has no ElementDataFile line; it is not a MetaImage header")
+
+
+def _check_meta_data(path: Path, fields: dict[str, str], data_start: int, expected: int) -> None:
+    """The voxel data of a MetaImage must be exactly `expected` bytes: shorter data would be
+    zero-filled or refused by ITK, longer data means the header does not describe it."""
+    name = fields["ElementDataFile"]
+    if name.startswith("LIST") or "%" in name:
+        raise UserError(f"{path} spreads its voxels over several files (ElementDataFile = {name}), which is not "
+                        "supported; write the CT as a single .mha or .mhd + .raw")
+    if fields.get("BinaryData", "True")[:1] not in ("T", "t", "1"):
+        raise UserError(f"{path} stores its voxels as text (BinaryData = False), which is not supported; "
+                        "write the CT with binary data")
+    local = name.lower() == "local"
+    data = path if local else path.parent / name
+    if not data.is_file():
+        raise UserError(f"{path} names data file {data.name}, which is missing; copy the .raw next to the .mhd")
+    try:
+        header_size = int(fields.get("HeaderSize", "0"))
+    except ValueError:
+        raise UserError(f"{path} has a bad HeaderSize line; re-export the MetaImage") from None
+    start = header_size if header_size > 0 else (data_start if local else 0)
+    if fields.get("CompressedData", "False")[:1] in ("T", "t", "1"):
+        with open(data, "rb") as f:
+            f.seek(start)
+            actual, complete = _inflated_size(f, expected)
+        _check_length(data, actual, expected, complete, inflated=True)
+        return
+    actual = max(data.stat().st_size - start, 0)
+    if header_size == -1:  # the data are the file's last bytes, after a header of any size
+        actual = min(actual, expected)
+    _check_length(data, actual, expected)
+
+
+def _check_nifti_data(path: Path, reader: sitk.ImageFileReader) -> None:
+    """A NIfTI file must be exactly its header, extensions and voxel data long: ITK reads a
+    .nii.gz cut short as if the missing voxels were 0."""
+    try:
+        ndim = int(reader.GetMetaData("dim[0]"))
+        voxels = math.prod(int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1))
+        expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError):
+        raise UserError(f"{path} has an incomplete NIfTI header (dim, bitpix or vox_offset); export it again") from None
+    with open(path, "rb") as f:
+        if f.read(2) != _GZIP_MAGIC:  # ITK reads an uncompressed file whatever its name
+            _check_length(path, path.stat().st_size, expected)
+            return
+        f.seek(0)
+        actual, complete = _inflated_size(f, expected)
+    _check_length(path, actual, expected, complete, inflated=True)
+
+
+def _inflated_size(f, limit: int) -> tuple[int, bool]:
+    """(bytes that the zlib or gzip data from f's position inflate to, whether the stream ended
+    properly), streamed in chunks so memory stays small; counting stops once past `limit`. Further
+    gzip members are counted (pigz and bgzip write them); other bytes after the end are ignored,
+    as the readers ignore them."""
+    total, inflater = 0, zlib.decompressobj(_ZLIB_OR_GZIP)
+    try:
+        while total <= limit and (chunk := f.read(_CHUNK_BYTES)):
+            while chunk:
+                if inflater.eof:
+                    if not chunk.startswith(_GZIP_MAGIC):
+                        return total, True
+                    inflater = zlib.decompressobj(_ZLIB_OR_GZIP)
+                total += len(inflater.decompress(chunk))
+                chunk = inflater.unused_data
+    except zlib.error as err:
+        raise UserError(f"{f.name} holds damaged compressed data ({err}); copy or download it again") from None
+    return total, inflater.eof
+
+
+def _check_length(data: Path, actual: int, expected: int, complete: bool = True, inflated: bool = False) -> None:
+    unit = " once decompressed" if inflated else ""
+    if actual > expected:
+        held = f"more than {expected:,}" if inflated else f"{actual:,}"
+        raise UserError(f"{data} holds {held} bytes{unit} where the header declares {expected:,}: the header's "
+                        "size or voxel type does not match the data; fix the header or export the CT again")
+    if actual < expected or not complete:
+        raise UserError(f"{data} is truncated ({actual:,} of {expected:,} bytes{unit}); copy or download it again")
 
 
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
+    """One series, every slice of it read, its size checked before reading and its layout after."""
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
+        _check_unlisted_dicom(folder, [])
         raise UserError(f"no DICOM images in {folder}; pass a folder holding one series' .dcm files")
     if len(series_ids) > 1:
         raise UserError(f"{folder} holds {len(series_ids)} DICOM series; put each series in its own folder")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])  # sorted by position
+    _check_unlisted_dicom(folder, files)
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    _sitk_read(first.ReadImageInformation, Path(files[0]))
+    size = first.GetSize()
+    _check_claim(folder, (*size[:2], math.prod(size[2:]) * len(files)), first.GetNumberOfComponents(),
+                 first.GetPixelID())
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    return _sitk_read(reader.Execute, folder), series_ids[0]
+    reader.MetaDataDictionaryArrayUpdateOn()  # the slice positions, at no extra read
+    image = _sitk_read(reader.Execute, folder)
+    _check_pixel_data(reader, files)
+    _check_slice_positions(folder, reader, files)
+    return image, series_ids[0]
 
 
-def _check_mhd_data(mhd: Path) -> None:
-    """Catch a missing or truncated .raw before SimpleITK does, with a message a user can act on."""
-    header = {}
-    for line in mhd.read_text(errors="replace").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            header[key.strip()] = value.strip()
-    data_file = header.get("ElementDataFile")
-    if data_file is None:
-        raise UserError(f"{mhd} has no ElementDataFile line; it is not a MetaImage header")
-    if data_file == "LOCAL" or data_file.startswith("LIST") or " " in data_file:
-        return
-    raw = mhd.parent / data_file
-    if not raw.is_file():
-        raise UserError(f"{mhd} names data file {raw.name}, which is missing; copy the .raw next to the .mhd")
-    if header.get("CompressedData", "False").lower() == "true":
-        return
+@contextmanager
+def _itk_warnings_off():
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        dims = [int(v) for v in header["DimSize"].split()]
-        nbytes = _MET_BYTES[header["ElementType"]] * int(header.get("ElementNumberOfChannels", 1))
-    except (KeyError, ValueError):
-        raise UserError(f"{mhd} has a bad DimSize or ElementType line; re-export the MetaImage") from None
-    expected = int(np.prod(dims)) * nbytes + max(int(header.get("HeaderSize", 0)), 0)
-    actual = raw.stat().st_size
-    if actual < expected:
-        raise UserError(f"{raw} is truncated ({actual} of {expected} bytes); copy or download it again")
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _check_unlisted_dicom(folder: Path, files) -> None:
+    """GDCM leaves out a slice file it cannot parse (a truncated one, say), and ITK would then
+    spread the other slices over the whole extent: any DICOM file left out is named instead."""
+    listed = {Path(f).name for f in files}
+    for path in sorted(folder.iterdir()):
+        if path.name in listed or path.name.startswith(".") or not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            magic = f.read(132)[128:]
+        if magic == b"DICM" or path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+            raise UserError(f"{path} is not a readable slice of the DICOM series in {folder} (truncated, damaged "
+                            "or not an image); replace the file or move it out of the folder")
+
+
+def _check_slice_positions(folder: Path, reader: sitk.ImageSeriesReader, files) -> None:
+    """Slices must share one orientation and follow each other at one even step along its normal:
+    a missing slice would otherwise stretch the spacing, a repeated one shift every slice after it."""
+    if len(files) < 2:
+        return
+    positions = np.array([_dicom_numbers(reader, k, files[k], "0020|0032", 3) for k in range(len(files))])
+    orientations = np.array([_dicom_numbers(reader, k, files[k], "0020|0037", 6) for k in range(len(files))])
+    names = [Path(f).name for f in files]
+    turned = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > _SAME_ORIENTATION)
+    if len(turned):
+        raise UserError(f"DICOM slice {names[turned[0]]} in {folder} is oriented unlike {names[0]}; a CT series "
+                        "has one orientation, so pass a folder holding only that series' slices")
+    depth = positions @ np.cross(orientations[0, :3], orientations[0, 3:])
+    at = lambda k: f"{names[k]} ({depth[k]:.2f} mm)"
+    order = np.argsort(depth, kind="stable")
+    same = np.flatnonzero(np.diff(depth[order]) <= _SAME_POSITION_MM)
+    if len(same):
+        a, b = order[same[0]], order[same[0] + 1]
+        raise UserError(f"DICOM series in {folder} repeats a slice position: {at(a)} and {at(b)}; "
+                        "remove the duplicate slice")
+    steps = np.diff(depth) * np.sign(depth[-1] - depth[0])  # in reading order: also catches a misplaced slice
+    step = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - step) > _STEP_TOLERANCE * abs(step))
+    if len(bad):
+        k = bad[0]
+        raise UserError(f"DICOM series in {folder} is unevenly spaced: {steps[k]:.2f} mm between {at(k)} and "
+                        f"{at(k + 1)}, where the slices are {step:.2f} mm apart; a slice is missing or out of "
+                        "place, so pass the complete series")
+
+
+def _check_pixel_data(reader: sitk.ImageSeriesReader, files) -> None:
+    """Each slice's pixel data must be as long as its Rows x Columns x BitsAllocated say: GDCM
+    would read a shorter element into a larger image and leave the rest to chance."""
+    for k, file in enumerate(files):
+        rows, columns, bits = (_dicom_numbers(reader, k, file, tag, 1)[0] for tag in ("0028|0010", "0028|0011",
+                                                                                      "0028|0100"))
+        frames = _dicom_numbers(reader, k, file, "0028|0008", 1)[0] if reader.HasMetaDataKey(k, "0028|0008") else 1
+        expected = int(rows * columns * frames) * int(bits) // 8  # one sample per pixel: _check_claim saw to it
+        held = _pixel_data_bytes(Path(file), expected + expected % 2)
+        if held is not None and held != expected + expected % 2:
+            raise UserError(f"DICOM slice {file} holds {held:,} bytes of pixel data where its header (Rows x Columns "
+                            f"x BitsAllocated) declares {expected:,}; replace the file or export the series again")
+
+
+def _pixel_data_bytes(path: Path, expected: int) -> int | None:
+    """The length of a DICOM file's native Pixel Data element, or None when it is compressed
+    (undefined length) or not found. Pixel data come last, so a well-formed file is checked from
+    its last bytes alone; only a file that does not end as expected is searched."""
+    with open(path, "rb") as f:
+        f.seek(max(path.stat().st_size - expected - 12, 0))
+        tail = f.read(12)
+        if tail[4:] == _PIXEL_DATA_TAG + expected.to_bytes(4, "little") or (
+                tail[:4] == _PIXEL_DATA_TAG and tail[8:] == expected.to_bytes(4, "little")):
+            return expected  # implicit VR (tag, length) or explicit VR (tag, OB/OW, 0, length)
+        f.seek(0)
+        data = f.read()
+    at = data.find(_PIXEL_DATA_TAG, 132)
+    if at < 0:
+        return None
+    explicit = data[at + 4:at + 6] in (b"OB", b"OW")
+    length = int.from_bytes(data[at + 8:at + 12] if explicit else data[at + 4:at + 8], "little")
+    return None if length == 0xFFFFFFFF else length
+
+
+def _dicom_numbers(reader: sitk.ImageSeriesReader, k: int, file: str, tag: str, count: int) -> list[float]:
+    """A DICOM number (or `count` of them, e.g. ImagePositionPatient) of slice k. One that is missing or
+    unreadable is refused: the check that needs it cannot be made."""
+    try:
+        values = [float(v) for v in reader.GetMetaData(k, tag).split("\\")] if reader.HasMetaDataKey(k, tag) else []
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise UserError(f"DICOM slice {file} lacks a readable {_DICOM_TAGS[tag]} ({tag.replace('|', ',')}), so its "
+                        "place in the series or its size is unknown; export the series again with it")
+    return values
 
 
 def crop_starts(shape, centers_irc, size=CROP_SIZE) -> np.ndarray:

@@ -147,7 +147,7 @@ def _read_csv(path: Path, columns: list[str]) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is missing; a LUNA16 data root holds {CANDIDATES_CSV} and "
                         f"{ANNOTATIONS_CSV} (run luna-synth for a synthetic one)")
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # a spreadsheet may write a byte-order mark
     with _gc_paused():
         lines = text.splitlines()
         numbers = range(1, len(lines) + 1)

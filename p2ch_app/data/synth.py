@@ -9,7 +9,6 @@ scanner noise. Everything is drawn from one seeded generator, so a seed gives th
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from p2ch_app.data.ct import Geometry
+from p2ch_app.data.workers import worker_pool
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_csv_atomic
 
@@ -587,7 +587,7 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
     cand, ann, mal, written = [], [], [], []
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            pool = stack.enter_context(worker_pool(workers))
             done = pool.imap(_write_series, jobs)  # in order, so the CSVs do not depend on timing
         else:
             done = map(_write_series, jobs)

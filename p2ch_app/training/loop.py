@@ -47,6 +47,10 @@ class TrainConfig:
     init: Path | None = None  # start from these weights (ours or the book's) instead of random ones
     options: dict = field(default_factory=dict)  # the command's resolved options, saved for --resume
 
+    def __post_init__(self):
+        if self.init is not None and self.resume is not None:
+            raise UserError("--init and --resume exclude each other: --resume continues a run with its own weights")
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -202,21 +206,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _initial_model(task: Task, cfg: TrainConfig) -> nn.Module:
     model = task.model()
     if cfg.init is not None:
-        if cfg.resume is not None:
-            raise UserError("--init and --resume exclude each other: --resume continues a run with its own weights")
         load_weights(model, cfg.init, f"a {cfg.command} model of this architecture")
     return model
 
 
-def _restore(run: _Run, resume: Path) -> None:
-    """Continue a run of ours where its last.pt left off: weights, optimizer, scaler, RNGs, counters."""
+def load_resumable(resume: Path, command: str) -> dict:
+    """The checkpoint `command --resume` continues, refused when it is not a training checkpoint of ours
+    or is another trainer's, before its saved options fill in anything."""
     checkpoint = load_checkpoint(resume)
     if "optimizer_name" not in checkpoint or "rng" not in checkpoint:
         raise UserError(f"{resume} is not a p2ch_app training checkpoint; --resume continues our own runs")
-    command = checkpoint.get("config", {}).get("command")
-    if command != run.cfg.command:
-        raise UserError(f"{resume} is a checkpoint of {command}, not of {run.cfg.command}; "
-                        f"resume it with {command} --resume")
+    saved = checkpoint.get("config", {}).get("command")
+    if saved != command:
+        raise UserError(f"{resume} is a checkpoint of {saved}, not of {command}; resume it with {saved} --resume")
+    return checkpoint
+
+
+def _restore(run: _Run, resume: Path) -> None:
+    """Continue a run of ours where its last.pt left off: weights, optimizer, scaler, RNGs, counters."""
+    checkpoint = load_resumable(resume, run.cfg.command)
     load_weights(run.model, resume, f"a {run.cfg.command} checkpoint of this architecture", checkpoint)
     try:
         run.optimizer.load_state_dict(checkpoint["optimizer_state"])

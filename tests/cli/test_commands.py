@@ -234,3 +234,117 @@ def test_analyze_fast_finds_the_same_candidates_with_close_probabilities(prepare
     # bfloat16 flips a few mask voxels near 0.5, which can split or merge small components (86% kept here)
     assert len(found["exact"]) > 10 and len(common_keys) >= 0.8 * len(found["exact"])
     assert max(abs(found["exact"][k] - found["fast"][k]) for k in common_keys) < 0.05
+
+
+def assert_error_ends_stderr(result):
+    """The error line starts a line of its own (no progress bar before it on that line) and nothing is
+    drawn after it."""
+    line = next(line for line in result.stderr.splitlines() if "error:" in line)
+    assert result.stderr.endswith(f"\n{line}\n") or result.stderr == f"{line}\n", repr(result.stderr)
+    assert line.split(": ")[1] == "error", line
+
+
+def test_an_error_prints_below_a_closed_progress_bar(prepared):
+    (prepared.root / "subset1" / "1.2.840.99.2.raw").write_bytes(b"\0" * 100)
+    result = run(prep, ["--data-root", prepared.root, "--workers", 1])
+    assert_one_line_error(result, "is truncated")
+    assert "luna-prep:" in result.stderr.split("error:")[0]  # a bar was on screen
+    assert_error_ends_stderr(result)
+
+
+def test_prep_names_only_its_own_options(prepared):
+    result = run(prep, ["--data-root", prepared.root, "--series", "1.2.x"])
+    assert_one_line_error(result, "'1.2.x' is not a series UID")
+    assert "--ct" not in result.stderr and "pass --series with a UID listed in candidates.csv" in result.stderr
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: t / "afile" / "out.json", "--output {tmp}/afile/out.json: {tmp}/afile is a file, not a folder"),
+    (lambda t: t / ("x" * 300 + ".json"), "name too long; choose a shorter name"),
+    (lambda t: t / "ro" / "out.csv", "--output {tmp}/ro/out.csv: permission denied; choose a folder you can write"),
+    (lambda t: t / "full" / "out.csv", "--output {tmp}/full/out.csv: disk full (no space left on device)"),
+])
+def test_analyze_refuses_an_output_it_cannot_write_before_the_analysis(tiny_root, tmp_path, monkeypatch, make,
+                                                                       message):
+    import errno
+
+    from p2ch_app.cli import analyze
+    from tests.test_files import refuse_writes_under
+
+    (tmp_path / "afile").write_text("x")
+    refuse_writes_under(monkeypatch, tmp_path / "ro", errno.EACCES)
+    refuse_writes_under(monkeypatch, tmp_path / "full", errno.ENOSPC)
+    # the models do not exist: the output is checked first, so no analysis is lost to it
+    common = ["--ct", tiny_root.series[0].mhd, "--seg-model", tmp_path / "no.pt", "--cls-model", tmp_path / "no.pt"]
+    assert_one_line_error(run(analyze, [*common, "--output", make(tmp_path)]), message.format(tmp=tmp_path))
+    assert_one_line_error(run(analyze, [*common, "--report", make(tmp_path).with_suffix("")]),
+                          message.format(tmp=tmp_path).replace("--output", "--report").replace(".json", "")
+                          .replace(".csv", ""))
+
+
+def test_run_folders_that_cannot_be_written_are_refused_before_the_work(tiny_root, tmp_path):
+    from p2ch_app.cli import analyze, train_seg
+    from tests.conftest import TINY
+
+    (tmp_path / "afile").write_text("x")
+    runs = tmp_path / "afile" / "runs"
+    result = run(analyze, ["--validation", "--data-root", tiny_root.root, "--runs-dir", runs, "--seg-model",
+                           tmp_path / "no.pt", "--cls-model", tmp_path / "no.pt"])
+    assert_one_line_error(result, f"--runs-dir {runs}/nodule-analyze: {tmp_path}/afile is a file, not a folder")
+    assert run(prep, ["--data-root", tiny_root.root, "--workers", 1]).exit_code == 0
+    result = run(train_seg, ["--data-root", tiny_root.root, *TINY, "--runs-dir", runs])
+    assert_one_line_error(result, f"--runs-dir {runs}/luna-train-seg: {tmp_path}/afile is a file, not a folder")
+
+
+def test_prep_refuses_a_cache_folder_it_cannot_write_before_building(tiny_root, tmp_path, monkeypatch):
+    import errno
+
+    from tests.test_files import refuse_writes_under
+
+    (tmp_path / "afile").write_text("x")
+    result = run(prep, ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "afile" / "cache"])
+    assert_one_line_error(result, f"--cache-dir {tmp_path}/afile/cache: {tmp_path}/afile is a file, not a folder")
+    refuse_writes_under(monkeypatch, tmp_path / "ro", errno.EROFS)
+    result = run(prep, ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "ro"])
+    assert_one_line_error(result, f"--cache-dir {tmp_path}/ro: read-only file system; choose a folder on a writable")
+
+
+def test_prep_with_a_damaged_cache_database_is_one_line(prepared):
+    (prepared.root / "cache" / "meta" / "cache.db").write_bytes(b"junk" * 1000)
+    assert_one_line_error(run(prep, ["--data-root", prepared.root, "--workers", 1]),
+                          "is damaged (file is not a database); delete")
+
+
+def test_ctrl_c_during_a_parallel_prep_is_one_line_and_exit_130(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.data.ct import load_series
+    from tests.conftest import PROJECT, make_tiny_root
+
+    tiny = make_tiny_root(tmp_path / "luna", n_series=8, shape=(60, 128, 128))
+    # its own process group, as a terminal's foreground job: Ctrl-C reaches the parent and its workers
+    proc = subprocess.Popen([sys.executable, "-m", "p2ch_app.cli", "luna-prep", "--workers", "2", "--data-root",
+                             str(tiny.root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and len(children.read_text().split()) < 2:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the workers are starting up: the moment a worker would print a traceback
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip() and not re.match(r"luna-prep:\s+\d+%\|", line)]
+    assert lines == ["luna-prep: interrupted; finished work is kept, rerun to continue"], err
+    assert err.rstrip("\n").endswith(lines[0])  # no bar drawn after it
+    cache = LunaCache(tiny.root / "cache")
+    assert not list((tiny.root / "cache" / "volumes").glob("*.tmp.npy"))
+    for uid in cache.cached_uids():  # what looks cached is whole
+        assert (cache.volume(uid) == load_series(tiny.root, uid).hu).all()

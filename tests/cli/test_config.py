@@ -77,3 +77,34 @@ def test_a_flag_the_config_turns_on_can_be_turned_off_on_the_command_line(tmp_pa
 
     assert flags() == (True, True, False)
     assert flags("--no-dedupe", "--split") == (True, False, True)
+
+
+@pytest.mark.parametrize("command, text, message", [
+    ("luna-train-cls", "epochs = 1.9\n", "bad value 1.9 for 'epochs' in .*c.toml: expected an integer, not a float"),
+    ("luna-prep", "[luna-prep]\nworkers = true\n", "bad value True for 'workers' .*expected an integer, not a boolean"),
+    ("luna-train-seg", "lr = true\n", "'lr' .*expected a number, not a boolean"),
+    ("nodule-analyze", "[nodule-analyze]\ntta = 1\n", "'tta' .*expected true or false, not an integer"),
+    ("luna-prep", "data_root = 3\n", "bad value 3 for 'data_root' .*expected a string, not an integer"),
+    ("luna-train-seg", "optimizer = 1\n", "'optimizer' .*expected a string, not an integer"),
+    ("luna-synth", "[luna-synth]\ninplane_mm = [1.0]\n", r"expected \[a number, a number\], not \[a float\]"),
+    ("luna-synth", "[luna-synth]\nslice_mm = [1, 'a']\n", r"expected \[a number, a number\], not \[an integer, a str"),
+    ("luna-prep", "[luna-prep]\nseries_uids = '1.2'\n", r"expected \[a string, \.\.\.\], not a string"),
+])
+def test_config_values_are_type_checked_as_on_the_command_line(tmp_path, command, text, message):
+    from p2ch_app.cli import COMMANDS
+
+    config = write(tmp_path, text)
+    with pytest.raises(UserError, match=message + ".*; correct the value there$"):
+        resolve_options(COMMANDS[command].make_context(command, ["--config", str(config)]))
+
+
+def test_config_values_of_the_right_type_pass(tmp_path):
+    from p2ch_app.cli import COMMANDS
+
+    config = write(tmp_path, 'lr = 1\nepochs = 3\n[luna-synth]\ninplane_mm = [1, 2.5]\n'
+                             '[luna-prep]\nseries_uids = ["1.2"]\n[nodule-analyze]\ntta = true\n')
+    opts = {name: resolve_options(COMMANDS[name].make_context(name, ["--config", str(config)]))
+            for name in ("luna-train-seg", "luna-synth", "luna-prep", "nodule-analyze")}
+    assert opts["luna-train-seg"]["lr"] == 1.0 and opts["luna-train-seg"]["epochs"] == 3
+    assert opts["luna-synth"]["inplane_mm"] == (1.0, 2.5) and opts["luna-prep"]["series_uids"] == ("1.2",)
+    assert opts["nodule-analyze"]["tta"] is True

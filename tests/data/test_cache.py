@@ -153,3 +153,101 @@ def test_killed_run_leaves_no_corrupt_entry_and_resume_builds_only_the_rest(tmp_
     done = LunaCache(cache_dir).build(tiny.root, build_index(tiny.root), progress=False)
     assert done["built"] == 6 - len(survivors) and done["series"] == 6
     assert not list((cache_dir / "volumes").glob("*.tmp.npy"))
+
+
+def test_a_truncated_or_replaced_volume_is_not_current_and_is_rebuilt(tiny_root, tmp_path):
+    from p2ch_app.data.cache import require_cached
+
+    index = build_index(tiny_root.root)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    first, second = (LunaCache(tmp_path / "cache").volume_path(s.uid) for s in tiny_root.series[:2])
+    first.write_bytes(first.read_bytes()[:-100])  # cut off, as by a full disk or a copy that stopped
+    np.save(second, np.zeros((2, 2, 2), np.int16))  # a whole .npy, of the wrong shape
+    cache = LunaCache(tmp_path / "cache")
+    assert cache.cached_uids() == [tiny_root.series[2].uid]
+    with pytest.raises(UserError, match=f"the cached volume {first} does not match its record .*run luna-prep again"):
+        cache.volume(tiny_root.series[0].uid)
+    with pytest.raises(UserError, match="2 series .* are not in the cache .*or damaged"):
+        require_cached(tmp_path / "cache", index, tiny_root.root)
+    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    assert done["built"] == 2 and done["series"] == 3
+    rebuilt = LunaCache(tmp_path / "cache")
+    for series in tiny_root.series:
+        assert np.array_equal(rebuilt.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+
+
+@pytest.mark.parametrize("damage", ["junk", "torn"])
+def test_a_damaged_cache_database_says_how_to_rebuild(tiny_root, tmp_path, damage):
+    LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    db = tmp_path / "cache" / "meta" / "cache.db"
+    data = db.read_bytes()
+    db.write_bytes(bytes(range(256)) * 20 if damage == "junk" else data[:200] + bytes(len(data) - 200))
+    rebuild = f"the cache database {tmp_path / 'cache' / 'meta'} is damaged .*; delete .*meta .*run luna-prep again"
+    with pytest.raises(UserError, match=rebuild):
+        LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    with pytest.raises(UserError, match=rebuild):
+        LunaCache(tmp_path / "cache").volume(tiny_root.series[0].uid)
+
+
+def test_a_full_disk_during_prep_is_one_line_and_leaves_no_temporary_file(tiny_root, tmp_path, monkeypatch):
+    import errno
+
+    from p2ch_app.cli import prep
+    from tests.conftest import run
+
+    real_save = np.save
+
+    def save_half(path, array):
+        real_save(path, array[: len(array) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    args = ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "cache", "--workers", 1]
+    assert run(prep, [*args, "--series", tiny_root.series[0].uid]).exit_code == 0
+    before = snapshot(tmp_path / "cache")
+    monkeypatch.setattr(np, "save", save_half)
+    result = run(prep, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    volume = LunaCache(tmp_path / "cache").volume_path(tiny_root.series[1].uid)
+    assert result.stderr.splitlines()[-1] == (f"luna-prep: error: cannot write {volume}: disk full (no space left on "
+                                              "device); free space or choose another disk")
+    assert sorted(p.name for p in (tmp_path / "cache" / "volumes").iterdir()) == [f"{tiny_root.series[0].uid}.npy"]
+    assert snapshot(tmp_path / "cache") == before
+
+
+PREP = [sys.executable, "-m", "p2ch_app.cli", "luna-prep", "--workers", "2"]
+
+
+def test_concurrent_preps_wait_for_each_other_and_keep_each_others_temporary_files(tmp_path):
+    import fcntl
+
+    tiny = make_tiny_root(tmp_path / "luna", n_series=4, shape=(24, 48, 48))
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "volumes").mkdir(parents=True)
+    theirs = cache_dir / "volumes" / ".1.2.840.99.1.99999-0000.tmp.npy"  # a live run's half-written volume
+    theirs.write_bytes(b"half")
+    with open(cache_dir / "luna-prep.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another luna-prep is building this cache
+        procs = [subprocess.Popen([*PREP, "--data-root", str(tiny.root), "--cache-dir", str(cache_dir)], cwd=PROJECT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(proc.poll() is None and waiting(proc) for proc in procs):
+            time.sleep(0.05)
+        assert all(waiting(proc) for proc in procs)
+        assert list((cache_dir / "volumes").iterdir()) == [theirs]  # neither removed it nor built anything
+        theirs.unlink()  # the other run finishes
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert proc.first_line == f"luna-prep: waiting for another luna-prep to finish building {cache_dir}\n"
+    cache = LunaCache(cache_dir)
+    assert cache.cached_uids() == sorted(s.uid for s in tiny.series)
+    for series in tiny.series:
+        assert np.array_equal(cache.volume(series.uid), load_series(tiny.root, series.uid).hu)
+    assert not list((cache_dir / "volumes").glob("*.tmp.npy"))
+
+
+def waiting(proc) -> bool:
+    """Whether luna-prep has said that it waits for the lock (its first line on stderr)."""
+    if not hasattr(proc, "first_line"):
+        proc.first_line = proc.stderr.readline()
+    return "waiting" in proc.first_line

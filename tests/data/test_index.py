@@ -133,3 +133,15 @@ def test_no_series_on_disk(tiny_root):
         s.mhd.unlink()
     with pytest.raises(UserError, match="none of the series"):
         build_index(tiny_root.root)
+
+
+def test_csvs_saved_with_a_byte_order_mark_are_read(tiny_root):
+    """Spreadsheets save 'CSV UTF-8' with a byte-order mark before the first column name."""
+    expected = build_index(tiny_root.root)
+    for name in ["candidates.csv", "annotations.csv", "annotations_with_malignancy.csv"]:
+        path = tiny_root.root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    index = build_index(tiny_root.root)
+    assert index.series_uids == expected.series_uids
+    assert np.array_equal(index.center_xyz, expected.center_xyz)
+    assert np.array_equal(index.malignancy, expected.malignancy)

@@ -141,7 +141,7 @@ def test_failed_write_leaves_neither_half_a_file_nor_a_temporary(tmp_path, ct, d
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*001.png: disk full"):
         write_report(tmp_path, ct, detections)
     assert os.listdir(tmp_path) == ["001.png"] and (tmp_path / "001.png").read_bytes() == b"old"
 

@@ -138,6 +138,21 @@ def test_bad_checkpoints_and_options(tmp_path, prepared_synth):
     assert result.exit_code == 2 and "--from CHECKPOINT is required" in result.output
 
 
+@pytest.mark.parametrize("trainer", ["luna-train-seg", "luna-finetune-mal"])
+def test_resuming_another_trainers_run_is_refused_before_its_options_are_used(cls_run, tmp_path, trainer):
+    from p2ch_app.cli import COMMANDS
+
+    last = cls_run[0] / "last.pt"
+    result = run(COMMANDS[trainer], ["--resume", last])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr == (f"{trainer}: error: {last} is a checkpoint of luna-train-cls, not of {trainer}; "
+                             "resume it with luna-train-cls --resume\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    result = run(COMMANDS[trainer], ["--resume", tmp_path / "empty.pt"])
+    assert result.exit_code == 2 and result.stderr.startswith(f"{trainer}: error: checkpoint {tmp_path}/empty.pt is "
+                                                              "empty (0 bytes)")
+
+
 def test_training_needs_the_cache(tiny_root, tmp_path):
     result = run(train_cls, ["--data-root", tiny_root.root, *TINY, "--runs-dir", tmp_path])
     assert result.exit_code == 2 and "run luna-prep --data-root" in result.output
