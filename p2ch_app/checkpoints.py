@@ -27,6 +27,8 @@ from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter,
 SEGMENTER, CLASSIFIER = "segmenter", "classifier"
 _KIND_OF_NAME = {"NoduleSegmenter": SEGMENTER, "UNetWrapper": SEGMENTER,
                  "NoduleClassifier": CLASSIFIER, "LunaModel": CLASSIFIER}
+_KIND_OF_PREFIX = {"input_batchnorm.": SEGMENTER, "unet.": SEGMENTER,  # parameter names: the two networks share none
+                   "tail_batchnorm.": CLASSIFIER, "block1.": CLASSIFIER, "head_linear.": CLASSIFIER}
 _WHAT = {SEGMENTER: "a segmentation (luna-train-seg) checkpoint",
          CLASSIFIER: "a classifier (luna-train-cls or luna-finetune-mal) checkpoint"}
 
@@ -105,6 +107,22 @@ def load_weights(model: nn.Module, path: Path, what: str, checkpoint: dict | Non
     except RuntimeError as err:
         raise UserError(f"{path} is not {what} ({brief(err, 100)})") from None
     return model
+
+
+def model_kind(path: Path, checkpoint: dict | None = None) -> str:
+    """Which network a checkpoint holds, SEGMENTER or CLASSIFIER: from its model_name (ours and the
+    book's files), else from its parameter names (bare weights), which the two networks never share."""
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
+    found = _KIND_OF_NAME.get(checkpoint.get("model_name"))
+    if found is not None:
+        return found
+    state = checkpoint["model_state"]
+    names = state.keys() if isinstance(state, dict) else ()
+    kinds = {kind for name in names for prefix, kind in _KIND_OF_PREFIX.items() if name.startswith(prefix)}
+    if len(kinds) != 1:
+        raise UserError(f"{path} holds neither a U-Net nor a nodule classifier of p2ch_app or the book; pass "
+                        f"{_WHAT[SEGMENTER]} or {_WHAT[CLASSIFIER]}")
+    return kinds.pop()
 
 
 def load_model(path: Path, kind: str, checkpoint: dict | None = None) -> nn.Module:

@@ -61,9 +61,7 @@ class NoduleClassifier(nn.Module):
         return [self.tail_batchnorm, self.block1, self.block2, self.block3, self.block4, self.head_linear]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.tail_batchnorm(x)
-        for block in (self.block1, self.block2, self.block3, self.block4):
-            y = block(y)
+        y = self.block4(self.block3(self.block2(self.block1(self.tail_batchnorm(x)))))  # TorchScript compiles a chain
         logits = self.head_linear(y.flatten(1))
         return logits, logits.softmax(dim=1)
 
@@ -104,14 +102,14 @@ class _UpStep(nn.Module):
         return self.conv_block(torch.cat([x, skip], dim=1))
 
 
-POOLS = {"avg": F.avg_pool2d, "max": F.max_pool2d}
+POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
 
 class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, depth: int, wf: int, padding: bool,
                  batch_norm: bool, up_mode: str, pooling: str = "avg"):
         super().__init__()
-        self.pool = POOLS[pooling]
+        self.pool = POOLS[pooling](2)  # a parameter-free module, so TorchScript can call it
         widths = [2 ** (wf + i) for i in range(depth)]
         self.down_path = nn.ModuleList(
             _DownStep(c_in, c_out, padding, batch_norm) for c_in, c_out in zip([in_channels] + widths, widths))
@@ -121,14 +119,14 @@ class UNet(nn.Module):
         self.last = nn.Conv2d(widths[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for i, down in enumerate(self.down_path):
             x = down(x)
             if i < len(self.down_path) - 1:
                 skips.append(x)
-                x = self.pool(x, 2)
-        for up, skip in zip(self.up_path, reversed(skips)):
-            x = up(x, skip)
+                x = self.pool(x)
+        for i, up in enumerate(self.up_path):  # indexed, not zip(reversed(...)): TorchScript compiles this
+            x = up(x, skips[-1 - i])
         return self.last(x)
 
 
@@ -157,6 +155,17 @@ class SegmenterConfig:
         return 2 * self.context + 1
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing this call. A branch on the slice size would be traced only as the
+    example input takes it, and an ONNX file of that graph would not pad other sizes; so there the U-Net
+    always pads (by zero rows for a fitting size: a copy). TorchScript keeps the branch itself."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        is_exporting = getattr(torch.compiler, "is_exporting", None)  # not in every torch >= 2.1
+        return is_exporting is not None and is_exporting()
+
+
 class NoduleSegmenter(nn.Module):
     """Per-pixel nodule probability for the centre slice of a (2C+1)-slice stack.
 
@@ -173,10 +182,10 @@ class NoduleSegmenter(nn.Module):
         self.padding = config.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]  # read from the input, not frozen: TorchScript and ONNX keep them dynamic
         pad_h, pad_w = -h % self.multiple, -w % self.multiple
         y = self.input_batchnorm(x)
-        if pad_h or pad_w:
+        if _exporting() or pad_h > 0 or pad_w > 0:
             y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
         y = self.unet(y)
         if self.padding:

@@ -414,6 +414,83 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
             "cpm_all_sizes": cpm(scans, bootstrap=0)["cpm"], "analyze_seconds_per_scan": seconds / len(scans)}
 
 
+def _median_ms(runners: dict, x, runs: int) -> dict:
+    """Median milliseconds per call of each runner on x, the runners taking turns call by call (so a
+    machine that slows down for a while slows all of them alike), after two warm-up calls each."""
+    for run in runners.values():
+        run(x)
+        run(x)
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def _channels_last_runner(model, x):
+    import torch
+
+    stack = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+
+    def run(_):
+        with torch.inference_mode():
+            return model(stack)
+
+    return run
+
+
+def bench_export_runtimes(runs: int = 10) -> dict:
+    """The book's two models exported by luna-export's library (each export checked on the real CT first),
+    then timed in their runtimes beside PyTorch on the same input: TorchScript (torch.jit) for the .pt file,
+    ONNX Runtime for the .onnx file. U-Net: one 512x512 7-slice stack of the real CT (PyTorch also in
+    channels-last, as nodule-analyze runs it); classifier: a batch of 8 crops. ONNX Runtime gets as many
+    intra-op threads as torch has."""
+    import importlib.util
+
+    import torch
+
+    from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
+    from p2ch_app.export import (
+        ONNX_MODULES,
+        VerifyPlan,
+        crop_samples,
+        eager_outputs,
+        export_checkpoint,
+        load_export,
+        stack_samples,
+        verification_ct,
+    )
+
+    if not REAL_CT.is_dir() or not BOOK_MODELS.is_dir():
+        return {"skipped": f"{REAL_CT} or {BOOK_MODELS} is absent"}
+    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"skipped": f"{', '.join(missing)} not installed; pip install -e '.[export]'"}
+    threads = torch.get_num_threads()
+    hu, _ = verification_ct(REAL_CT)
+    out_dir = BENCH_DIR / "export"
+    result = {"threads": threads, "runs": runs}
+    for net, prefix, kind in (("unet", "seg", SEGMENTER), ("classifier", "cls", CLASSIFIER)):
+        path = next(BOOK_MODELS.glob(f"{prefix}_*.state"))
+        model = load_model(path, kind)
+        if kind == SEGMENTER:
+            x = stack_samples(hu, model.config.context, VerifyPlan(stacks=((1, 512, 512),)))[0].x
+        else:
+            x = crop_samples(hu, model.config.crop_size, VerifyPlan(crop_batches=(8,)))[0].x
+        runners = {"pytorch": lambda v, model=model: eager_outputs(model, v)}
+        if kind == SEGMENTER:  # the same stack, laid out channels-last beforehand (nodule-analyze gets it so free)
+            runners["pytorch_channels_last"] = _channels_last_runner(model, x)
+        for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
+            report = export_checkpoint(path, fmt, out_dir / f"{net}{suffix}", REAL_CT)
+            result[f"{net}_{fmt}_max_abs_diff"] = report.max_diff
+            runners[fmt] = load_export(report.output, fmt, threads)
+        result[f"{net}_input"] = "x".join(map(str, x.shape))
+        result.update({f"{net}_{name}_ms": ms for name, ms in _median_ms(runners, x, runs).items()})
+    return result
+
+
 def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     demo = BENCH_DIR / "demo"
@@ -425,7 +502,8 @@ def main() -> None:
              ("cls_data_loading", lambda: bench_loading(demo)),
              ("demo_models", lambda: bench_demo_models(demo)),
              ("real_ct_book_models", bench_real_ct),
-             ("realism_full_size_book_models", bench_realism)]
+             ("realism_full_size_book_models", bench_realism),
+             ("export_runtimes", bench_export_runtimes)]
     wanted = sys.argv[1:]  # step names to run (the others keep their saved figures); none: all
     unknown = set(wanted) - {name for name, _ in steps}
     if unknown:

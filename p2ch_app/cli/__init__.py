@@ -6,7 +6,8 @@ COMMAND ...` runs one by name.
 
 from p2ch_app.cli.analyze import analyze
 from p2ch_app.cli.data import prep, synth
+from p2ch_app.cli.export import export
 from p2ch_app.cli.options import COMMANDS
 from p2ch_app.cli.train import finetune_mal, train_cls, train_seg
 
-__all__ = ["COMMANDS", "analyze", "finetune_mal", "prep", "synth", "train_cls", "train_seg"]
+__all__ = ["COMMANDS", "analyze", "export", "finetune_mal", "prep", "synth", "train_cls", "train_seg"]
