@@ -44,8 +44,11 @@ def os_error(err: OSError, path: Path | None = None, what: str = "") -> UserErro
 
 def _temp_path(path: Path) -> Path:
     """A temporary name beside path, unique to this process and call, so concurrent writers never share
-    one. It keeps the suffix, so writers that pick a format by suffix still work."""
-    return path.with_name(f".{path.stem[:64]}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    one. It keeps the suffix, a compressed one with the suffix before it (.nii.gz), so writers that pick
+    a format by suffix still work."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix
+    stem = path.name[:len(path.name) - len(suffix)]
+    return path.with_name(f".{stem[:64]}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")
 
 
 def check_writable(path: Path, what: str, folder: bool = False) -> Path:

@@ -31,6 +31,14 @@ def test_concurrent_writers_get_their_own_temporary_files(tmp_path):
     assert names[0] != names[1] and str(os.getpid()) in names[0] and names[0].endswith(".tmp.npy")
 
 
+def test_a_temporary_file_keeps_a_compressed_suffix_whole(tmp_path):
+    """Writers that pick the format by suffix (ITK's .nii.gz) see the whole of it."""
+    names = []
+    write_atomic(tmp_path / "labels.nii.gz", lambda tmp: (names.append(tmp.name), tmp.write_text("x")))
+    assert names[0].startswith(".labels.") and names[0].endswith(".tmp.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.nii.gz"]
+
+
 def can_write_into_read_only_folders(tmp_path) -> bool:
     """True for root (or CAP_DAC_OVERRIDE), where chmod does not stop writes."""
     folder = tmp_path / "probe-ro"

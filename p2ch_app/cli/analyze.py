@@ -53,8 +53,12 @@ from p2ch_app.files import check_writable
                    "pieces of one nodule's mask, each otherwise a false positive beside the hit.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
+@click.option("--submission", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write every candidate (all probabilities) to FILE.csv in the LUNA16 submission format "
+                   "(seriesuid,coordX,coordY,coordZ,probability), for the challenge's evaluation script.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Write a PNG (axial, coronal, sagittal views) per reported nodule and an index.html to DIR.")
+              help="Write a PNG (axial, coronal, sagittal views) per reported nodule, an index.html, a 3D Slicer "
+                   "point list (detections.mrk.json) and a label map of their voxels (candidates.nii.gz) to DIR.")
 @device_option
 @runs_dir_option
 @comment_option
@@ -90,12 +94,18 @@ def _check_analyze_options(opts: dict) -> None:
         raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
     if opts["include_train"] and not opts["validation"]:
         raise UserError("--include-train only goes with --validation")
-    output, report_dir = opts["output"], opts["report_dir"]
+    output, report_dir, submission = opts["output"], opts["report_dir"], opts["submission"]
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {output}: use a .json or .csv file name")
+    if submission is not None and submission.suffix.lower() != ".csv":
+        raise UserError(f"--submission {submission}: use a .csv file name (LUNA16 submissions are CSV)")
+    if submission is not None and output is not None and submission.resolve() == output.resolve():
+        raise UserError(f"--submission and --output both name {output}; give them different files")
     # before the analysis, whose results a failed write would lose
     if output is not None:
         check_writable(output, "--output")
+    if submission is not None:
+        check_writable(submission, "--submission")
     if report_dir is not None and any(check_writable(report_dir, "--report", folder=True).iterdir()):
         raise UserError(f"--report {report_dir} is not empty; choose a new folder")
     if opts["validation"]:
@@ -104,7 +114,7 @@ def _check_analyze_options(opts: dict) -> None:
 
 def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     from p2ch_app.data.ct import load_ct, load_series
-    from p2ch_app.inference.outputs import detection_table, write_detections
+    from p2ch_app.inference.outputs import detection_table, write_detections, write_submission
     from p2ch_app.inference.pipeline import analyze as run_analysis
     from p2ch_app.inference.pipeline import load_models
     from p2ch_app.inference.report import write_report
@@ -122,6 +132,9 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     if opts["output"] is not None:
         write_detections(opts["output"], [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
         click.echo(f"wrote {opts['output']}")
+    if opts["submission"] is not None:
+        write_submission(opts["submission"], [(ct.series_uid, d) for d in found])
+        click.echo(f"wrote {opts['submission']} ({len(found)} candidates)")
     if opts["report_dir"] is not None:
         title = f"nodule-analyze {ct.series_uid}"
         click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, title=title)}")
@@ -135,3 +148,5 @@ def _validation(opts: dict, models, settings, device) -> None:
     metrics, run_dir = run_validation(run, models, settings, device)
     click.echo(format_summary(metrics))
     click.echo(f"results in {run_dir} (metrics.json, froc.png, detections.csv, TensorBoard: make tensorboard)")
+    if run.submission is not None:
+        click.echo(f"wrote {run.submission} (every candidate of {len(metrics['series'])} series)")

@@ -20,6 +20,7 @@ from p2ch_app.errors import UserError
 CANDIDATES_CSV = "candidates.csv"
 ANNOTATIONS_CSV = "annotations.csv"
 MALIGNANCY_CSV = "annotations_with_malignancy.csv"
+EXCLUDED_CSV = "annotations_excluded.csv"  # optional: findings the LUNA16 evaluation ignores
 _XYZ = ["coordX", "coordY", "coordZ"]
 _MATCH_MM = 1e-3  # malignancy rows repeat the annotation coordinates, up to float formatting
 
@@ -142,8 +143,33 @@ def build_index(data_root: Path, require_on_disk: bool = True) -> LunaIndex:
     return index.select(present)
 
 
-def _read_csv(path: Path, columns: list[str]) -> dict:
-    """Columns of a CSV (lists of strings) plus '_line', the 1-based file line of each row."""
+@dataclass(frozen=True, eq=False)
+class ExcludedFindings:
+    """annotations_excluded.csv: findings that are neither nodules to find nor false positives (LUNA16's
+    irrelevant findings: nodules under 3 mm, non-nodules, nodules accepted by only 1 or 2 radiologists)."""
+
+    by_series: dict[str, tuple[np.ndarray, np.ndarray]]  # uid -> (centres (K, 3) mm, diameters (K,) mm)
+
+    def for_series(self, uid: str) -> tuple[np.ndarray, np.ndarray]:
+        """(centres, diameters) of one series; a negative diameter means the file gives no size."""
+        return self.by_series.get(uid, (np.zeros((0, 3)), np.zeros(0)))
+
+
+def read_excluded(data_root: Path) -> ExcludedFindings:
+    """The excluded findings of annotations_excluded.csv under data_root, by series; none when the file is
+    absent. Diameters are kept as written: LUNA16's file has -1 where a finding has no size (its evaluation
+    then uses 10 mm, see evaluation/scoring.py)."""
+    path = Path(data_root) / EXCLUDED_CSV
+    if not path.exists():
+        return ExcludedFindings({})
+    table = _read_csv(path, ["seriesuid", *_XYZ, "diameter_mm"], allow_empty=True)
+    xyz, diameter = _numeric(table, _XYZ), _numeric(table, ["diameter_mm"])[:, 0]
+    return ExcludedFindings({uid: (xyz[rows], diameter[rows]) for uid, rows in _by_series(table["seriesuid"]).items()})
+
+
+def _read_csv(path: Path, columns: list[str], allow_empty: bool = False) -> dict:
+    """Columns of a CSV (lists of strings) plus '_line', the 1-based file line of each row. allow_empty:
+    a header without rows is an empty table (else refused)."""
     if not path.is_file():
         raise UserError(f"{path} is missing; a LUNA16 data root holds {CANDIDATES_CSV} and "
                         f"{ANNOTATIONS_CSV} (run luna-synth for a synthetic one)")
@@ -164,10 +190,12 @@ def _read_csv(path: Path, columns: list[str]) -> dict:
         raise UserError(f"{path}:{numbers[0]}: header lacks column(s) {', '.join(missing)}; "
                         f"expected {','.join(columns)}")
     body = rows[1:]
-    if not body:
+    if not body and not allow_empty:
         raise UserError(f"{path} has a header but no rows; fill it or remove the file")
     table = {"_path": path, "_line": np.array(numbers[1:], np.int64)}
     width = len(header)
+    if not body:
+        return {**table, **{c: () for c in columns}}
     if min(map(len, body)) < width:
         short = next(i for i, r in enumerate(body) if len(r) < width)
         raise UserError(f"{path}:{table['_line'][short]}: row has {len(body[short])} fields, expected "

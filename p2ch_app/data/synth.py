@@ -3,7 +3,10 @@
 Each series is an analytic phantom in patient millimetres (body, fat, lungs with a domed
 diaphragm, mediastinum and heart, ribs, spine, airways, branching tapering vessels, nodules,
 non-nodule look-alikes), rendered at the series' own voxel spacing with partial-volume edges and
-scanner noise. Everything is drawn from one seeded generator, so a seed gives the same bytes.
+scanner noise. Everything is drawn from one seeded generator, so a seed gives the same bytes. The
+findings LUNA16 would exclude from scoring (annotations_excluded.csv: here nodule-like blobs under
+3 mm) come from a second generator of that seed and are painted last, so they leave every other draw,
+voxel and row as the seed made them before they existed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from p2ch_app.data.ct import Geometry
+from p2ch_app.data.index import EXCLUDED_CSV
 from p2ch_app.data.workers import worker_pool
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_csv_atomic
@@ -29,6 +33,10 @@ HU_AIR, HU_FAT, HU_SOFT, HU_LUNG = -1000.0, -100.0, 40.0, -850.0
 # quantiles (5%: 4.0 mm, median 6.4 mm, 95%: 17.5 mm against 4.1, 6.4 and 19.0). A plain log-normal
 # clipped at 3 mm put 17% of nodules under 4 mm, against LUNA16's 4%.
 NODULE_FLOOR_MM, NODULE_LOG_EXCESS = 3.0, (1.33, 0.82)
+# Excluded findings: solid blobs under LUNA16's 3 mm, drawn from default_rng([series seed, EXCLUDED_TAG])
+EXCLUDED_TAG = 0x65786331  # "exc1"
+EXCLUDED_DIAMETER_MM = (2.0, 2.9)
+EXCLUDED_CLEARANCE_MM = 8.0  # free space between a blob and any nodule's reach, look-alike or other blob
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class SynthSeries:
     geometry: Geometry
     nodules: list[SynthNodule]
     candidates: list[tuple[tuple[float, float, float], int]]  # (center_xyz, class) for candidates.csv
+    excluded: list[tuple[tuple[float, float, float], float]] = field(default_factory=list)  # (centre, diameter)
 
 
 @dataclass
@@ -234,11 +243,13 @@ def make_series(seed: int, geometry: SynthGeometry) -> SynthSeries:
         if nodule.kind == "solid":
             _paint_nodule(canvas, nodule, shape, rng)
     decoys = _paint_decoys(canvas, chest, rng, n=int(rng.integers(4, 9)))
+    # last, from their own generator: no draw of rng moves, and _finish only adds noise on top
+    excluded = _paint_excluded(canvas, chest, nodules, decoys, np.random.default_rng([seed, EXCLUDED_TAG]))
     hu = _finish(canvas, rng, fov)
 
     candidates = _candidates(chest, vessels, nodules, decoys, rng, per_series=45 if geometry.matrix <= 256 else 140)
     geo = Geometry(origin, spacing, np.eye(3))
-    return SynthSeries(uid, hu, geo, nodules, candidates)
+    return SynthSeries(uid, hu, geo, nodules, candidates, excluded)
 
 
 def _sample_chest(rng, fov: float) -> _Chest:
@@ -516,6 +527,37 @@ def _paint_decoys(canvas: _Canvas, chest: _Chest, rng, n: int) -> list[np.ndarra
     return points
 
 
+def _clear_of(center: np.ndarray, radius: float, nodules: list[SynthNodule], decoys: list[np.ndarray],
+              placed: list[tuple[tuple[float, float, float], float]]) -> bool:
+    """Whether a blob here keeps EXCLUDED_CLEARANCE_MM from every nodule's reach (spicules run out to 2.3
+    radii), every look-alike (at most 3 mm in radius) and the blobs already placed."""
+    reach = [(np.asarray(n.center_xyz), 2.3 * n.diameter_mm / 2) for n in nodules]
+    reach += [(p, 3.0) for p in decoys] + [(np.asarray(c), d / 2) for c, d in placed]
+    return all(np.linalg.norm(center - c) - r - radius > EXCLUDED_CLEARANCE_MM for c, r in reach)
+
+
+def _paint_excluded(canvas: _Canvas, chest: _Chest, nodules: list[SynthNodule], decoys: list[np.ndarray],
+                    rng) -> list[tuple[tuple[float, float, float], float]]:
+    """One to three solid, nodule-like blobs under 3 mm in the lungs, clear of everything painted before:
+    what LUNA16 lists in annotations_excluded.csv (a nodule under 3 mm counts neither as a nodule to find
+    nor as a false positive). Returns (centre, diameter) of each."""
+    placed = []
+    for _ in range(int(rng.integers(1, 4))):
+        diameter = round(float(rng.uniform(*EXCLUDED_DIAMETER_MM)), 3)
+        radius = diameter / 2
+        for _attempt in range(200):
+            center = _random_lung_point(chest, rng)
+            if _inside_lung_ball(chest, center, radius) and _clear_of(center, radius, nodules, decoys, placed):
+                break
+        else:
+            continue
+        core = rng.uniform(-20, 80)
+        canvas.blob(center, lambda u, r=radius: np.full(u.shape[:-1], r), radius + 1,
+                    lambda s, core=core: core + rng.normal(0, 12, s).astype(np.float32))
+        placed.append((tuple(float(c) for c in center), diameter))
+    return placed
+
+
 def _finish(canvas: _Canvas, rng, fov: float) -> np.ndarray:
     """Add scanner noise (thinner voxels are noisier), blank the corners outside the reconstruction circle."""
     reference_voxel = 0.7 * 0.7 * 1.5
@@ -570,7 +612,8 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                   geometry: SynthGeometry = PRESETS["demo"], overwrite: bool = False,
                   progress: bool = True, workers: int = 1) -> list[tuple[str, Path]]:
-    """Write `series` synthetic CTs and the three LUNA16 CSVs under root; returns (uid, .mhd path) pairs.
+    """Write `series` synthetic CTs and the LUNA16 CSVs under root (candidates, annotations, malignancy,
+    excluded findings); returns (uid, .mhd path) pairs.
 
     Volumes are generated and written one at a time (by `workers` processes; the bytes do not depend
     on their number). The CSVs are written last, each through a temporary file, so an interrupted run
@@ -584,7 +627,7 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
     root.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(series)
     jobs = [(root / f"subset{i % subsets}", seeds[i], geometry) for i in range(series)]
-    cand, ann, mal, written = [], [], [], []
+    cand, ann, mal, excluded, written = [], [], [], [], []
     with contextlib.ExitStack() as stack:
         if workers > 1:
             pool = stack.enter_context(worker_pool(workers))
@@ -596,11 +639,13 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
             cand += rows["candidates"]
             ann += rows["annotations"]
             mal += rows["malignancy"]
+            excluded += rows["excluded"]
     write_csv_atomic(root / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
     write_csv_atomic(root / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
     write_csv_atomic(root / "annotations_with_malignancy.csv",
                      ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
                       "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
+    write_csv_atomic(root / EXCLUDED_CSV, ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], excluded)
     return written
 
 
@@ -616,7 +661,7 @@ def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     sitk.WriteImage(image, str(path), useCompression=False)
     rating_rng = np.random.default_rng(seeds.generate_state(2)[1])
     rows = {"candidates": [[s.uid, *_mm(xyz), label] for xyz, label in s.candidates], "annotations": [],
-            "malignancy": []}
+            "malignancy": [], "excluded": [[s.uid, *_mm(xyz), f"{d:.3f}"] for xyz, d in s.excluded]}
     for n in s.nodules:
         rows["annotations"].append([s.uid, *_mm(n.center_xyz), f"{n.diameter_mm:.3f}"])
         ratings = _ratings(rating_rng, n.malignant)

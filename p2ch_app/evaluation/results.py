@@ -75,6 +75,9 @@ def format_summary(metrics: dict) -> str:
     lines = [format_confusion(metrics["confusion"]), "",
              f"CPM {metrics['cpm']:.3f} (bootstrap 95% CI {low:.3f}-{high:.3f}) over {metrics['scans']} scans, "
              f"{metrics['nodules']} nodules", f"sensitivity at FPs/scan  {at}"]
+    if metrics.get("excluded_findings"):
+        lines.append(f"{metrics['excluded_findings']} excluded findings (annotations_excluded.csv): "
+                     f"{metrics['ignored_detections']} detection(s) on them ignored, neither hit nor false positive")
     mal = metrics.get("malignancy")
     if mal:
         lines.append(f"malignancy AUC {mal['auc']:.3f} on {mal['nodules']} detected nodules ({mal['malignant']} "

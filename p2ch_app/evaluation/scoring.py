@@ -1,7 +1,16 @@
 """Scoring detections against annotations: the LUNA16 FROC / CPM and the confusion table.
 
 A scan's detections are centres in patient mm with a nodule probability (and optionally a
-malignancy probability); its truth is the annotated nodules (centre, diameter, malignancy).
+malignancy probability); its truth is the annotated nodules (centre, diameter, malignancy) and the
+excluded findings (annotations_excluded.csv), which count neither way.
+
+The FROC/CPM follow the challenge's evaluation script (noduleCADEvaluationLUNA16.py): a detection hits
+a finding when its centre lies strictly within the finding's radius (a finding without a size, diameter
+-1, gets 10 mm); only each scan's 100 most probable detections are scored; a nodule counts once, at the
+highest probability among its hits, and the other hits are not false positives; a detection that hits
+no nodule but an excluded finding is ignored; every other one is a false positive, counted per scan
+over all scans; the curve runs through every threshold and is read at 1/8 ... 8 false positives per
+scan by linear interpolation along it; scans are resampled with replacement for the bootstrap.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ import numpy as np
 from p2ch_app.metrics import roc_auc
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MAX_MARKS_PER_SCAN = 100  # the challenge scores only each scan's most probable 100 detections
+UNSIZED_DIAMETER_MM = 10.0  # the challenge's diameter for a finding whose diameter is negative (-1: not given)
 
 
 @dataclass
@@ -25,42 +36,77 @@ class ScanResult:
     diameters_mm: np.ndarray  # (N,)
     malignant: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # (N,) 1, 0, or -1 unknown
     malignancy_prob: np.ndarray | None = None  # (D,)
+    excluded_xyz: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (E, 3) count neither way
+    excluded_diameters_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) negative: no size given
 
 
-def _distances(scan: ScanResult) -> np.ndarray:
-    det = np.asarray(scan.detections_xyz, float).reshape(-1, 3)
-    nod = np.asarray(scan.nodules_xyz, float).reshape(-1, 3)
-    return np.linalg.norm(det[:, None, :] - nod[None, :, :], axis=2)  # (D, N)
+def _distances(detections_xyz, findings_xyz) -> np.ndarray:
+    det = np.asarray(detections_xyz, float).reshape(-1, 3)
+    found = np.asarray(findings_xyz, float).reshape(-1, 3)
+    return np.linalg.norm(det[:, None, :] - found[None, :, :], axis=2)  # (D, N)
 
 
 def _best_matches(scan: ScanResult, match_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Per nodule the most probable detection within match_fraction of its diameter (-1: none), and
     per detection whether it lies that near any nodule: the matching of the confusion table."""
-    near = _distances(scan) <= match_fraction * np.asarray(scan.diameters_mm, float)[None, :]  # (D, N)
+    reach = match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
+    near = _distances(scan.detections_xyz, scan.nodules_xyz) <= reach  # (D, N)
     if near.shape[0] == 0:
         return np.full(near.shape[1], -1), np.zeros(0, bool)
     scored = np.where(near, np.asarray(scan.nodule_prob, float)[:, None], -np.inf)
     return np.where(near.any(axis=0), scored.argmax(axis=0), -1), near.any(axis=1)
 
 
+def _hits(detections_xyz, findings_xyz, diameters_mm) -> np.ndarray:
+    """(D, N): detection d lies strictly within finding n's radius, the LUNA16 rule (a negative diameter,
+    LUNA16's "no size given", counts as UNSIZED_DIAMETER_MM)."""
+    diameters = np.asarray(diameters_mm, float)
+    radii = np.where(diameters < 0, UNSIZED_DIAMETER_MM, diameters) / 2
+    return _distances(detections_xyz, findings_xyz) < radii[None, :]
+
+
+def _scored_marks(scan: ScanResult) -> np.ndarray:
+    """Indices of the detections the challenge scores: all, or the MAX_MARKS_PER_SCAN most probable
+    (those strictly above the next one's probability, so a tie at the cut drops out whole)."""
+    probs = np.asarray(scan.nodule_prob, float)
+    if len(probs) <= MAX_MARKS_PER_SCAN:
+        return np.arange(len(probs))
+    cut = np.sort(probs)[::-1][MAX_MARKS_PER_SCAN]
+    return np.flatnonzero(probs > cut)
+
+
+def _judged(scan: ScanResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scored detections' probabilities (D,), the nodules each hits (D, N), and whether each is ignored
+    (it hits an excluded finding and no nodule: neither a hit nor a false positive)."""
+    marks = _scored_marks(scan)
+    xyz = np.asarray(scan.detections_xyz, float).reshape(-1, 3)[marks]
+    hits = _hits(xyz, scan.nodules_xyz, scan.diameters_mm)
+    ignored = _hits(xyz, scan.excluded_xyz, scan.excluded_diameters_mm).any(axis=1) & ~hits.any(axis=1)
+    return np.asarray(scan.nodule_prob, float)[marks], hits, ignored
+
+
 def _froc_points(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
     """Per nodule its best hitting probability (-inf when missed), and every false-positive probability.
-
-    A detection hits a nodule when its centre lies within the nodule's radius (the LUNA16 rule);
-    several detections on one nodule count once, with the highest probability.
-    """
+    Several detections on one nodule count once, with the highest probability, and the others are not
+    false positives."""
     nodule_scores, fp_probs = [np.zeros(0)], [np.zeros(0)]
     for scan in scans:
-        hits = _distances(scan) <= np.asarray(scan.diameters_mm, float)[None, :] / 2  # (D, N)
-        probs = np.asarray(scan.nodule_prob, float)
+        probs, hits, ignored = _judged(scan)
         nodule_scores.append(np.where(hits, probs[:, None], -np.inf).max(axis=0, initial=-np.inf))
-        fp_probs.append(probs[~hits.any(axis=1)])
+        fp_probs.append(probs[~hits.any(axis=1) & ~ignored])
     return np.concatenate(nodule_scores), np.concatenate(fp_probs)
 
 
+def ignored_detections(scans: list[ScanResult]) -> int:
+    """How many scored detections hit an excluded finding and no nodule."""
+    return int(sum(_judged(scan)[2].sum() for scan in scans))
+
+
 def froc(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
-    """The FROC curve from the threshold above every probability (0 FPs, sensitivity 0) down:
-    (false positives per scan, sensitivity), FP rate ascending."""
+    """The FROC curve from the threshold above every probability (0 FPs, sensitivity 0) down, one point
+    per distinct probability (a detection counts at thresholds at or below its probability):
+    (false positives per scan, sensitivity), FP rate ascending. Missed nodules count in the sensitivity's
+    denominator only."""
     nodule_scores, fp_probs = _froc_points(scans)
     if len(nodule_scores) == 0:
         return np.zeros(1), np.zeros(1)
@@ -72,27 +118,47 @@ def froc(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sensitivities_at(fps: np.ndarray, sens: np.ndarray, rates=FROC_FP_RATES) -> np.ndarray:
-    """Sensitivity at each FP rate, interpolated linearly along the curve as the LUNA16 evaluation
-    does; where one FP rate has several sensitivities the best counts, and beyond the curve's end
-    the last value holds."""
-    rates_seen = np.unique(fps)
-    best = np.array([sens[fps == r].max() for r in rates_seen])
-    return np.interp(np.asarray(rates, float), rates_seen, best)
+    """Sensitivity at each FP rate, read off the curve as the LUNA16 evaluation does (numpy.interp over
+    its points in threshold order): linear from the last point at or below the rate to the next point,
+    so a step made by a false positive alone stays flat until the next nodule is found; beyond the
+    curve's end the last value holds. fps must ascend (froc's order)."""
+    fps, sens, rates = np.asarray(fps, float), np.asarray(sens, float), np.asarray(rates, float)
+    last = np.searchsorted(fps, rates, side="right") - 1  # the curve starts at 0 FPs, so never -1
+    after = np.minimum(last + 1, len(fps) - 1)
+    span = fps[after] - fps[last]
+    step = np.divide(rates - fps[last], span, out=np.zeros_like(rates), where=span > 0)
+    return sens[last] + step * (sens[after] - sens[last])
+
+
+def _interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The challenge's bootstrap interval: the sorted samples at floor(p * n) for p = (1 - confidence) / 2
+    and 1 - p, along axis 0."""
+    ordered = np.sort(samples, axis=0)
+    tail = (1 - confidence) / 2
+    n = len(ordered)
+    return ordered[int(np.floor(tail * n))], ordered[int(np.floor((1 - tail) * n))]
 
 
 def cpm(scans: list[ScanResult], bootstrap: int = 1000, seed: int = 0) -> dict:
-    """LUNA16's competition performance metric: mean sensitivity at 1/8 ... 8 FPs per scan, with a
-    bootstrap 95% interval over scans."""
+    """LUNA16's competition performance metric: mean sensitivity at 1/8 ... 8 FPs per scan. The bootstrap
+    resamples scans with replacement, as the challenge's does, and gives its 95% interval per FP rate
+    (sensitivity_ci95) and, by the same rule, for the CPM (cpm_ci95)."""
     fps, sens = froc(scans)
     at = sensitivities_at(fps, sens)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap if len(scans) > 1 else 0):
         picks = [scans[i] for i in rng.integers(0, len(scans), len(scans))]
-        samples.append(sensitivities_at(*froc(picks)).mean())
-    low, high = (np.percentile(samples, [2.5, 97.5]) if samples else (float("nan"), float("nan")))
+        samples.append(sensitivities_at(*froc(picks)))
+    if samples:
+        (low, high), (rate_low, rate_high) = _interval(np.mean(samples, axis=1)), _interval(np.array(samples))
+    else:
+        low = high = float("nan")
+        rate_low = rate_high = np.full(len(FROC_FP_RATES), np.nan)
     return {"cpm": float(at.mean()), "cpm_ci95": [float(low), float(high)],
             "sensitivity_at": {str(r): float(s) for r, s in zip(FROC_FP_RATES, at)},
+            "sensitivity_ci95": {str(r): [float(lo), float(hi)] for r, lo, hi in zip(FROC_FP_RATES, rate_low,
+                                                                                      rate_high)},
             "froc_fps": fps.tolist(), "froc_sensitivity": sens.tolist()}
 
 
@@ -158,6 +224,8 @@ def evaluate(scans: list[ScanResult], threshold: float = 0.5, bootstrap: int = 1
     metrics = cpm(scans, bootstrap=bootstrap)
     metrics["scans"] = len(scans)
     metrics["nodules"] = int(sum(len(s.diameters_mm) for s in scans))
+    metrics["excluded_findings"] = int(sum(len(s.excluded_diameters_mm) for s in scans))
+    metrics["ignored_detections"] = ignored_detections(scans)
     metrics["confusion"] = confusion(scans, threshold)
     if any(s.malignancy_prob is not None for s in scans):
         metrics["malignancy"] = malignancy_aucs(scans, threshold)

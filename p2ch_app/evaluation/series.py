@@ -12,11 +12,11 @@ import torch
 from tqdm import tqdm
 
 from p2ch_app.data.ct import CtVolume, load_series
-from p2ch_app.data.index import LunaIndex, build_index
+from p2ch_app.data.index import LunaIndex, build_index, read_excluded
 from p2ch_app.evaluation.results import save_evaluation
 from p2ch_app.evaluation.scoring import ScanResult, evaluate
 from p2ch_app.files import new_run_dir
-from p2ch_app.inference.outputs import write_detections
+from p2ch_app.inference.outputs import write_detections, write_submission
 from p2ch_app.inference.pipeline import AnalysisSettings, Detection, Models, analyze
 from p2ch_app.inference.report import write_report, write_report_index
 
@@ -31,33 +31,40 @@ class ValidationRun:
     runs_dir: Path = Path("runs")
     comment: str = ""
     output: Path | None = None  # also write the reported rows here
+    submission: Path | None = None  # every candidate of every series in the LUNA16 submission format
     report_dir: Path | None = None  # a visual report per series under this folder
 
 
-def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool) -> ScanResult:
-    """A scan's detections beside its annotated nodules (those with a diameter), for scoring."""
+def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
+                excluded: tuple[np.ndarray, np.ndarray] | None = None) -> ScanResult:
+    """A scan's detections beside its annotated nodules (those with a diameter) and its excluded findings
+    (centres, diameters: ExcludedFindings.for_series), for scoring."""
     nodules = truth.has_annotation
+    excluded_xyz, excluded_diameters = excluded if excluded is not None else (np.zeros((0, 3)), np.zeros(0))
     return ScanResult(
         detections_xyz=np.array([d.center_xyz for d in detections], float).reshape(-1, 3),
         nodule_prob=np.array([d.nodule_prob for d in detections], float),
         nodules_xyz=truth.center_xyz[nodules], diameters_mm=truth.diameter_mm[nodules],
         malignant=truth.malignancy[nodules],
         malignancy_prob=np.array([np.nan if d.malignancy_prob is None else d.malignancy_prob for d in detections])
-        if with_mal else None)
+        if with_mal else None, excluded_xyz=excluded_xyz, excluded_diameters_mm=excluded_diameters)
 
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
                    device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None
                    ) -> list[tuple[str, list[Detection], ScanResult]]:
-    """analyze() over many LUNA series, each paired with its scoring against the annotations.
-    on_ct(ct, detections), when given, sees each CT while it is loaded (for reports)."""
+    """analyze() over many LUNA series, each paired with its scoring against the annotations and the data
+    root's annotations_excluded.csv (when there is one). on_ct(ct, detections), when given, sees each CT
+    while it is loaded (for reports)."""
+    excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT"):
         ct = load_series(data_root, uid)
         detections = analyze(ct, models, settings, device)
         if on_ct is not None:
             on_ct(ct, detections)
-        results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None)))
+        results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None,
+                                                     excluded.for_series(uid))))
     return results
 
 
@@ -73,7 +80,8 @@ def _series_reporter(report_dir: Path, threshold: float, entries: list) -> Calla
 def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings,
                    device: torch.device) -> tuple[dict, Path]:
     """Every validation series (and the training ones with include_train), scored and saved in a run
-    folder (metrics.json, froc.png, detections.csv, TensorBoard): (metrics, run folder)."""
+    folder (metrics.json, froc.png, detections.csv, TensorBoard): (metrics, run folder). Excluded
+    findings (annotations_excluded.csv) count neither way."""
     index = build_index(run.data_root)
     chosen = np.ones(len(index.series_uids), bool) if run.include_train else index.validation_series(run.val_stride)
     uids = [uid for uid, keep in zip(index.series_uids, chosen) if keep]
@@ -88,6 +96,8 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     save_evaluation(run_dir, metrics)
     rows = [(uid, d) for uid, detections, _ in results for d in detections]
     write_detections(run_dir / "detections.csv", rows, models.paths, uids)
+    if run.submission is not None:
+        write_submission(run.submission, rows)
     if run.output is not None:
         write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings.threshold],
                          models.paths, uids)

@@ -1,4 +1,4 @@
-"""Detections as text: the console table and the --output files (CSV or JSON)."""
+"""Detections as text: the console table, the --output files (CSV or JSON) and the LUNA16 submission file."""
 
 from __future__ import annotations
 
@@ -22,18 +22,35 @@ def detection_table(rows: list[Detection]) -> str:
     return "\n".join(lines)
 
 
-def detection_records(rows: list[tuple[str, Detection]], model_paths: dict) -> list[dict]:
-    """(series UID, detection) rows as flat records, ranked within their series, with the models used."""
+def detection_records(rows: list[tuple[str, Detection]], model_paths: dict | None = None) -> list[dict]:
+    """(series UID, detection) rows as flat records, ranked within their series, with the models used
+    (when model_paths is given). The one place a detection becomes a record: every file writes these."""
     ranks, seen = [], {}
     for uid, _ in rows:
         seen[uid] = seen.get(uid, 0) + 1
         ranks.append(seen[uid])
+    models = {} if model_paths is None else {"seg_model": model_paths["seg"], "cls_model": model_paths["cls"],
+                                             "mal_model": model_paths["mal"]}
     return [{"rank": rank, "series_uid": uid, "x_mm": d.center_xyz[0], "y_mm": d.center_xyz[1],
              "z_mm": d.center_xyz[2], "index": d.center_irc[0], "row": d.center_irc[1], "col": d.center_irc[2],
              "nodule_prob": d.nodule_prob, "malignancy_prob": d.malignancy_prob, "diameter_mm": d.diameter_mm,
-             "voxels": d.voxels, "inside_body": d.inside_body, "seg_model": model_paths["seg"],
-             "cls_model": model_paths["cls"], "mal_model": model_paths["mal"]}
+             "voxels": d.voxels, "inside_body": d.inside_body, **models}
             for rank, (uid, d) in zip(ranks, rows)]
+
+
+# The LUNA16 submission columns (noduleCADEvaluationLUNA16.py reads them by name) and the record fields they hold
+SUBMISSION_COLUMNS = {"seriesuid": "series_uid", "coordX": "x_mm", "coordY": "y_mm", "coordZ": "z_mm",
+                      "probability": "nodule_prob"}
+
+
+def write_submission(path: Path, rows: list[tuple[str, Detection]]) -> None:
+    """The rows to a LUNA16 submission CSV, through a temporary file: seriesuid, the centre in patient mm
+    and the nodule probability, one line per candidate. Give every candidate, not only those above a
+    threshold: the challenge's FROC sweeps the threshold itself."""
+    records = detection_records(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(path, list(SUBMISSION_COLUMNS), [[r[field] for field in SUBMISSION_COLUMNS.values()]
+                                                      for r in records])
 
 
 def write_detections(path: Path, rows: list[tuple[str, Detection]], model_paths: dict, series) -> None:

@@ -8,7 +8,7 @@ their HU + 1001-weighted centre of mass, a 32x48x48 crop around each centre's ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,29 @@ class Detection:
     diameter_mm: float  # of a sphere with the component's volume
     voxels: int
     inside_body: bool
+    # the component's voxels as flat (C-order) indices into the CT, kept for candidates at or above the
+    # threshold (the reported ones, for --report's label map); None for the others
+    voxel_index: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass
+class Components:
+    """Connected components of a mask: centres (index, row, col), voxel counts, and each one's voxels as
+    flat indices, component k's at members[starts[k]:starts[k + 1]]. The members cost 8 bytes per mask
+    voxel (a tiny share of the CT), not a whole-volume label array."""
+
+    centers: np.ndarray  # (N, 3)
+    voxels: np.ndarray  # (N,)
+    members: np.ndarray  # (sum of voxels,) int64
+    starts: np.ndarray  # (N + 1,)
+
+    def voxels_of(self, k: int) -> np.ndarray:
+        return self.members[self.starts[k]:self.starts[k + 1]]
+
+    def __add__(self, other: Components) -> Components:
+        return Components(np.concatenate([self.centers, other.centers]), np.concatenate([self.voxels, other.voxels]),
+                          np.concatenate([self.members, other.members]),
+                          np.concatenate([self.starts[:-1], other.starts + len(self.members)]))
 
 
 @dataclass
@@ -111,14 +134,15 @@ def segment(hu: np.ndarray, model: NoduleSegmenter, device: torch.device, fast: 
     return ndimage.binary_erosion(mask, iterations=1)
 
 
-def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components (face connectivity): centres weighted by clipped HU + 1001, voxel counts.
+def components(mask: np.ndarray, hu: np.ndarray) -> Components:
+    """Connected components (face connectivity): centres weighted by clipped HU + 1001, voxel counts and
+    voxels.
 
     Sums run over the mask's voxels only (a tiny share of the CT), so no whole-volume float copy
     is made: on a 512x512x99 CT that saves about 0.5 GB over a whole-volume centre of mass."""
     labels, count = ndimage.label(mask)
     if count == 0:
-        return np.zeros((0, 3)), np.zeros(0, np.int64)
+        return Components(np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(1, np.int64))
     flat = np.flatnonzero(labels)
     component = labels.ravel()[flat]
     del labels
@@ -126,7 +150,15 @@ def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     total = np.bincount(component, weight, count + 1)[1:]
     coords = np.unravel_index(flat, mask.shape)
     centers = np.stack([np.bincount(component, weight * c, count + 1)[1:] for c in coords], axis=1) / total[:, None]
-    return centers, np.bincount(component, minlength=count + 1)[1:]
+    voxels = np.bincount(component, minlength=count + 1)[1:]
+    members = flat[np.argsort(component, kind="stable")]
+    return Components(centers, voxels, members, np.concatenate([[0], np.cumsum(voxels)]))
+
+
+def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """components() without the voxels: (centres, voxel counts)."""
+    found = components(mask, hu)
+    return found.centers, found.voxels
 
 
 def _mean_over_views(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, device: torch.device,
@@ -164,6 +196,18 @@ def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, d
     return probs
 
 
+def _proposals(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device, settings: AnalysisSettings,
+               progress: bool) -> tuple[Components, np.ndarray]:
+    """The candidates as components, and whether each lies inside the body (propose() describes them)."""
+    mask = segment(hu, segmenter, device, settings.fast, progress)
+    found = components(mask, hu)
+    if settings.split:
+        found = found + components(ndimage.binary_erosion(mask), hu)
+    del mask
+    return_freed_memory()
+    return found, inside_body(hu, found.centers)
+
+
 def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
             settings: AnalysisSettings = AnalysisSettings(),
             progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,38 +216,36 @@ def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
     With settings.split, the pieces left by eroding the mask once more are candidates too. A nodule
     that touches a vessel forms one component with it, whose centre can lie outside the nodule; the
     second erosion cuts the thin connection and the nodule's own piece gets its own centre."""
-    mask = segment(hu, segmenter, device, settings.fast, progress)
-    centers, voxels = group(mask, hu)
-    if settings.split:
-        cores, core_voxels = group(ndimage.binary_erosion(mask), hu)
-        centers, voxels = np.concatenate([centers, cores]), np.concatenate([voxels, core_voxels])
-    del mask
-    return_freed_memory()
-    return centers, voxels, inside_body(hu, centers)
+    found, inside = _proposals(hu, segmenter, device, settings, progress)
+    return found.centers, found.voxels, inside
 
 
 def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisSettings(),
             device: torch.device = torch.device("cpu"), progress: bool = False) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless
-    settings.keep_outside."""
+    settings.keep_outside. Those at or above settings.threshold (the reported ones) keep their voxels
+    (Detection.voxel_index), for the label map of a report."""
     keep_freed_memory()
     return_freed_memory()  # what reading the CT left behind
-    centers, voxels, inside = propose(ct.hu, models.segmenter, device, settings, progress)
+    found, inside = _proposals(ct.hu, models.segmenter, device, settings, progress)
+    centers, voxels, ids = found.centers, found.voxels, np.arange(len(found.voxels))
     if not settings.keep_outside:
-        centers, voxels, inside = centers[inside], voxels[inside], inside[inside]
+        centers, voxels, inside, ids = centers[inside], voxels[inside], inside[inside], ids[inside]
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
     diameters = 2 * np.cbrt(3 * voxels * float(np.prod(ct.geometry.spacing)) / (4 * np.pi))
     if settings.dedupe:
         keep = suppress_duplicates(xyz, diameters, nodule)
-        centers, voxels, inside, nodule, xyz, diameters = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
-                                                                            diameters))
+        centers, voxels, inside, nodule, xyz, diameters, ids = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
+                                                                                 diameters, ids))
     malignancy = np.full(len(centers), np.nan)
     if models.malignancy is not None:
         chosen = np.flatnonzero(nodule >= settings.threshold)
         malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, device,
                                       replace(settings, tta_floor=0.0), progress, desc="malignancy")
     order = np.argsort(-nodule, kind="stable")
+    # a copy per reported candidate: a view would keep every candidate's voxels alive with it
     return [Detection(tuple(xyz[i].round(4).tolist()), tuple(centers[i].round(4).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
-                      int(voxels[i]), bool(inside[i])) for i in order]
+                      int(voxels[i]), bool(inside[i]),
+                      found.voxels_of(ids[i]).copy() if nodule[i] >= settings.threshold else None) for i in order]

@@ -21,6 +21,7 @@ from matplotlib.patches import Circle
 from p2ch_app.data.ct import HU_MIN, CtVolume
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_atomic, write_text_atomic
+from p2ch_app.inference.viewer import LABEL_MAP_FILE, MARKUPS_FILE, write_viewer_files
 
 if TYPE_CHECKING:
     from p2ch_app.inference.pipeline import Detection
@@ -102,7 +103,8 @@ def _make_dir(out_dir: Path) -> Path:
 
 
 def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], title: str = "") -> Path:
-    """Write NNN.png per detection (rank order as given) and index.html to out_dir; return the index."""
+    """Write NNN.png per detection (rank order as given), the viewer files (viewer.py: a 3D Slicer point
+    list and a label map of the detections' voxels) and index.html to out_dir; return the index."""
     for rank, det in enumerate(detections, 1):
         if not ct.contains(det.center_irc):
             raise UserError(f"detection {rank} at voxel {tuple(round(v, 1) for v in det.center_irc)} lies outside "
@@ -117,8 +119,12 @@ def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], title
         rows.append(f"<tr><td>{rank}</td><td>{xyz}</td><td>{irc}</td><td>{det.nodule_prob:.3f}</td><td>{mal}</td>"
                     f'<td>{det.diameter_mm:.1f}</td><td><img src="{rank:03d}.png" width="600" '
                     f'alt="detection {rank}"></td></tr>\n')
+    write_viewer_files(out_dir, ct, detections)
     body = (f"<p>Series {html.escape(ct.series_uid)}: {len(detections)} detection(s).</p>\n"
             if detections else f"<p>Series {html.escape(ct.series_uid)}: no detections.</p>\n")
+    body += (f'<p>For a viewer, over the CT: <a href="{MARKUPS_FILE}">{MARKUPS_FILE}</a> (3D Slicer point list, '
+             f'labelled rank and probability) and <a href="{LABEL_MAP_FILE}">{LABEL_MAP_FILE}</a> (label map: each '
+             "detection's voxels hold its rank).</p>\n")
     if rows:
         body += ("<table><tr><th>rank</th><th>x, y, z (mm)</th><th>index, row, col</th><th>nodule p</th>"
                  "<th>malignancy p</th><th>diameter (mm)</th><th>views</th></tr>\n" + "".join(rows) + "</table>\n")

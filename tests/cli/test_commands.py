@@ -125,6 +125,10 @@ def test_analyze_needs_exactly_one_input_and_trained_models(tmp_path, tiny_root)
                                         "--cls-model", "b.pt"]), "is not a series UID")
     assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--output", tmp_path / "out.txt"]),
                           "use a .json or .csv file name")
+    assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--submission", tmp_path / "sub.json"]),
+                          "--submission {}: use a .csv file name".format(tmp_path / "sub.json"))
+    assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--submission", tmp_path / "a.csv",
+                                        "--output", tmp_path / "a.csv"]), "give them different files")
 
 
 @requires_shared
@@ -154,6 +158,15 @@ def test_analyze_a_synthetic_series_with_the_book_models(prepared_synth, tmp_pat
     assert len(rows) == len(report["detections"])
     for row, detection in zip(rows, report["detections"]):
         assert row["series_uid"] == uid and float(row["nodule_prob"]) == pytest.approx(detection["nodule_prob"])
+    # the submission holds every candidate, whatever --threshold; --ct names the series by its file
+    mhd = next(prepared_synth.glob(f"subset*/{uid}.mhd"))
+    for source in ([uid, "--data-root", prepared_synth], ["--ct", mhd]):
+        result = run(analyze, [*source, *common[1:-2], "--threshold", 0.99, "--submission", tmp_path / "sub.csv"])
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / "sub.csv").read_text().splitlines()
+        assert lines[0] == "seriesuid,coordX,coordY,coordZ,probability" and len(lines) == len(rows) + 1
+        for line, row in zip(lines[1:], rows):
+            assert line.split(",") == [uid, row["x_mm"], row["y_mm"], row["z_mm"], row["nodule_prob"]]
     probs = [d["nodule_prob"] for d in report["detections"]]
     assert probs == sorted(probs, reverse=True)
     # the book classifier stands in as a malignancy model; outside-body candidates are kept
@@ -198,7 +211,7 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")
     # every series, with a report per series under one index
     args = [*args[:-2], "--comment", "all", "--include-train", "--report", tmp_path / "report", "--tta", "--dedupe",
-            "--split"]
+            "--split", "--submission", tmp_path / "submission.csv"]
     assert run(analyze, args).exit_code == 0
     metrics = json.loads((next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "metrics.json").read_text())
     assert metrics["series"] == index.series_uids and metrics["include_train"] is True and metrics["tta"] is True
@@ -206,6 +219,15 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     top = (tmp_path / "report" / "index.html").read_text()
     assert all(f"{uid}/index.html" in top and (tmp_path / "report" / uid / "index.html").is_file()
                for uid in index.series_uids)
+    for uid in index.series_uids:  # the viewer files per series (tests/inference/test_viewer.py reads them back)
+        assert {"detections.mrk.json", "candidates.nii.gz"} <= {p.name for p in (tmp_path / "report" / uid).iterdir()}
+    with open(next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "detections.csv", newline="") as f:
+        every = list(csv.DictReader(f))
+    with open(tmp_path / "submission.csv", newline="") as f:
+        submitted = list(csv.DictReader(f))
+    assert len(submitted) == len(every) and {r["seriesuid"] for r in submitted} == set(index.series_uids)
+    assert [float(r["probability"]) for r in submitted] == [float(r["nodule_prob"]) for r in every]
+    assert metrics["excluded_findings"] > 0  # luna-synth's annotations_excluded.csv reached the score
 
 
 @requires_shared
@@ -280,6 +302,18 @@ def test_analyze_refuses_an_output_it_cannot_write_before_the_analysis(tiny_root
     assert_one_line_error(run(analyze, [*common, "--report", make(tmp_path).with_suffix("")]),
                           message.format(tmp=tmp_path).replace("--output", "--report").replace(".json", "")
                           .replace(".csv", ""))
+
+
+def test_analyze_refuses_a_submission_it_cannot_write_before_the_analysis(tiny_root, tmp_path, monkeypatch):
+    import errno
+
+    from p2ch_app.cli import analyze
+    from tests.test_files import refuse_writes_under
+
+    refuse_writes_under(monkeypatch, tmp_path / "ro", errno.EACCES)
+    common = ["--ct", tiny_root.series[0].mhd, "--seg-model", tmp_path / "no.pt", "--cls-model", tmp_path / "no.pt"]
+    assert_one_line_error(run(analyze, [*common, "--submission", tmp_path / "ro" / "sub.csv"]),
+                          f"--submission {tmp_path}/ro/sub.csv: permission denied; choose a folder you can write")
 
 
 def test_run_folders_that_cannot_be_written_are_refused_before_the_work(tiny_root, tmp_path):

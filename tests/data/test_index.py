@@ -3,7 +3,15 @@ import shutil
 import numpy as np
 import pytest
 
-from p2ch_app.data.index import BENIGN, MALIGNANT, NOT_A_NODULE, UNKNOWN_MALIGNANCY, build_index
+from p2ch_app.data.index import (
+    BENIGN,
+    EXCLUDED_CSV,
+    MALIGNANT,
+    NOT_A_NODULE,
+    UNKNOWN_MALIGNANCY,
+    build_index,
+    read_excluded,
+)
 from p2ch_app.errors import UserError
 from tests.conftest import REAL_LUNA_CSVS, make_tiny_root, requires_shared
 
@@ -145,3 +153,28 @@ def test_csvs_saved_with_a_byte_order_mark_are_read(tiny_root):
     assert index.series_uids == expected.series_uids
     assert np.array_equal(index.center_xyz, expected.center_xyz)
     assert np.array_equal(index.malignancy, expected.malignancy)
+
+
+def test_excluded_findings_are_optional_keep_their_sizes_and_name_bad_lines(tiny_root):
+    root = tiny_root.root
+    assert read_excluded(root).by_series == {}  # no file: nothing is excluded
+    before = build_index(root)
+    (root / EXCLUDED_CSV).write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.840.99.1,1,2,3,2.5\n"
+                                     "1.2.840.99.2, 7,8,9,-1\n1.2.840.99.1,4.5,5,6,-1\n")
+    excluded = read_excluded(root)
+    xyz, diameters = excluded.for_series("1.2.840.99.1")
+    assert xyz.tolist() == [[1, 2, 3], [4.5, 5, 6]] and diameters.tolist() == [2.5, -1.0]  # -1 kept: no size given
+    assert excluded.for_series("1.2.840.99.2")[1].tolist() == [-1.0]
+    xyz, diameters = excluded.for_series("1.2.840.99.3")
+    assert xyz.shape == (0, 3) and diameters.shape == (0,)
+    after = build_index(root)  # the training index does not change
+    assert after.series_uids == before.series_uids and np.array_equal(after.center_xyz, before.center_xyz)
+    (root / EXCLUDED_CSV).write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    assert read_excluded(root).by_series == {}  # a header alone excludes nothing
+    (root / EXCLUDED_CSV).write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.840.99.1,1,2,3,2\n"
+                                     "1.2.840.99.1,1,x,3,2\n")
+    with pytest.raises(UserError, match="annotations_excluded.csv:3: field coordY 'x' is not a number"):
+        read_excluded(root)
+    (root / EXCLUDED_CSV).write_text("seriesuid,coordX,coordY,diameter_mm\n1.2.840.99.1,1,2,2\n")
+    with pytest.raises(UserError, match="annotations_excluded.csv:1: header lacks column"):
+        read_excluded(root)

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import p2ch_app.data.synth
 from p2ch_app.data.ct import irc_to_xyz, load_ct, xyz_to_irc
+from p2ch_app.data.index import read_excluded
 from p2ch_app.data.synth import (
+    EXCLUDED_CLEARANCE_MM,
     PRESETS,
     _place_nodules,
     _sample_chest,
@@ -35,13 +38,16 @@ def read_rows(path):
 def test_layout_headers_and_uids(dataset):
     root, written = dataset
     assert sorted(p.name for p in root.iterdir()) == [
-        "annotations.csv", "annotations_with_malignancy.csv", "candidates.csv", "subset0", "subset1"]
+        "annotations.csv", "annotations_excluded.csv", "annotations_with_malignancy.csv", "candidates.csv", "subset0",
+        "subset1"]
     assert [p.parent.name for _, p in written] == ["subset0", "subset1", "subset0"]
     for uid, mhd in written:
         assert (mhd.with_suffix(".raw")).is_file() and mhd.stem == uid
         assert len(uid) <= 64 and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+", uid)
     assert read_rows(root / "candidates.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "class"]
     assert read_rows(root / "annotations.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+    assert read_rows(root / "annotations_excluded.csv")[0] == ["seriesuid", "coordX", "coordY", "coordZ",
+                                                               "diameter_mm"]
     mal = read_rows(root / "annotations_with_malignancy.csv")
     assert mal[0] == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details",
                       "bboxLowX", "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"]
@@ -86,6 +92,41 @@ def test_annotations_inside_their_ct_on_nodule_tissue_and_class1_within_radius(d
         if label == "1":
             point = np.array([float(x), float(y), float(z)])
             assert any(np.linalg.norm(point - c) <= d / 2 for c, d in by_series[uid])
+
+
+def test_excluded_findings_are_small_blobs_inside_their_ct_away_from_nodules(dataset):
+    root, written = dataset
+    cts = {uid: load_ct(mhd) for uid, mhd in written}
+    rows = read_rows(root / "annotations_excluded.csv")[1:]
+    assert {uid for uid, *_ in rows} == set(cts)  # one to three in every series
+    nodules = {}
+    for uid, x, y, z, d in read_rows(root / "annotations.csv")[1:]:
+        nodules.setdefault(uid, []).append((np.array([float(x), float(y), float(z)]), float(d)))
+    for uid, x, y, z, diameter in rows:
+        centre, diameter = np.array([float(x), float(y), float(z)]), float(diameter)
+        assert 2.0 <= diameter < 3.0  # under LUNA16's 3 mm: never a nodule to find
+        assert cts[uid].contains(xyz_to_irc(centre, cts[uid].geometry))
+        for nodule, d in nodules.get(uid, []):
+            assert np.linalg.norm(centre - nodule) > d / 2 + diameter / 2 + EXCLUDED_CLEARANCE_MM
+    excluded = read_excluded(root)  # what the evaluation reads
+    assert sum(len(excluded.for_series(uid)[1]) for uid in cts) == len(rows)
+
+
+def test_excluded_blobs_change_only_their_own_voxels(monkeypatch):
+    """Painted from a generator of their own, last: without them every draw, row and other voxel is the same."""
+    series = make_series(8, SMALL)
+    monkeypatch.setattr(p2ch_app.data.synth, "_paint_excluded", lambda *args: [])
+    before = make_series(8, SMALL)
+    assert series.uid == before.uid and series.candidates == before.candidates and series.nodules == before.nodules
+    assert len(series.excluded) == 3 and before.excluded == []
+    changed = np.argwhere(series.hu != before.hu)
+    spacing = series.geometry.spacing
+    reach = [np.linalg.norm(irc_to_xyz(changed, series.geometry) - c, axis=1) for c, _ in series.excluded]
+    # every changed voxel lies within a blob's painted box (radius + 1 mm + the partial-volume ramp)
+    assert (np.min(reach, axis=0) <= 2.9 / 2 + 1 + np.cbrt(np.prod(spacing)) + np.linalg.norm(spacing)).all()
+    for k in range(len(series.excluded)):  # each blob made some voxels denser
+        mine = changed[np.argmin(reach, axis=0) == k]
+        assert len(mine) and (series.hu[tuple(mine.T)] > before.hu[tuple(mine.T)]).all()
 
 
 def inner_mean(series, nodule) -> float:

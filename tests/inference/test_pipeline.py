@@ -26,6 +26,26 @@ def test_group_weights_centres_by_density_and_counts_voxels():
     assert centers[1:].tolist() == [[7, 7, 7], [8, 8, 8]]
 
 
+def test_components_keep_each_ones_voxels():
+    from scipy import ndimage
+
+    from p2ch_app.inference.pipeline import components
+
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1000, 1001, (9, 14, 14)).astype(np.int16)
+    mask = rng.random(hu.shape) < 0.25
+    labels, count = ndimage.label(mask)
+    found = components(mask, hu)
+    assert len(found.voxels) == count and found.starts[-1] == mask.sum()
+    for k in range(count):
+        assert np.array_equal(found.voxels_of(k), np.flatnonzero(labels == k + 1))  # raster order
+    both = found + components(mask[::-1].copy(), hu)
+    assert len(both.voxels) == 2 * count and np.array_equal(both.voxels_of(count), components(
+        mask[::-1].copy(), hu).voxels_of(0))
+    empty = components(np.zeros((3, 3, 3), bool), hu[:3, :3, :3])
+    assert len(empty.voxels) == 0 and empty.starts.tolist() == [0]
+
+
 def test_group_agrees_with_scipy_centre_of_mass_on_a_random_mask():
     from scipy import ndimage
 
@@ -152,6 +172,27 @@ def test_analyze_end_to_end_with_stand_in_models():
     assert nodule.diameter_mm == pytest.approx(2 * (3 * nodule.voxels * 2.0 / (4 * np.pi)) ** (1 / 3))
     both = analyze(ct, models, AnalysisSettings(keep_outside=True))
     assert len(both) == 2 and sorted(d.inside_body for d in both) == [False, True]
+
+
+def test_reported_detections_carry_their_voxels_and_the_others_do_not():
+    from scipy import ndimage
+
+    from p2ch_app.inference.pipeline import Models, analyze
+
+    ct = hand_made_ct()
+    models = Models(CentreSliceThreshold(context=1), CentreVoxelClassifier(), None, {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 500).float()
+    eroded = ndimage.binary_erosion(ct.hu > 500)
+    for settings in (AnalysisSettings(keep_outside=True), AnalysisSettings(keep_outside=True, split=True)):
+        found = analyze(ct, models, settings)
+        reported = [d for d in found if d.nodule_prob >= settings.threshold]
+        assert reported and all(d.voxel_index is None for d in found if d.nodule_prob < settings.threshold)
+        for d in reported:
+            assert len(d.voxel_index) == d.voxels and eroded.ravel()[d.voxel_index].all()
+            centre = np.array(np.unravel_index(d.voxel_index, ct.hu.shape)).mean(axis=1)
+            assert np.abs(centre - d.center_irc).max() < 1.0  # its own voxels, around its centre
+    nothing = analyze(ct, models, AnalysisSettings(keep_outside=True, threshold=1.0))
+    assert all(d.voxel_index is None for d in nothing)
 
 
 def test_malignancy_is_scored_only_above_the_nodule_threshold():
