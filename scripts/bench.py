@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
 from p2ch_app.data.cache import LunaCache
-from p2ch_app.data.ct import CROP_SIZE
+from p2ch_app.data.ct import CROP_SIZE, irc_to_xyz, slice_stack
 from p2ch_app.data.index import build_index
 from p2ch_app.training.classification import NoduleSettings, nodule_task
 from p2ch_app.training.loop import Sampling
@@ -106,6 +106,104 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
     store_cold, _ = timed(read_store)
     return {"crops": n, "memmap_warm_per_s": n / warm, "memmap_cold_per_s": n / cold,
             "diskcache_warm_per_s": n / store_warm, "diskcache_cold_per_s": n / store_cold}
+
+
+def _read_rates(cache_dir: Path, crops: list, stacks: list, files: list[Path]) -> dict:
+    """Crops (32x48x48, as the classifier trains) and whole-slice stacks (7 slices, as the U-Net trains
+    without patches) per second, from a fresh LunaCache as each training process opens it: warm (the
+    files in the page cache), then cold (evicted first)."""
+
+    def read_crops():
+        cache = LunaCache(cache_dir)
+        for uid, xyz in crops:
+            cache.crop(uid, xyz)
+
+    def read_stacks():
+        cache = LunaCache(cache_dir)
+        for uid, k in stacks:
+            slice_stack(cache.volume(uid), k, 3)
+
+    out = {}
+    for name, read, n in (("crops", read_crops, len(crops)), ("stacks", read_stacks, len(stacks))):
+        read()
+        warm, _ = timed(read)
+        evict(files)
+        cold, _ = timed(read)
+        out |= {f"{name}_warm_per_s": n / warm, f"{name}_cold_per_s": n / cold}
+    return out
+
+
+def _cache_both_ways(root: Path, folder: Path) -> dict:
+    """luna-prep's cache of root (the .raw files read in place) and one with int16 copies of the CTs
+    (copy_volumes, as every cache was before): their folders, MB per CT, and prep seconds per CT."""
+    index = build_index(root)
+    out = {"index": index}
+    for kind, copy in (("mapped", False), ("copied", True)):
+        cache_dir = folder / kind
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        seconds, done = timed(LunaCache(cache_dir).build, root, index, workers=min(2, os.cpu_count() or 1),
+                              progress=False, copy_volumes=copy)
+        out |= {f"{kind}_dir": cache_dir, f"{kind}_mb_per_ct": done["bytes"] / 2**20 / done["series"],
+                f"{kind}_prep_s_per_ct": seconds / done["built"]}
+    out["raw_mb_per_ct"] = sum(p.stat().st_size for p in root.glob("subset*/*.raw")) / 2**20 / len(index.series_uids)
+    return out
+
+
+def write_luna_sized_ct(root: Path, shape=(300, 512, 512)) -> None:
+    """One CT of LUNA16's size, written as LUNA16 writes them (.mhd + little-endian int16 .raw): air
+    outside the scan circle at -3024 HU (clipped as it is read), lung, one solid nodule annotated."""
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.300512512"
+    folder = root / "subset0"
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.ogrid[:shape[1], :shape[2]]
+    plane = np.where((yy - 256) ** 2 + (xx - 256) ** 2 < 250 ** 2, -850, -3024).astype("<i2")
+    hu = np.broadcast_to(plane, shape).copy()
+    hu[140:160, 246:266, 166:186] = 40  # the nodule: 20 voxels across
+    hu.tofile(folder / f"{uid}.raw")
+    (folder / f"{uid}.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\nCompressedData = False\n"
+        "TransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = -180 -180 -400\nElementSpacing = 0.7 0.7 1.25\n"
+        f"DimSize = {shape[2]} {shape[1]} {shape[0]}\nElementType = MET_SHORT\nElementDataFile = {uid}.raw\n")
+    x, y, z = -180 + 0.7 * 175.5, -180 + 0.7 * 255.5, -400 + 1.25 * 149.5
+    (root / "annotations.csv").write_text(f"seriesuid,coordX,coordY,coordZ,diameter_mm\n{uid},{x},{y},{z},14.0\n")
+    offsets = ((0, 0, 0), (-60, 40, 90), (50, -70, -120))  # the nodule (class 1) and two class-0 candidates
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "".join(
+        f"{uid},{x + dx},{y + dy},{z + dz},{int(dx == 0)}\n" for dx, dy, dz in offsets))
+
+
+def _bench_cache_of(root: Path, folder: Path, n_crops: int, n_stacks: int) -> dict:
+    """_cache_both_ways and _read_rates of one data root: crops centred on random voxels of random
+    series, stacks around random slices of random series."""
+    built = _cache_both_ways(root, folder)
+    uids, rng, mapped = built.pop("index").series_uids, np.random.default_rng(0), LunaCache(built["mapped_dir"])
+    records = {uid: mapped.record(uid) for uid in uids}
+    crop_picks = [(uids[i], irc_to_xyz(rng.uniform(0, records[uids[i]].shape), records[uids[i]].geometry))
+                  for i in rng.integers(len(uids), size=n_crops)]
+    stack_picks = [(uids[i], int(rng.integers(records[uids[i]].shape[0])))
+                   for i in rng.integers(len(uids), size=n_stacks)]
+    out = {}
+    for kind in ("mapped", "copied"):
+        cache_dir = built.pop(f"{kind}_dir")
+        files = list(root.glob("subset*/*.raw")) if kind == "mapped" else list(cache_dir.glob("volumes/*.npy"))
+        out |= {f"{kind}_{k}": v for k, v in _read_rates(cache_dir, crop_picks, stack_picks, files).items()}
+    return out | built
+
+
+def bench_cache_reads(demo: Path, crops: int = 2000, stacks: int = 300) -> dict:
+    """What luna-prep's cache costs and how fast trainers read it, now that LUNA16-style .raw files are
+    read where they lie (clipped as read) instead of copied: crops and slice stacks per second, cold
+    and warm, mapped versus copied, and the cache's MB per CT, for the demo data and one 512x512x300 CT."""
+    if not (demo / "candidates.csv").is_file():
+        bench_synth(demo)
+    luna_sized = BENCH_DIR / "luna-sized-ct"
+    if not (luna_sized / "candidates.csv").is_file():
+        write_luna_sized_ct(luna_sized)
+    out = {}
+    for name, root, n_crops, n_stacks in (("demo", demo, crops, stacks), ("luna_sized", luna_sized, crops // 4,
+                                                                          stacks // 3)):
+        found = _bench_cache_of(root, BENCH_DIR / "cache-reads" / name, n_crops, n_stacks)
+        out |= {f"{name}_{k}": v for k, v in found.items()}
+    return out
 
 
 def write_luna_scale_csvs(folder: Path) -> None:
@@ -497,6 +595,7 @@ def main() -> None:
     steps = [("luna_synth_demo", lambda: bench_synth(demo)),
              ("luna_prep_demo", lambda: bench_prep(demo, workers=min(2, os.cpu_count() or 1))),
              ("crop_extraction", lambda: bench_crops(demo)),
+             ("cache_mapped_reads", lambda: bench_cache_reads(demo)),
              ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv")),
              ("cls_training", lambda: bench_training(demo)),
              ("cls_data_loading", lambda: bench_loading(demo)),

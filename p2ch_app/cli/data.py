@@ -41,7 +41,8 @@ def synth(**opts):
 @click.option("--series", "series_uids", multiple=True, metavar="UID",
               help="Only this series (repeatable).")
 def prep(**opts):
-    """Build the cache that training and analysis read: CT volumes, nodule label masks.
+    """Build the cache that training and analysis read: CT geometry and nodule label masks, and a copy
+    of a CT only where its file cannot be read in place (LUNA16's .mhd/.raw files are memory-mapped).
 
     Idempotent: only missing or stale series are built, so an interrupted run resumes.
     """

@@ -1,17 +1,30 @@
 """The preprocessed cache that `luna-prep` builds and every trainer and the analysis read.
 
+No copy of a CT is kept where its own file can be read in place: a .mhd whose voxels are plain
+little-endian int16 (LUNA16's .raw files) is memory-mapped where it lies, and every read (a crop, a
+slice stack, or the whole CT) is clipped to [-1000, 1000] HU as it is made (ClippedVolume), bit for
+bit what a copy would hold (luna-prep checks it on the CT it has just loaded).
+
 Layout under the cache directory:
-  volumes/<uid>.npy   the CT in clipped HU, int16 (index, row, col): read with mmap, so a crop
-                      or a slice stack touches only its own pages (measured: `make bench`).
+  volumes/<uid>.npy   only for CTs that cannot be mapped (compressed, another voxel type, big-endian,
+                      ...) or all with build(copy_volumes=True): the CT in clipped HU, int16 (index,
+                      row, col). Read with mmap like a mapped .raw, so a crop or a slice stack touches
+                      only its own pages (both measured: `make bench` step cache_mapped_reads).
   meta/               a diskcache store, one record per series: shape, geometry, the nodule
                       label mask (as flat voxel indices: masks are >99.9% empty), the slices
-                      holding nodule voxels, and a fingerprint of the annotations the mask came from.
+                      holding nodule voxels, a fingerprint of the annotations and CT files the record
+                      came from, and, for a mapped CT, its data file, the offset of its voxels, and
+                      the file's size and modification time when luna-prep read it.
   mined/<key>.npz     look-alikes a U-Net proposed in the training series (luna-train-cls
                       --mine-with), keyed by everything they depend on, so they are mined once.
   luna-prep.lock      held by the luna-prep building the cache: a second one waits for it.
-A series is cached when its record exists and its volume file is whole (as long as the record's
-shape says); the record is written only after its volume file is complete (temp file + rename), so
-a killed run leaves nothing half-built that looks whole, and a file damaged later is rebuilt.
+A series is cached when its record exists and its voxels are as luna-prep left them: a mapped data file
+still has the recorded size and modification time (readers check it when they first open the series;
+a file changed or removed since is refused in one line, and luna-prep builds the record again); a
+copied volume file is whole (as long as the record's shape says). The record is written only after
+its volume file is complete (temp file + rename), so a killed run leaves nothing half-built that looks
+whole, and a file damaged later is rebuilt. Records of another FORMAT_VERSION are not read: luna-prep
+builds them again (a copy that is no longer needed is then deleted).
 """
 
 from __future__ import annotations
@@ -19,10 +32,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import pickle
 import sqlite3
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -31,15 +45,82 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from p2ch_app.data.ct import CROP_SIZE, Geometry, extract_crop, load_series, series_on_disk, xyz_to_irc
+from p2ch_app.data.ct import (
+    CROP_SIZE,
+    HU_MAX,
+    HU_MIN,
+    Geometry,
+    RawLayout,
+    extract_crop,
+    find_series,
+    load_ct,
+    raw_int16_layout,
+    series_on_disk,
+    xyz_to_irc,
+)
 from p2ch_app.data.index import ANNOTATIONS_CSV, LunaIndex
 from p2ch_app.data.workers import worker_pool
 from p2ch_app.errors import UserError, brief
 from p2ch_app.files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a CT whose file can be memory-mapped is read in place (record["source"]), not copied
 MASK_THRESHOLD_HU = -700  # nodule tissue (solid and ground-glass) is denser than this; lung is not
 LOCK_FILE = "luna-prep.lock"
+_CHECK_VOXELS = 1 << 22  # luna-prep compares a mapped CT with the loaded one this many voxels at a time
+_RAW_INT16 = np.dtype("<i2")
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """A CT data file the cache reads where it lies, instead of keeping a copy: where its voxels start,
+    and the file's size and modification time when luna-prep read it. A file whose size or time differ
+    (rewritten, replaced, removed) is not read."""
+
+    path: str  # absolute, so the cache folder may be anywhere
+    offset: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, layout: RawLayout) -> MappedFile | None:
+        """The file of layout as it is now (None if it is gone: loading the CT then says so)."""
+        try:
+            stat = os.stat(layout.file)
+        except OSError:
+            return None
+        return cls(str(layout.file.resolve()), layout.offset, stat.st_size, stat.st_mtime_ns)
+
+    def unchanged(self) -> bool:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        return stat.st_size == self.size and stat.st_mtime_ns == self.mtime_ns
+
+
+class ClippedVolume:
+    """A cached CT as every reader sees it: read-only int16 HU (index, row, col). Indexing reads only
+    the voxels asked for from the memory map under it (the series' own data file, or its copy in
+    volumes/) and returns them as an array of their own, clipped to [HU_MIN, HU_MAX]; np.asarray of
+    the volume is the whole CT, clipped, in memory (for consumers that run over all of it)."""
+
+    def __init__(self, voxels: np.ndarray):
+        self._voxels = voxels
+        self.shape, self.ndim, self.dtype = voxels.shape, voxels.ndim, np.dtype(np.int16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        part = np.array(self._voxels[key], np.int16)  # a copy, in native byte order
+        np.clip(part, HU_MIN, HU_MAX, out=part)
+        return part if part.ndim else part[()]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a cached CT is clipped as it is read: reading it whole makes a copy")
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
 
 
 @dataclass(eq=False)
@@ -49,7 +130,8 @@ class SeriesRecord:
     geometry: Geometry
     mask_voxels: np.ndarray  # flat indices of nodule-label voxels
     nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
-    fingerprint: str  # of the annotations the mask was grown from
+    fingerprint: str  # of the annotations the mask was grown from and of the CT's files
+    source: MappedFile | None = None  # where the voxels are read in place; None: volumes/<uid>.npy
 
     def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
         """The label mask of one slice, without building the whole volume's mask; with margin, the
@@ -82,12 +164,13 @@ class SeriesRecord:
     def to_dict(self) -> dict:
         return {"version": FORMAT_VERSION, "uid": self.uid, "shape": list(self.shape),
                 "geometry": self.geometry.to_dict(), "mask_voxels": self.mask_voxels,
-                "nodule_slices": self.nodule_slices, "fingerprint": self.fingerprint}
+                "nodule_slices": self.nodule_slices, "fingerprint": self.fingerprint,
+                "source": asdict(self.source) if self.source else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> SeriesRecord:
         return cls(d["uid"], tuple(d["shape"]), Geometry.from_dict(d["geometry"]), d["mask_voxels"],
-                   d["nodule_slices"], d["fingerprint"])
+                   d["nodule_slices"], d["fingerprint"], MappedFile(**d["source"]) if d["source"] else None)
 
 
 def default_cache_dir(data_root: Path) -> Path:
@@ -145,7 +228,7 @@ class LunaCache:
 
     def __init__(self, cache_dir: Path):
         self.dir = Path(cache_dir)
-        self._volumes: dict[str, np.ndarray] = {}
+        self._volumes: dict[str, ClippedVolume] = {}
         self._records: dict[str, SeriesRecord] = {}
 
     @cached_property
@@ -168,14 +251,29 @@ class LunaCache:
             self._records[uid] = SeriesRecord.from_dict(raw)
         return self._records[uid]
 
-    def volume(self, uid: str) -> np.ndarray:
-        """The CT as a read-only memory map (int16 HU)."""
+    def volume(self, uid: str) -> ClippedVolume:
+        """The CT in clipped HU, read as it is indexed (ClippedVolume). Whether its voxels are still as
+        luna-prep left them is checked once, here, when this cache object first opens the series."""
         if uid not in self._volumes:
-            if not self._volume_whole(uid, self.record(uid).shape):
+            self._volumes[uid] = ClippedVolume(self._map(self.record(uid)))
+        return self._volumes[uid]
+
+    def _map(self, record: SeriesRecord) -> np.ndarray:
+        """The memory map of a series' voxels: its own data file in place, or its copy in volumes/."""
+        source, uid = record.source, record.uid
+        if source is None:
+            if not self._volume_whole(uid, record.shape):
                 raise UserError(f"the cached volume {self.volume_path(uid)} does not match its record (truncated "
                                 "or replaced); run luna-prep again to rebuild it")
-            self._volumes[uid] = np.load(self.volume_path(uid), mmap_mode="r")
-        return self._volumes[uid]
+            return np.load(self.volume_path(uid), mmap_mode="r")
+        changed = UserError(f"{source.path}, the CT file of series {uid}, was changed or removed after luna-prep "
+                            "read it; run luna-prep again to update the cache")
+        if not source.unchanged():
+            raise changed
+        try:
+            return np.memmap(source.path, _RAW_INT16, "r", source.offset, record.shape)
+        except (OSError, ValueError):  # removed or cut short since the check above
+            raise changed from None
 
     def crop(self, uid: str, center_xyz, size=CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
         """(crop, start_irc) around a patient-mm point: the one crop path for training and analysis."""
@@ -184,12 +282,20 @@ class LunaCache:
 
     def is_current(self, uid: str, fingerprint: str) -> bool:
         raw = self._meta.get(uid)
-        return (raw is not None and raw.get("version") == FORMAT_VERSION
-                and raw.get("fingerprint") == fingerprint and self._volume_whole(uid, raw["shape"]))
+        return raw is not None and raw.get("fingerprint") == fingerprint and self._readable(uid, raw)
 
     def cached_uids(self) -> list[str]:
-        """The series whose record and whole volume are both here."""
-        return sorted(k for k in self._meta.uids() if self._volume_whole(k, (self._meta.get(k) or {}).get("shape")))
+        """The series whose record is here, with their voxels as luna-prep left them."""
+        return sorted(k for k in self._meta.uids() if self._readable(k, self._meta.get(k)))
+
+    def _readable(self, uid: str, raw: dict | None) -> bool:
+        """Whether a record is of this format and its voxels are as it says: a mapped file unchanged
+        since luna-prep read it, or a whole copy in volumes/."""
+        if raw is None or raw.get("version") != FORMAT_VERSION:
+            return False
+        if raw["source"] is None:
+            return self._volume_whole(uid, raw["shape"])
+        return MappedFile(**raw["source"]).unchanged()
 
     def _volume_whole(self, uid: str, shape) -> bool:
         """Whether volumes/<uid>.npy holds an int16 array of the recorded shape, every byte of it: a
@@ -210,16 +316,18 @@ class LunaCache:
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
 
     def build(self, data_root: Path, index: LunaIndex, uids: list[str] | None = None, workers: int = 1,
-              progress: bool = True) -> dict:
+              progress: bool = True, copy_volumes: bool = False) -> dict:
         """Cache every series of `uids` (default: all in the index) that is missing or stale.
 
+        CTs that can be memory-mapped are read in place unless copy_volumes, which keeps an int16 copy
+        of every CT (as caches of FORMAT_VERSION 1 did: for a data root on a slow disk, or to compare).
         Returns counts: built, skipped (already current), bytes (cache size after).
         """
         uids = list(index.series_uids if uids is None else uids)
         with self._build_lock():
             self._remove_temp_files()  # of a run that died: every live one holds the lock
             try:
-                jobs = self._stale_jobs(data_root, index, uids)
+                jobs = self._stale_jobs(data_root, index, uids, copy_volumes)
                 self._run_jobs(jobs, workers, progress)
             finally:
                 self._remove_temp_files()  # of workers stopped mid-write by an error or Ctrl-C
@@ -240,17 +348,17 @@ class LunaCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _stale_jobs(self, data_root: Path, index: LunaIndex, uids: list[str]) -> list[tuple]:
+    def _stale_jobs(self, data_root: Path, index: LunaIndex, uids: list[str], copy: bool) -> list[tuple]:
         """The build jobs of the series that are missing, stale or damaged."""
         on_disk = series_on_disk(data_root)
         jobs = []
         for uid in uids:
             rows = index.for_series(uid)
             centers = rows.center_xyz[rows.has_annotation]
-            key = fingerprint(centers, rows.line[rows.has_annotation], on_disk.get(uid))
+            key = fingerprint(centers, rows.line[rows.has_annotation], on_disk.get(uid), copy)
             if not self.is_current(uid, key):
                 jobs.append((Path(data_root), uid, centers, rows.line[rows.has_annotation],
-                             str(self.volume_path(uid)), key))
+                             str(self.volume_path(uid)), key, copy))
         return jobs
 
     def _run_jobs(self, jobs: list[tuple], workers: int, progress: bool) -> None:
@@ -263,6 +371,8 @@ class LunaCache:
                 done = map(_build_series, jobs)
             for record in done:
                 self._meta.set(record.uid, record.to_dict())
+                if record.source is not None:  # read in place now: a copy from an earlier build is not needed
+                    self.volume_path(record.uid).unlink(missing_ok=True)
                 bar.update()
 
     def _remove_temp_files(self) -> None:
@@ -270,11 +380,14 @@ class LunaCache:
             tmp.unlink(missing_ok=True)
 
 
-def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray, mhd: Path | None = None) -> str:
+def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray, mhd: Path | None = None, copy: bool = False) -> str:
     """Identifies what a series' cache entry was built from: its annotations and its CT files
-    (size and modification time), so a changed annotations.csv or a rewritten CT is rebuilt."""
+    (size and modification time), so a changed annotations.csv or a rewritten CT is rebuilt; and
+    whether the CT was to be copied even if it could be mapped (build's copy_volumes)."""
     digest = hashlib.sha1(np.ascontiguousarray(centers_xyz, np.float64).tobytes())
     digest.update(np.ascontiguousarray(lines, np.int64).tobytes())
+    if copy:
+        digest.update(b"copy volume")
     if mhd is not None:
         for path in (mhd, mhd.with_suffix(".raw")):
             if path.exists():
@@ -284,8 +397,11 @@ def fingerprint(centers_xyz: np.ndarray, lines: np.ndarray, mhd: Path | None = N
 
 
 def _build_series(job) -> SeriesRecord:
-    data_root, uid, centers_xyz, lines, volume_path, key = job
-    ct = load_series(data_root, uid)
+    data_root, uid, centers_xyz, lines, volume_path, key, copy = job
+    mhd = find_series(data_root, uid)
+    layout = None if copy else raw_int16_layout(mhd)
+    source = MappedFile.of(layout) if layout else None  # before the CT is read: any later change is noticed
+    ct = load_ct(mhd, series_uid=uid)
     centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
     outside = ~ct.contains(centers_irc)
     if outside.any():
@@ -294,10 +410,26 @@ def _build_series(job) -> SeriesRecord:
         raise UserError(f"{data_root / ANNOTATIONS_CSV}:{lines[i]}: nodule at {where} mm "
                         f"lies outside CT {uid} (shape {list(ct.hu.shape)}); fix the row or the CT")
     mask = grow_nodule_mask(ct.hu, centers_irc)
-    write_atomic(Path(volume_path), lambda tmp: np.save(tmp, ct.hu))
+    if source is not None and not _maps_as_loaded(layout, ct.hu):
+        source = None
+    if source is None:
+        write_atomic(Path(volume_path), lambda tmp: np.save(tmp, ct.hu))
     voxels = np.flatnonzero(mask)
     return SeriesRecord(uid, ct.hu.shape, ct.geometry, voxels,
-                        np.unique(voxels // (ct.hu.shape[1] * ct.hu.shape[2])), key)
+                        np.unique(voxels // (ct.hu.shape[1] * ct.hu.shape[2])), key, source)
+
+
+def _maps_as_loaded(layout: RawLayout, hu: np.ndarray) -> bool:
+    """Whether readers of the memory map of layout see, bit for bit, the CT as load_ct read it (the
+    voxel order, the clipping): compared a slab at a time, from the pages the load just read."""
+    if layout.shape != hu.shape:
+        return False
+    try:
+        mapped = ClippedVolume(np.memmap(layout.file, _RAW_INT16, "r", layout.offset, layout.shape))
+    except (OSError, ValueError):  # gone or shorter since its header was read: keep a copy of what was loaded
+        return False
+    step = max(1, _CHECK_VOXELS // (hu.shape[1] * hu.shape[2]))
+    return all(np.array_equal(mapped[k:k + step], hu[k:k + step]) for k in range(0, len(hu), step))
 
 
 def grow_nodule_mask(hu: np.ndarray, centers_irc, threshold: int = MASK_THRESHOLD_HU) -> np.ndarray:

@@ -258,6 +258,54 @@ def _meta_header(path: Path) -> tuple[dict[str, str], int]:
     raise UserError(f"{path} has no ElementDataFile line; it is not a MetaImage header")
 
 
+@dataclass(frozen=True)
+class RawLayout:
+    """Where a MetaImage keeps its voxels as plain little-endian int16 in x-fastest order: the data
+    file, the byte offset of the first voxel, and the (index, row, col) shape of a memory map over them."""
+
+    file: Path
+    offset: int
+    shape: tuple[int, int, int]
+
+
+def raw_int16_layout(path: Path) -> RawLayout | None:
+    """The layout of a .mhd/.mha whose voxels can be memory-mapped where they lie, as LUNA16's can: 3D,
+    ElementType MET_SHORT, one value per voxel, little-endian, uncompressed binary data in one file
+    (a separate one, or LOCAL after the header; HeaderSize as ITK reads it). None for anything else.
+    Only the header is read: whether a map holds what load_ct gives is for the caller to check."""
+    try:
+        fields, data_start = _meta_header(path)
+        dims = tuple(int(v) for v in fields.get("DimSize", "").split())
+        header_size = int(fields.get("HeaderSize", "0"))
+    except (UserError, OSError, ValueError):
+        return None
+    name = fields["ElementDataFile"]
+    big_endian = any(_meta_flag(fields, key, "False") for key in fields if key.endswith("ByteOrderMSB"))
+    if (fields.get("NDims") != "3" or len(dims) != 3 or min(dims) < 1 or fields.get("ElementType") != "MET_SHORT"
+            or fields.get("ElementNumberOfChannels", "1") != "1" or big_endian or name.startswith("LIST")
+            or "%" in name or not _meta_flag(fields, "BinaryData", "True")
+            or _meta_flag(fields, "CompressedData", "False")):
+        return None
+    local = name.lower() == "local"
+    data = path if local else path.parent / name
+    try:
+        size = data.stat().st_size
+    except OSError:
+        return None
+    expected = math.prod(dims) * 2
+    if header_size == -1:  # the voxels are the file's last bytes, after a header of any size
+        offset = size - expected
+    else:
+        offset = header_size if header_size > 0 else data_start if local else 0
+    if offset < 0 or size < offset + expected:
+        return None
+    return RawLayout(data, offset, dims[::-1])
+
+
+def _meta_flag(fields: dict[str, str], key: str, default: str) -> bool:
+    return fields.get(key, default)[:1] in ("T", "t", "1")
+
+
 def _check_meta_data(path: Path, fields: dict[str, str], data_start: int, expected: int) -> None:
     """The voxel data of a MetaImage must be exactly `expected` bytes: shorter data would be
     zero-filled or refused by ITK, longer data means the header does not describe it."""

@@ -31,7 +31,7 @@ def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
     codes, found = [], []
     for code in tqdm(series_codes, desc="mine look-alikes", unit="CT", disable=not progress):
         uid = index.series_uids[code]
-        centers, _, inside = propose(cache.volume(uid), segmenter, device)
+        centers, _, inside = propose(np.asarray(cache.volume(uid)), segmenter, device)  # the whole CT, clipped
         xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
         mine = (index.series_code == code) & index.is_nodule
         clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)

@@ -76,7 +76,9 @@ def test_every_command_has_help():
 def test_prep_into_another_cache_dir(tiny_root, tmp_path):
     result = run(prep, ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "c", "--workers", 1])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "c" / "volumes").glob("*.npy"))) == 3 and not (tiny_root.root / "cache").exists()
+    from p2ch_app.data.cache import LunaCache
+
+    assert len(LunaCache(tmp_path / "c").cached_uids()) == 3 and not (tiny_root.root / "cache").exists()
 
 
 def test_prep_reports_what_it_built(tiny_root):

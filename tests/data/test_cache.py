@@ -6,9 +6,10 @@ import time
 import diskcache
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
-from p2ch_app.data.cache import LunaCache, SeriesRecord, grow_nodule_mask
-from p2ch_app.data.ct import extract_crop, load_series, xyz_to_irc
+from p2ch_app.data.cache import ClippedVolume, LunaCache, SeriesRecord, grow_nodule_mask
+from p2ch_app.data.ct import extract_crop, load_series, slice_stack, xyz_to_irc
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
 from tests.conftest import PROJECT, make_tiny_root, snapshot
@@ -57,8 +58,9 @@ def test_build_then_read(tiny_root, tmp_path):
     for series in tiny_root.series:
         ct = load_series(tiny_root.root, series.uid)
         volume = cache.volume(series.uid)
-        assert isinstance(volume, np.memmap) and np.array_equal(volume, ct.hu)
+        assert np.array_equal(volume, ct.hu)
         record = cache.record(series.uid)
+        assert record.source.path == str(series.mhd.with_suffix(".raw").resolve()) and record.source.offset == 0
         assert record.shape == ct.hu.shape
         assert np.allclose(record.geometry.spacing, ct.geometry.spacing)
         mask = record.mask()
@@ -71,6 +73,7 @@ def test_build_then_read(tiny_root, tmp_path):
         center = index.for_series(series.uid).center_xyz[0]
         crop, start = cache.crop(series.uid, center)
         assert np.array_equal((crop, start)[0], extract_crop(ct.hu, xyz_to_irc(center, ct.geometry))[0])
+    assert not list((tmp_path / "cache" / "volumes").iterdir())  # the .raw files are read where they lie
 
 
 def test_second_build_skips_and_changed_annotations_rebuild_one_series(tiny_root, tmp_path):
@@ -159,7 +162,7 @@ def test_a_truncated_or_replaced_volume_is_not_current_and_is_rebuilt(tiny_root,
     from p2ch_app.data.cache import require_cached
 
     index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
     first, second = (LunaCache(tmp_path / "cache").volume_path(s.uid) for s in tiny_root.series[:2])
     first.write_bytes(first.read_bytes()[:-100])  # cut off, as by a full disk or a copy that stopped
     np.save(second, np.zeros((2, 2, 2), np.int16))  # a whole .npy, of the wrong shape
@@ -169,7 +172,7 @@ def test_a_truncated_or_replaced_volume_is_not_current_and_is_rebuilt(tiny_root,
         cache.volume(tiny_root.series[0].uid)
     with pytest.raises(UserError, match="2 series .* are not in the cache .*or damaged"):
         require_cached(tmp_path / "cache", index, tiny_root.root)
-    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
     assert done["built"] == 2 and done["series"] == 3
     rebuilt = LunaCache(tmp_path / "cache")
     for series in tiny_root.series:
@@ -201,6 +204,8 @@ def test_a_full_disk_during_prep_is_one_line_and_leaves_no_temporary_file(tiny_r
         real_save(path, array[: len(array) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    for series in tiny_root.series:  # compressed, so luna-prep writes copies of them (a .raw is read in place)
+        sitk.WriteImage(sitk.ReadImage(str(series.mhd)), str(series.mhd), useCompression=True)
     args = ["--data-root", tiny_root.root, "--cache-dir", tmp_path / "cache", "--workers", 1]
     assert run(prep, [*args, "--series", tiny_root.series[0].uid]).exit_code == 0
     before = snapshot(tmp_path / "cache")
@@ -251,3 +256,207 @@ def waiting(proc) -> bool:
     if not hasattr(proc, "first_line"):
         proc.first_line = proc.stderr.readline()
     return "waiting" in proc.first_line
+
+
+def test_a_clipped_volume_reads_any_index_as_clipped_int16_of_its_own():
+    data = np.arange(-2400, 2400, 10).reshape(4, 8, 15)
+    expected = np.clip(data, -1000, 1000).astype(np.int16)
+    for voxels in (data.astype(np.int16), data.astype(">i2")):  # native, and a byte order to convert
+        volume = ClippedVolume(voxels)
+        assert volume.shape == (4, 8, 15) and volume.ndim == 3 and len(volume) == 4 and volume.dtype == np.int16
+        for key in [(0, 0, 0), (-1, 3), (slice(1, 3), slice(None), slice(2, 9)), (np.array([0, 0, 2, 3]), slice(1, 5)),
+                    (Ellipsis, 4)]:
+            part = volume[key]
+            assert np.array_equal(part, expected[key]) and part.dtype == np.int16 and part.dtype.isnative, key
+            if np.ndim(part):
+                assert part.flags.owndata and part.flags.writeable and not np.shares_memory(part, voxels)
+        assert np.array_equal(np.asarray(volume), expected) and np.asarray(volume, np.float32).dtype == np.float32
+        assert (volume == expected).all()
+        with pytest.raises(ValueError, match="makes a copy"):
+            np.asarray(volume, copy=False)
+
+
+def assert_same_reads(mapped: LunaCache, copied: LunaCache, uid: str, centers_xyz) -> None:
+    """Every way the trainers and mining read a CT gives the same int16 voxels from both caches."""
+    whole = np.asarray(mapped.volume(uid))
+    assert whole.dtype == np.int16 and np.array_equal(whole, np.asarray(copied.volume(uid)))
+    for xyz in centers_xyz:
+        for size in ((32, 48, 48), (6, 10, 10)):
+            (a, start_a), (b, start_b) = mapped.crop(uid, xyz, size), copied.crop(uid, xyz, size)
+            assert a.dtype == b.dtype == np.int16 and np.array_equal(a, b) and np.array_equal(start_a, start_b)
+    for k in (0, len(whole) // 2, len(whole) - 1):
+        for rows, cols in ((slice(None), slice(None)), (slice(5, 37), slice(3, 35))):
+            stack = slice_stack(mapped.volume(uid), k, 3, rows, cols)
+            assert stack.dtype == np.int16 and np.array_equal(stack, slice_stack(copied.volume(uid), k, 3, rows, cols))
+            assert np.array_equal(stack, slice_stack(whole, k, 3, rows, cols))
+
+
+def test_mapped_raw_files_read_bit_for_bit_as_the_copied_volumes(tiny_root, tmp_path):
+    index = build_index(tiny_root.root)
+    mapped, copied = LunaCache(tmp_path / "mapped"), LunaCache(tmp_path / "copied")
+    mapped.build(tiny_root.root, index, progress=False)
+    copied.build(tiny_root.root, index, progress=False, copy_volumes=True)
+    assert not list((tmp_path / "mapped" / "volumes").iterdir())
+    assert len(list((tmp_path / "copied" / "volumes").glob("*.npy"))) == 3
+    raw_bytes = sum(s.mhd.with_suffix(".raw").stat().st_size for s in tiny_root.series)
+    assert mapped.size_bytes() < copied.size_bytes() - 0.9 * raw_bytes
+    for series in tiny_root.series:
+        assert np.fromfile(series.mhd.with_suffix(".raw"), "<i2").min() == -3024  # on disk out of range
+        assert mapped.record(series.uid).source is not None and copied.record(series.uid).source is None
+        assert np.asarray(mapped.volume(series.uid))[:, :, :3].max() == -1000  # clipped as read
+        assert_same_reads(mapped, copied, series.uid, index.for_series(series.uid).center_xyz)
+
+
+def test_synthetic_series_read_bit_for_bit_as_their_copies(prepared_synth, tmp_path):
+    index = build_index(prepared_synth)
+    mapped = LunaCache(prepared_synth / "cache")  # the fixture's own luna-prep build
+    copied = LunaCache(tmp_path / "copied")
+    copied.build(prepared_synth, index, progress=False, copy_volumes=True)
+    for uid in index.series_uids:
+        assert mapped.record(uid).source is not None and not mapped.volume_path(uid).exists()
+        assert_same_reads(mapped, copied, uid, index.for_series(uid).center_xyz[:12])
+
+
+LAYOUT_UID = "1.2.840.99.5"
+LAYOUTS = {"raw": True, "local": True, "header_size": True, "header_at_end": True, "big_endian": False,
+           "compressed": False, "float": False}
+
+
+def write_layout(folder, hu: np.ndarray, geometry, layout: str):
+    """One CT as a .mhd in the given layout: the voxels of hu, geometry's origin, spacing and direction."""
+    mhd = folder / f"{LAYOUT_UID}.mhd"
+    folder.mkdir(parents=True)
+    image = sitk.GetImageFromArray(hu.astype(np.float32) if layout == "float" else hu)
+    image.SetOrigin(geometry.origin.tolist())
+    image.SetSpacing(geometry.spacing.tolist())
+    image.SetDirection(geometry.direction.reshape(-1).tolist())
+    sitk.WriteImage(image, str(mhd), useCompression=layout == "compressed")
+    header, raw = mhd.read_text(), mhd.with_suffix(".raw")
+    if layout == "local":  # the voxels right after the header, in the .mhd itself
+        mhd.write_bytes(header.replace(f"= {raw.name}", "= LOCAL").encode() + raw.read_bytes())
+        raw.unlink()
+    elif layout in ("header_size", "header_at_end"):  # bytes before the voxels that ITK skips
+        raw.write_bytes(bytes(range(64 if layout == "header_size" else 100)) + raw.read_bytes())
+        size = "64" if layout == "header_size" else "-1"
+        mhd.write_text(header.replace("ElementDataFile", f"HeaderSize = {size}\nElementDataFile"))
+    elif layout == "big_endian":
+        raw.write_bytes(hu.astype(">i2").tobytes())
+        mhd.write_text(header.replace("BinaryDataByteOrderMSB = False", "BinaryDataByteOrderMSB = True"))
+    return mhd
+
+
+@pytest.mark.parametrize("layout, mapped", LAYOUTS.items())
+def test_each_layout_reads_as_load_ct_and_only_plain_little_endian_int16_is_read_in_place(tmp_path, layout, mapped):
+    from p2ch_app.data.ct import Geometry, irc_to_xyz
+
+    rng = np.random.default_rng(3)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    geometry = Geometry(np.array([-120.0, 30.5, -310.0]), np.array([0.7, 0.8, 2.5]), q * np.sign(np.diag(r)))
+    hu = rng.integers(-3024, 3072, (12, 20, 26)).astype(np.int16)  # every axis its own length
+    root = tmp_path / "luna"
+    write_layout(root / "subset0", hu, geometry, layout)
+    centers = irc_to_xyz(np.array([(0, 0, 0), (6, 10, 13), (11, 19, 25), (3, 15, 2)]), geometry)
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "".join(
+        f"{LAYOUT_UID},{x},{y},{z},0\n" for x, y, z in centers))
+    (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+                                          f"{LAYOUT_UID},{centers[1, 0]},{centers[1, 1]},{centers[1, 2]},3.0\n")
+    cache = LunaCache(tmp_path / "cache")
+    cache.build(root, build_index(root), progress=False)
+    ct = load_series(root, LAYOUT_UID)
+    assert np.array_equal(ct.hu, np.clip(hu, -1000, 1000))
+    record = cache.record(LAYOUT_UID)
+    assert (record.source is not None) == mapped and cache.volume_path(LAYOUT_UID).exists() != mapped
+    assert np.allclose(record.geometry.direction, geometry.direction)
+    assert np.array_equal(cache.volume(LAYOUT_UID), ct.hu)
+    for xyz in centers:
+        crop, start = cache.crop(LAYOUT_UID, xyz, (4, 6, 6))
+        expected, expected_start = extract_crop(ct.hu, xyz_to_irc(xyz, ct.geometry), (4, 6, 6))
+        assert np.array_equal(crop, expected) and np.array_equal(start, expected_start)
+
+
+def test_a_layout_that_does_not_read_as_load_ct_is_copied_instead(tiny_root, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from p2ch_app.data import cache as cache_module
+
+    header_layout = cache_module.raw_int16_layout
+    others = {s.mhd: tiny_root.series[(k + 1) % 3].mhd.with_suffix(".raw") for k, s in enumerate(tiny_root.series)}
+    # a header that would map another CT's voxels (same shape, other values): luna-prep compares and copies
+    monkeypatch.setattr(cache_module, "raw_int16_layout", lambda mhd: replace(header_layout(mhd), file=others[mhd]))
+    cache = LunaCache(tmp_path / "cache")
+    cache.build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    for series in tiny_root.series:
+        assert cache.record(series.uid).source is None and cache.volume_path(series.uid).exists()
+        assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+
+
+def test_a_raw_file_changed_after_prep_is_refused_by_readers_and_rebuilt_by_prep(tiny_root, tmp_path):
+    from p2ch_app.data.cache import require_cached
+
+    index = build_index(tiny_root.root)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    series = tiny_root.series[0]
+    raw = series.mhd.with_suffix(".raw")
+    data = bytearray(raw.read_bytes())
+    data[:2] = (123).to_bytes(2, "little", signed=True)
+    raw.write_bytes(bytes(data))  # same size, new contents and time
+    cache = LunaCache(tmp_path / "cache")
+    assert cache.cached_uids() == [s.uid for s in tiny_root.series[1:]]
+    changed = (f"{raw.resolve()}, the CT file of series {series.uid}, was changed or removed after luna-prep read "
+               "it; run luna-prep again to update the cache")
+    with pytest.raises(UserError) as refused:
+        cache.volume(series.uid)
+    assert str(refused.value) == changed
+    with pytest.raises(UserError) as refused:
+        cache.crop(series.uid, index.for_series(series.uid).center_xyz[0])
+    assert str(refused.value) == changed
+    with pytest.raises(UserError, match="1 series .* are not in the cache .*run luna-prep"):
+        require_cached(tmp_path / "cache", index, tiny_root.root)
+    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    assert done["built"] == 1 and done["skipped"] == 2 and done["series"] == 3
+    rebuilt = LunaCache(tmp_path / "cache")
+    assert rebuilt.volume(series.uid)[0, 0, 0] == 123
+    assert np.array_equal(rebuilt.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+
+
+def test_a_raw_file_removed_after_prep_is_refused_by_readers_and_named_by_prep(tiny_root, tmp_path):
+    index = build_index(tiny_root.root)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    series = tiny_root.series[1]
+    raw = series.mhd.with_suffix(".raw")
+    data = raw.read_bytes()
+    raw.unlink()
+    cache = LunaCache(tmp_path / "cache")
+    assert series.uid not in cache.cached_uids() and len(cache.cached_uids()) == 2
+    with pytest.raises(UserError) as refused:
+        cache.volume(series.uid)
+    assert str(refused.value) == (f"{raw.resolve()}, the CT file of series {series.uid}, was changed or removed "
+                                  "after luna-prep read it; run luna-prep again to update the cache")
+    with pytest.raises(UserError, match=f"names data file {raw.name}, which is missing; copy the .raw"):
+        LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    raw.write_bytes(data)  # back, with a new time: read again, then trusted
+    assert LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)["built"] == 1
+    assert np.array_equal(LunaCache(tmp_path / "cache").volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+
+
+def test_an_old_format_or_copied_cache_is_rebuilt_in_place_and_its_copies_deleted(tiny_root, tmp_path):
+    index = build_index(tiny_root.root)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
+    volumes = tmp_path / "cache" / "volumes"
+    with diskcache.Cache(str(tmp_path / "cache" / "meta")) as store:
+        for uid in list(store):  # the records as FORMAT_VERSION 1 wrote them, beside their whole .npy copies
+            old = store[uid]
+            old["version"] = 1
+            del old["source"]
+            store[uid] = old
+    cache = LunaCache(tmp_path / "cache")
+    assert cache.cached_uids() == [] and len(list(volumes.glob("*.npy"))) == 3
+    with pytest.raises(UserError, match="is not in the cache .*; run luna-prep first"):
+        cache.volume(tiny_root.series[0].uid)
+    assert LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)["built"] == 3
+    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)  # read in place from now on
+    assert done["built"] == 3 and done["series"] == 3 and not list(volumes.iterdir())
+    cache = LunaCache(tmp_path / "cache")
+    for series in tiny_root.series:
+        assert cache.record(series.uid).source is not None
+        assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)

@@ -17,6 +17,7 @@ from p2ch_app.data.ct import (
     irc_to_xyz,
     load_ct,
     load_series,
+    raw_int16_layout,
     slice_stack,
     xyz_to_irc,
 )
@@ -418,3 +419,50 @@ def test_context_slices_repeat_the_edge_slices():
     assert context_slices(4, 5, 2, 5).tolist() == [2, 3, 4, 4, 4]
     volume = np.arange(5)[:, None, None] * np.ones((1, 2, 2), np.int16)
     assert slice_stack(volume, 0, 1)[:, 0, 0].tolist() == [0, 0, 1]
+
+
+PLAIN_HEADER = {"ObjectType": "Image", "NDims": "3", "BinaryData": "True", "BinaryDataByteOrderMSB": "False",
+                "CompressedData": "False", "DimSize": "6 5 4", "ElementType": "MET_SHORT", "ElementDataFile": "ct.raw"}
+
+
+@pytest.mark.parametrize("edit, offset", [
+    ({}, 0),
+    ({"ElementDataFile": "LOCAL"}, "after the header"),
+    ({"HeaderSize": "16"}, 16),
+    ({"HeaderSize": "-1"}, 100),  # the voxels are the file's last bytes
+    ({"ElementByteOrderMSB": "False"}, 0),
+    ({"ElementNumberOfChannels": "1"}, 0),
+    ({"ElementType": "MET_USHORT"}, None),
+    ({"ElementType": "MET_FLOAT"}, None),
+    ({"ElementNumberOfChannels": "2"}, None),
+    ({"BinaryDataByteOrderMSB": "True"}, None),
+    ({"ElementByteOrderMSB": "True"}, None),
+    ({"CompressedData": "True"}, None),
+    ({"BinaryData": "False"}, None),
+    ({"NDims": "2", "DimSize": "6 20"}, None),
+    ({"DimSize": "6 5 5"}, None),  # more voxels than the file holds
+    ({"ElementDataFile": "LIST"}, None),
+    ({"ElementDataFile": "ct_%03d.raw 1 4 1"}, None),
+    ({"ElementDataFile": "missing.raw"}, None),
+])
+def test_raw_int16_layout_is_found_only_for_plain_little_endian_int16(tmp_path, edit, offset):
+    fields = {**PLAIN_HEADER, **edit}
+    name = fields.pop("ElementDataFile")
+    header = "".join(f"{k} = {v}\n" for k, v in fields.items()) + f"ElementDataFile = {name}\n"
+    voxels = np.arange(120, dtype="<i2").tobytes()
+    mhd = tmp_path / "ct.mhd"
+    if name == "LOCAL":
+        mhd.write_bytes(header.encode() + voxels)
+    else:
+        mhd.write_text(header)
+        (tmp_path / "ct.raw").write_bytes(bytes(offset if offset in (16, 100) else 0) + voxels)
+    layout = raw_int16_layout(mhd)
+    if offset is None:
+        assert layout is None
+        return
+    local = offset == "after the header"
+    assert layout.file == (mhd if local else tmp_path / "ct.raw") and layout.shape == (4, 5, 6)
+    assert layout.offset == (len(header) if local else offset)
+    mapped = np.memmap(layout.file, "<i2", "r", layout.offset, layout.shape)
+    assert np.array_equal(mapped, np.arange(120).reshape(4, 5, 6))
+    assert np.array_equal(load_ct(mhd).hu, mapped)  # what ITK reads from the same header
