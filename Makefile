@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench tensorboard clean
+.PHONY: install demo test bench gpu-check tensorboard clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ test: install
 
 bench: install
 	$(PY) scripts/bench.py
+
+# On a CUDA GPU (a few minutes on one): the tests marked cuda, the real CT on CUDA against the book's
+# candidates (exact and --fast), its time, an AMP epoch of each trainer, DDP over NCCL; a table of the
+# figures and bench-results/gpu-check.json. Without a GPU it says so and stops with exit code 2.
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs

@@ -3,14 +3,12 @@ computed with them on the real CT (../shared/data/reference, made outside this r
 ../shared/README.md). A test comparing our code with our code cannot catch a wrong architecture;
 these can: each of a wrong pooling, erosion, centre weighting or crop centre fails one of them."""
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.spatial import cKDTree
 
+from p2ch_app.evaluation.reference import compare, match, read_candidates
 from tests.conftest import BOOK_MODELS, REAL_DICOM, SHARED
 
 REFERENCE = SHARED / "data" / "reference"
@@ -21,15 +19,6 @@ TABLE_CORNER = lambda xyz: (xyz[:, 0] > 120) & (xyz[:, 1] < -265)  # noqa: E731 
 
 def book_model(prefix: str):
     return next(BOOK_MODELS.glob(f"{prefix}_*.state"))
-
-
-def read_candidates(path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {"xyz": np.array([[float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in rows]).reshape(-1, 3),
-            "irc": np.array([[float(r[k]) for k in ("index", "row", "col")] for r in rows]).reshape(-1, 3),
-            "voxels": np.array([int(r["voxels"]) for r in rows]),
-            "prob": np.array([float(r["nodule_prob"]) for r in rows])}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +42,6 @@ def analysed(tmp_path_factory):
     return found
 
 
-def match(ours: np.ndarray, theirs: np.ndarray, tolerance_mm: float = 0.01) -> np.ndarray:
-    """For each of theirs, the index of our candidate within tolerance_mm; -1 where there is none."""
-    if len(ours) == 0:
-        return np.full(len(theirs), -1)
-    distance, nearest = cKDTree(ours).query(theirs)
-    return np.where(distance <= tolerance_mm, nearest, -1)
-
-
 def test_the_unet_gives_the_books_output_on_the_reference_slices():
     from p2ch_app.data.ct import load_ct
     from p2ch_app.inference.pipeline import load_segmenter, slice_probabilities
@@ -76,13 +57,11 @@ def test_the_unet_gives_the_books_output_on_the_reference_slices():
 
 
 def test_keep_outside_gives_the_books_candidates_one_to_one(analysed, reference):
-    ours = analysed["all"]
-    assert len(ours["xyz"]) == len(reference["xyz"]) == 1532
-    matched = match(ours["xyz"], reference["xyz"])
-    assert (matched >= 0).all(), f"{np.sum(matched < 0)} of the book's candidates have no centre of ours within 0.01 mm"
-    assert len(np.unique(matched)) == len(matched)  # one to one
-    assert np.array_equal(ours["voxels"][matched], reference["voxels"])
-    assert np.abs(ours["prob"][matched] - reference["prob"]).max() <= 1e-4
+    found = compare(analysed["all"], reference)  # within 0.01 mm, as make gpu-check compares on CUDA
+    assert found.ours == found.reference == 1532
+    assert found.unmatched == 0, f"{found.unmatched} of the book's candidates have no centre of ours within 0.01 mm"
+    assert found.one_to_one and found.voxels_equal and found.max_prob_diff <= 1e-4
+    assert found.exact(1e-4) and found.lost_detections == found.extra_detections == 0
 
 
 def test_the_default_mode_keeps_the_patient_and_drops_the_table(analysed, reference):

@@ -70,38 +70,61 @@ def analyze(**opts):
     and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
     table, cables) are dropped unless --keep-outside.
     """
-    from p2ch_app.checkpoints import model_paths
-    from p2ch_app.inference.pipeline import AnalysisSettings, load_models
-    from p2ch_app.inference.runtime import reduced_precision_pays, select_device
+    from p2ch_app.inference.distributed import start_ranks, stop_ranks
 
     _check_analyze_options(opts)
+    ranks, device = start_ranks(opts["device"])
+    try:
+        _run(opts, ranks, device)
+    finally:
+        stop_ranks()
+
+
+def _run(opts: dict, ranks, device) -> None:
+    from p2ch_app.checkpoints import model_paths
+    from p2ch_app.inference.distributed import barrier
+    from p2ch_app.inference.pipeline import AnalysisSettings, load_models
+    from p2ch_app.inference.runtime import reduced_precision_pays
+
+    if ranks.is_main:  # one rank checks: another's probe files would make --report look in use
+        _check_outputs(opts)
+    barrier(ranks)  # no rank writes a report page before rank 0 has checked the outputs
     paths = model_paths(opts["runs_dir"], opts["seg_model"], opts["cls_model"], opts["mal_model"])
-    device = select_device(opts["device"])
     if opts["fast"] and not reduced_precision_pays(device):
-        click.echo("nodule-analyze: note: --fast ignored: this CPU has no bfloat16 instructions, so reduced "
-                   "precision would run slower; running in float32", err=True)
+        if ranks.is_main:
+            click.echo("nodule-analyze: note: --fast ignored: this CPU has no bfloat16 instructions, so reduced "
+                       "precision would run slower; running in float32", err=True)
         opts["fast"] = False
     settings = settings_from(AnalysisSettings, opts)
     if opts["validation"]:
         require_dir(opts["data_root"], "data root", "pass --data-root DIR (or run luna-synth to make one)")
-        _validation(opts, load_models(paths["seg"], paths["cls"], paths["mal"], device), settings, device)
+        _validation(opts, load_models(paths["seg"], paths["cls"], paths["mal"], device), settings, device, ranks)
     else:
         _one_ct(opts, paths, settings, device)
 
 
 def _check_analyze_options(opts: dict) -> None:
+    from p2ch_app.inference.distributed import launched_world
+
     if sum((opts["series_uid"] is not None, opts["ct_path"] is not None, opts["validation"])) != 1:
         raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
     if opts["include_train"] and not opts["validation"]:
         raise UserError("--include-train only goes with --validation")
-    output, report_dir, submission = opts["output"], opts["report_dir"], opts["submission"]
+    output, submission = opts["output"], opts["submission"]
     if output is not None and output.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"--output {output}: use a .json or .csv file name")
     if submission is not None and submission.suffix.lower() != ".csv":
         raise UserError(f"--submission {submission}: use a .csv file name (LUNA16 submissions are CSV)")
     if submission is not None and output is not None and submission.resolve() == output.resolve():
         raise UserError(f"--submission and --output both name {output}; give them different files")
-    # before the analysis, whose results a failed write would lose
+    if not opts["validation"] and launched_world() > 1:
+        raise UserError(f"torchrun started {launched_world()} processes, but only --validation shares its series "
+                        "among them; analyse one CT without torchrun")
+
+
+def _check_outputs(opts: dict) -> None:
+    """Before the analysis, whose results a failed write would lose."""
+    output, report_dir, submission = opts["output"], opts["report_dir"], opts["submission"]
     if output is not None:
         check_writable(output, "--output")
     if submission is not None:
@@ -140,12 +163,16 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
         click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, title=title)}")
 
 
-def _validation(opts: dict, models, settings, device) -> None:
+def _validation(opts: dict, models, settings, device, ranks) -> None:
+    """Every validation series; under torchrun this rank's share of them, and only rank 0 prints."""
     from p2ch_app.evaluation.results import format_summary
     from p2ch_app.evaluation.series import ValidationRun, run_validation
 
     run = settings_from(ValidationRun, opts)
-    metrics, run_dir = run_validation(run, models, settings, device)
+    done = run_validation(run, models, settings, device, ranks)
+    if done is None:  # not rank 0
+        return
+    metrics, run_dir = done
     click.echo(format_summary(metrics))
     click.echo(f"results in {run_dir} (metrics.json, froc.png, detections.csv, TensorBoard: make tensorboard)")
     if run.submission is not None:

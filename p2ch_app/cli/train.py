@@ -37,9 +37,13 @@ def _training_data(opts: dict, command: str):
 
 
 def _fit(task, cfg) -> None:
+    from p2ch_app.inference.distributed import stop_ranks
     from p2ch_app.training.loop import fit
 
-    _, run_dir = fit(task, cfg)
+    try:
+        _, run_dir = fit(task, cfg)
+    finally:
+        stop_ranks()  # under torchrun: leave the process group before exiting
     if run_dir is not None:
         click.echo(f"{cfg.command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
                    f"see the curves with: make tensorboard")

@@ -1,5 +1,7 @@
 """Scoring many series: nodule-analyze --validation runs the pipeline over a data root's series and
-scores every scan against its annotations, in a run folder of its own."""
+scores every scan against its annotations, in a run folder of its own. Under torchrun each rank
+analyses its share of the series (and writes their report pages); rank 0 gathers the results and
+writes everything else, as one process would."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from p2ch_app.data.index import LunaIndex, build_index, read_excluded
 from p2ch_app.evaluation.results import save_evaluation
 from p2ch_app.evaluation.scoring import ScanResult, evaluate
 from p2ch_app.files import new_run_dir
+from p2ch_app.inference.distributed import SINGLE, Ranks, gather_in_order, shard
 from p2ch_app.inference.outputs import write_detections, write_submission
 from p2ch_app.inference.pipeline import AnalysisSettings, Detection, Models, analyze
 from p2ch_app.inference.report import write_report, write_report_index
@@ -51,14 +54,14 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
 
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
-                   device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None
-                   ) -> list[tuple[str, list[Detection], ScanResult]]:
+                   device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None,
+                   progress: bool = True) -> list[tuple[str, list[Detection], ScanResult]]:
     """analyze() over many LUNA series, each paired with its scoring against the annotations and the data
     root's annotations_excluded.csv (when there is one). on_ct(ct, detections), when given, sees each CT
     while it is loaded (for reports)."""
     excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
-    for uid in tqdm(uids, desc="nodule-analyze", unit="CT"):
+    for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
         ct = load_series(data_root, uid)
         detections = analyze(ct, models, settings, device)
         if on_ct is not None:
@@ -77,31 +80,47 @@ def _series_reporter(report_dir: Path, threshold: float, entries: list) -> Calla
     return report
 
 
-def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings,
-                   device: torch.device) -> tuple[dict, Path]:
+def validation_uids(run: ValidationRun, index: LunaIndex) -> list[str]:
+    """The series run scores, sorted by UID: the validation ones, or every one with include_train."""
+    chosen = np.ones(len(index.series_uids), bool) if run.include_train else index.validation_series(run.val_stride)
+    return [uid for uid, keep in zip(index.series_uids, chosen) if keep]
+
+
+def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings, device: torch.device,
+                   ranks: Ranks = SINGLE) -> tuple[dict, Path] | None:
     """Every validation series (and the training ones with include_train), scored and saved in a run
     folder (metrics.json, froc.png, detections.csv, TensorBoard): (metrics, run folder). Excluded
-    findings (annotations_excluded.csv) count neither way."""
+    findings (annotations_excluded.csv) count neither way. With several ranks each analyses its share
+    of the series; rank 0 gathers them in series order, writes the results and returns them, the
+    other ranks return None."""
     index = build_index(run.data_root)
-    chosen = np.ones(len(index.series_uids), bool) if run.include_train else index.validation_series(run.val_stride)
-    uids = [uid for uid, keep in zip(index.series_uids, chosen) if keep]
-    entries = []  # report pages, one per series
+    uids = validation_uids(run, index)
+    entries = []  # report pages, one per series this rank analysed
     reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
-    results = analyze_series(run.data_root, index, uids, models, settings, device, reporter)
+    mine = analyze_series(run.data_root, index, shard(uids, ranks), models, settings, device, reporter,
+                          progress=ranks.is_main)
+    results = gather_in_order(mine, ranks)
+    entries = gather_in_order(entries, ranks)
+    if not ranks.is_main:
+        return None
     metrics = evaluate([scan for _, _, scan in results], settings.threshold)
     metrics.update(series=uids, models=models.paths, threshold=settings.threshold,
                    keep_outside=settings.keep_outside, tta=settings.tta, dedupe=settings.dedupe,
                    split=settings.split, include_train=run.include_train, val_stride=run.val_stride)
     run_dir = new_run_dir(run.runs_dir, "nodule-analyze", run.comment)
     save_evaluation(run_dir, metrics)
-    rows = [(uid, d) for uid, detections, _ in results for d in detections]
-    write_detections(run_dir / "detections.csv", rows, models.paths, uids)
-    if run.submission is not None:
-        write_submission(run.submission, rows)
-    if run.output is not None:
-        write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= settings.threshold],
-                         models.paths, uids)
+    _write_outputs(run, run_dir, results, models.paths, settings.threshold)
     if run.report_dir is not None:
         write_report_index(run.report_dir, entries, title="nodule-analyze validation")
     return metrics, run_dir
 
+
+def _write_outputs(run: ValidationRun, run_dir: Path, results: list, model_paths: dict, threshold: float) -> None:
+    """detections.csv in the run folder, and --submission and --output where asked for."""
+    uids = [uid for uid, _, _ in results]
+    rows = [(uid, d) for uid, detections, _ in results for d in detections]
+    write_detections(run_dir / "detections.csv", rows, model_paths, uids)
+    if run.submission is not None:
+        write_submission(run.submission, rows)
+    if run.output is not None:
+        write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= threshold], model_paths, uids)

@@ -44,10 +44,21 @@ def reduced_precision_pays(device: torch.device) -> bool:
 
 def precision(device: torch.device, fast: bool):
     """Full float32, or with fast the device's reduced-precision autocast (float16 on CUDA, bfloat16
-    on CPU, which only pays off on CPUs with bf16 instructions)."""
+    on CPU, which only pays off on CPUs with bf16 instructions). Full float32 on CUDA turns TF32 off:
+    cuDNN's default TF32 convolutions keep 10 mantissa bits, far coarser than the book's results allow."""
     if not fast:
-        return contextlib.nullcontext()
+        return _without_tf32() if device.type == "cuda" else contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _without_tf32():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _glibc():

@@ -2,13 +2,12 @@
 
 A trainer is a `Task` (its model, data, loss and metrics); `fit` does the rest, as a sequence of
 short steps: start, then per epoch train_one_epoch, evaluate, gather, and end_epoch (log, save,
-report). Launched under torchrun (WORLD_SIZE > 1) it runs DistributedDataParallel, each rank on its
-own share of every epoch; only rank 0 prints, logs and saves.
+report). Launched under torchrun it runs DistributedDataParallel (ranks start in inference/distributed.py),
+each rank on its own share of every epoch; only rank 0 prints, logs and saves.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from p2ch_app.checkpoints import load_checkpoint, load_weights, model_entries, save_checkpoint
 from p2ch_app.errors import UserError
 from p2ch_app.files import new_run_dir, plain
-from p2ch_app.inference.runtime import select_device
+from p2ch_app.inference.distributed import Ranks, gather_objects, start_ranks
 
 
 @dataclass(frozen=True)
@@ -108,27 +107,6 @@ class Task:
         """Optional TensorBoard extras (curves, histograms, images)."""
 
 
-@dataclass
-class _Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _start_distributed(device_name: str) -> _Distributed:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Distributed()
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and device_name != "cpu"
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-    return _Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -175,7 +153,7 @@ class _Run:
 
     task: Task
     cfg: TrainConfig
-    ddp: _Distributed
+    ddp: Ranks
     device: torch.device
     model: nn.Module  # unwrapped: what is saved and validated
     wrapped: nn.Module  # what trains: the model, or the model in DistributedDataParallel
@@ -241,8 +219,7 @@ def _restore(run: _Run, resume: Path) -> None:
 
 def start(task: Task, cfg: TrainConfig, progress: bool = True) -> _Run:
     """Everything before the first epoch: ranks, device, seeds, model, optimizer, resume, run folder, logs."""
-    ddp = _start_distributed(cfg.device)
-    device = select_device(cfg.device, ddp.local_rank)
+    ddp, device = start_ranks(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -253,7 +230,7 @@ def start(task: Task, cfg: TrainConfig, progress: bool = True) -> _Run:
         _restore(run, cfg.resume)
     if ddp.is_main and run.run_dir is None:
         run.run_dir = new_run_dir(cfg.runs_dir, cfg.command, cfg.comment)
-    if ddp.world > 1:
+    if ddp.distributed:  # under torchrun, even with one process: the same code path on one GPU as on eight
         run.wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if ddp.is_main:
@@ -314,12 +291,11 @@ def evaluate(run: _Run, dataset: Dataset, epoch: int) -> dict:
     return _merge(records)
 
 
-def _gather(ddp: _Distributed, *records: dict) -> tuple[dict, ...]:
+def _gather(ddp: Ranks, *records: dict) -> tuple[dict, ...]:
     """Every rank's records merged, on every rank."""
     if ddp.world == 1:
         return records
-    gathered = [None] * ddp.world
-    dist.all_gather_object(gathered, records)
+    gathered = gather_objects(records, ddp)
     return tuple(_merge([g[i] for g in gathered]) for i in range(len(records)))
 
 

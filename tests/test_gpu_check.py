@@ -1,0 +1,76 @@
+"""scripts/gpu_check.py (make gpu-check) where no GPU is: it says so at once; and its parts that need none."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import PROJECT
+
+SCRIPT = PROJECT / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclass looks its module up while it is defined
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["gpu_check"]
+
+
+def _script(*args) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=PROJECT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return done, time.monotonic() - start
+
+
+def test_without_cuda_it_says_so_and_stops_at_once():
+    results = PROJECT / "bench-results" / "gpu-check.json"
+    before = results.read_bytes() if results.is_file() else None
+    done, seconds = _script()
+    assert done.returncode == 2 and done.stdout == "" and seconds < 60
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("gpu-check: error: no CUDA device: torch ")
+    assert "sees no GPU here; run make gpu-check" in line
+    assert (results.read_bytes() if results.is_file() else None) == before  # the saved figures are kept
+
+
+def test_an_unknown_step_is_refused():
+    done, _ = _script("golden", "--device", "cpu")
+    assert done.returncode == 2 and "unknown step(s) golden; choose from cuda_tests, golden_exact" in done.stderr
+
+
+def test_pytest_summaries_are_counted(gpu_check):
+    out = "....\n==== short test summary info ====\nSKIPPED [1] x\n4 passed, 1 skipped, 612 deselected in 9.10s\n"
+    assert gpu_check.pytest_counts(out) == {"passed": 4, "skipped": 1, "deselected": 612}
+    assert gpu_check.pytest_counts("F.\n1 failed, 1 passed, 2 errors in 1.0s") == {"failed": 1, "passed": 1, "error": 2}
+    assert gpu_check.pytest_counts("no tests ran in 0.01s") == {}
+
+
+def test_a_step_passes_fails_or_is_skipped_and_the_others_still_run(gpu_check, capsys):
+    def skipped():
+        raise gpu_check.Skipped("the real CT is absent")
+
+    def broken():
+        raise RuntimeError("nodule-analyze exited with 2")
+
+    steps = {"good": gpu_check.attempt("good", lambda: {"ok": True, "median_s": 1.23456, "gpus": 1}),
+             "bad": gpu_check.attempt("bad", lambda: {"ok": False, "max_prob_diff": 0.5}),
+             "absent": gpu_check.attempt("absent", skipped), "broken": gpu_check.attempt("broken", broken)}
+    assert [s["status"] for s in steps.values()] == ["pass", "FAIL", "skip", "FAIL"]
+    assert steps["broken"]["problem"] == "RuntimeError: nodule-analyze exited with 2"
+    assert "good: step_s=" in capsys.readouterr().out
+    device = {"gpu": "NVIDIA H100", "gpus": 1, "torch": "2.13", "cuda": "12.8"}
+    table = gpu_check.table({"device": device, "total_s": 301.4, "steps": steps}).splitlines()
+    assert table[0] == "gpu-check on 1x NVIDIA H100, torch 2.13, CUDA 12.8: 301 s in all (budget 480 s)"
+    assert table[2].split() == ["good", "pass", "median_s=1.235", "gpus=1"]
+    assert table[4].split()[:3] == ["absent", "skip", "reason=the"] and len(table) == 6
