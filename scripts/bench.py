@@ -17,7 +17,6 @@ from pathlib import Path
 
 import diskcache
 import numpy as np
-from scipy.spatial import cKDTree
 
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
@@ -366,58 +365,78 @@ def _peak_of_command(command: list[str]) -> tuple[float, float]:
     return seconds, peak_kib / 2**20
 
 
-def _stages(models, device, batch_size: int) -> tuple[dict, dict]:
-    """Each stage of nodule-analyze on the real CT timed alone, beside the U-Net passes alone:
-    (timings, what the stages found)."""
+def _network_alone(model, inputs: list) -> float:
+    """Seconds for model's forward passes over ready-made inputs: a stage's floor, nothing else left."""
     import torch
 
+    with torch.inference_mode():
+        seconds, _ = timed(lambda: [model(x) for x in inputs])
+    return seconds
+
+
+def _segment_floor(models, hu: np.ndarray) -> float:
+    """The U-Net alone on the segment stage's inputs: every slice's stack, in the same pieces."""
+    import torch
+
+    from p2ch_app.inference.runtime import in_pieces
+
+    context = models.segmenter.config.context
+    padded = np.pad(hu, ((context, context), (0, 0), (0, 0)), mode="edge").astype(np.float32)
+    stacks = [torch.from_numpy(padded[i:i + 2 * context + 1])[None].contiguous(memory_format=torch.channels_last)
+              for i in range(len(hu))]
+    return _network_alone(lambda x: in_pieces(models.segmenter, x), stacks)
+
+
+def _classify_floor(models, hu: np.ndarray, centers: np.ndarray, batch_size: int) -> float:
+    """The classifier alone on the classify stage's inputs: the same crops, gathered beforehand."""
+    import torch
+
+    from p2ch_app.data.ct import gather_crops
+
+    batches = [torch.from_numpy(gather_crops(hu, centers[i:i + batch_size])).float()[:, None]
+               .contiguous(memory_format=torch.channels_last_3d) for i in range(0, len(centers), batch_size)]
+    return _network_alone(models.classifier, batches)
+
+
+def _stages(models, device, batch_size: int) -> tuple[dict, dict]:
+    """Each stage of nodule-analyze on the real CT timed alone and, for the two network stages, beside
+    its floor (the network alone on the inputs that stage runs): (figures, what the stages found)."""
     from p2ch_app.data.ct import load_ct
     from p2ch_app.inference.pipeline import AnalysisSettings, classify, group, segment
     from p2ch_app.inference.postprocess import inside_body
-    from p2ch_app.inference.runtime import in_pieces, keep_freed_memory
+    from p2ch_app.inference.runtime import keep_freed_memory
 
     keep_freed_memory()  # as nodule-analyze does
     stage = {}
     stage["load"], ct = timed(load_ct, REAL_CT)
     hu = ct.hu
     stage["segment"], mask = timed(segment, hu, models.segmenter, device)
-    padded = np.pad(hu, ((3, 3), (0, 0), (0, 0)), mode="edge").astype(np.float32)
-    stacks = [torch.from_numpy(padded[i:i + 7])[None].contiguous(memory_format=torch.channels_last)
-              for i in range(len(hu))]  # the inputs ready-made: what is left is the U-Net alone
-    with torch.inference_mode():
-        stage["unet_forward_only"], _ = timed(lambda inputs: [in_pieces(models.segmenter, x) for x in inputs], stacks)
-    del stacks, padded
     stage["group"], (centers, voxels) = timed(group, mask, hu)
     stage["body_mask"], inside = timed(inside_body, hu, centers)
     settings = AnalysisSettings(batch_size=batch_size)
     stage["classify"], probs = timed(classify, hu, centers[inside], models.classifier, device, settings)
+    figures = {f"stage_{k}_s": v for k, v in stage.items()}
+    for name, floor in (("segment", _segment_floor(models, hu)),
+                        ("classify", _classify_floor(models, hu, centers[inside], batch_size))):
+        figures.update({f"stage_{name}_floor_s": floor, f"stage_{name}_over_floor": stage[name] / floor})
     found = {"hu": hu, "centers": centers, "voxels": voxels, "inside": inside, "probs": probs}
-    return {f"stage_{k}_s": v for k, v in stage.items()}, found
+    return figures, found
 
 
-def _against_book(detections: list[dict]) -> dict:
-    """The command's detections beside the book's own pipeline on the same CT (its reference CSV):
-    how many of the book's in-body candidates we have within 0.01 mm, and how far probabilities differ."""
-    import csv
+def _against_book(csv_path: Path) -> dict:
+    """The command's candidates (default mode) beside the book's own pipeline's on the same CT: the
+    reference's candidates inside our body mask, compared one to one (evaluation.reference)."""
+    from dataclasses import asdict
 
     from p2ch_app.data.ct import load_ct
+    from p2ch_app.evaluation.reference import compare, read_candidates
     from p2ch_app.inference.postprocess import inside_body
 
-    with open(BOOK_CANDIDATES, newline="") as f:
-        book = list(csv.DictReader(f))
-    book_xyz = np.array([[float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in book])
-    book_irc = np.array([[float(r[k]) for k in ("index", "row", "col")] for r in book])
-    book_prob = np.array([float(r["nodule_prob"]) for r in book])
-    inside = inside_body(load_ct(REAL_CT).hu, book_irc)
-    ours_xyz = np.array([[d["x_mm"], d["y_mm"], d["z_mm"]] for d in detections]).reshape(-1, 3)
-    ours_prob = np.array([d["nodule_prob"] for d in detections])
-    gap, nearest = cKDTree(ours_xyz).query(book_xyz[inside])
-    matched = gap <= 0.01
-    return {"book_candidates": len(book), "book_candidates_inside_body": int(inside.sum()),
-            "book_inside_matched_within_0.01mm": int(matched.sum()), "our_candidates": len(detections),
-            "max_prob_diff_vs_book": float(np.abs(ours_prob[nearest[matched]] - book_prob[inside][matched]).max()),
-            "book_detections_inside_body": int((book_prob[inside] > 0.5).sum()),
-            "our_detections": int((ours_prob > 0.5).sum())}
+    book = read_candidates(BOOK_CANDIDATES)
+    inside = inside_body(load_ct(REAL_CT).hu, book["irc"])
+    comparison = compare(read_candidates(csv_path), {k: v[inside] for k, v in book.items()})
+    return {"book_candidates": len(book["xyz"]), **{f"vs_book_{k}": v for k, v in asdict(comparison).items()},
+            "vs_book_exact": comparison.exact(1e-4)}
 
 
 def _fast_effect(models, device, found: dict, batch_size: int) -> dict:
@@ -440,33 +459,52 @@ def _fast_effect(models, device, found: dict, batch_size: int) -> dict:
 
 def bench_real_ct(batch_size: int = 8, runs: int = 3) -> dict:
     """nodule-analyze on the real CT with the book's models, default options: the whole command's
-    median time and peak memory over `runs` runs, each stage beside the U-Net passes alone, the
-    detections beside the book's own pipeline's, and what --fast changes."""
+    median time and peak memory over `runs` runs, its candidates beside the book's own pipeline's,
+    each stage beside its floor, the convolutions layer by layer, and what --fast changes."""
     import torch
 
     if not REAL_CT.is_dir() or not BOOK_CANDIDATES.is_file():
         return {"skipped": f"{REAL_CT} or {BOOK_CANDIDATES} is absent"}
-    out_json = BENCH_DIR / "real-ct.json"
+    out_csv = BENCH_DIR / "real-ct.csv"
     command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(REAL_CT), "--batch-size",
                str(batch_size), "--seg-model", str(next(BOOK_MODELS.glob("seg_*.state"))), "--cls-model",
                str(next(BOOK_MODELS.glob("cls_*.state"))), "--runs-dir", str(BENCH_DIR / "runs"),
-               "--threshold", "0", "--output", str(out_json)]
+               "--threshold", "0", "--output", str(out_csv)]
     measured = [_peak_of_command(command) for _ in range(runs)]
     result = {"command_seconds_median": float(np.median([s for s, _ in measured])),
               "command_seconds_all": [round(s, 1) for s, _ in measured],
-              "command_peak_rss_gib": max(p for _, p in measured)}
-    result.update(_against_book(json.loads(out_json.read_text())["detections"]))
+              "command_peak_rss_gib": max(p for _, p in measured), **_against_book(out_csv)}
     device = torch.device("cpu")
     models = _book_models(device)
     stages, found = _stages(models, device, batch_size)
     inside = found["inside"]
     result.update(stages, candidates=len(found["centers"]), candidates_inside_body=int(inside.sum()),
                   single_voxel_candidates=int((found["voxels"] == 1).sum()),
-                  classify_crops_per_s=int(inside.sum()) / stages["stage_classify_s"],
-                  segment_over_unet_floor=stages["stage_segment_s"] / stages["stage_unet_forward_only_s"])
+                  classify_crops_per_s=int(inside.sum()) / stages["stage_classify_s"])
     result.update(bench_conv_floor(models, len(found["hu"]), int(inside.sum()), batch_size))
     result.update(_fast_effect(models, device, found, batch_size))
     return result
+
+
+def bench_luna_sized(slices: int = 300) -> dict:
+    """nodule-analyze with the book's models on one synthetic chest CT of LUNA16's size (512x512, 1 mm
+    slices, about `slices` of them): the whole command's time and peak memory per CT."""
+    from p2ch_app.data.synth import geometry_for, write_dataset
+
+    if not BOOK_MODELS.is_dir():
+        return {"skipped": f"{BOOK_MODELS} is absent"}
+    root = BENCH_DIR / "luna-sized-chest"
+    if not (root / "candidates.csv").is_file():
+        write_dataset(root, 1, subsets=1, seed=23, geometry=geometry_for("full", slice_mm=(1.0, 1.0)),
+                      overwrite=True, progress=False)
+    mhd = next(root.glob("subset0/*.mhd"))
+    command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(mhd), "--seg-model",
+               str(next(BOOK_MODELS.glob("seg_*.state"))), "--cls-model", str(next(BOOK_MODELS.glob("cls_*.state"))),
+               "--runs-dir", str(BENCH_DIR / "runs")]
+    seconds, peak = _peak_of_command(command)
+    shape = [int(v) for v in next(line for line in mhd.read_text().splitlines()
+                                  if line.startswith("DimSize")).split("=")[1].split()]
+    return {"shape_xyz": shape, "command_seconds_per_ct": seconds, "command_peak_rss_gib": peak}
 
 
 def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
@@ -601,6 +639,7 @@ def main() -> None:
              ("cls_data_loading", lambda: bench_loading(demo)),
              ("demo_models", lambda: bench_demo_models(demo)),
              ("real_ct_book_models", bench_real_ct),
+             ("luna_sized_ct", bench_luna_sized),
              ("realism_full_size_book_models", bench_realism),
              ("export_runtimes", bench_export_runtimes)]
     wanted = sys.argv[1:]  # step names to run (the others keep their saved figures); none: all

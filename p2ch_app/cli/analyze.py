@@ -140,7 +140,6 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     from p2ch_app.inference.outputs import detection_table, write_detections, write_submission
     from p2ch_app.inference.pipeline import analyze as run_analysis
     from p2ch_app.inference.pipeline import load_models
-    from p2ch_app.inference.report import write_report
 
     if opts["ct_path"] is not None:
         ct = load_ct(opts["ct_path"])
@@ -159,6 +158,8 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
         write_submission(opts["submission"], [(ct.series_uid, d) for d in found])
         click.echo(f"wrote {opts['submission']} ({len(found)} candidates)")
     if opts["report_dir"] is not None:
+        from p2ch_app.inference.report import write_report  # matplotlib: imported only when needed
+
         title = f"nodule-analyze {ct.series_uid}"
         click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, title=title)}")
 

@@ -390,13 +390,17 @@ def test_a_layout_that_does_not_read_as_load_ct_is_copied_instead(tiny_root, tmp
         assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
 
+def prepared_raw(tiny_root, tmp_path, k: int):
+    """(index, series k, its .raw) once the tiny root is cached in tmp_path/cache."""
+    index = build_index(tiny_root.root)
+    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    return index, tiny_root.series[k], tiny_root.series[k].mhd.with_suffix(".raw")
+
+
 def test_a_raw_file_changed_after_prep_is_refused_by_readers_and_rebuilt_by_prep(tiny_root, tmp_path):
     from p2ch_app.data.cache import require_cached
 
-    index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
-    series = tiny_root.series[0]
-    raw = series.mhd.with_suffix(".raw")
+    index, series, raw = prepared_raw(tiny_root, tmp_path, 0)
     data = bytearray(raw.read_bytes())
     data[:2] = (123).to_bytes(2, "little", signed=True)
     raw.write_bytes(bytes(data))  # same size, new contents and time
@@ -420,10 +424,7 @@ def test_a_raw_file_changed_after_prep_is_refused_by_readers_and_rebuilt_by_prep
 
 
 def test_a_raw_file_removed_after_prep_is_refused_by_readers_and_named_by_prep(tiny_root, tmp_path):
-    index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
-    series = tiny_root.series[1]
-    raw = series.mhd.with_suffix(".raw")
+    index, series, raw = prepared_raw(tiny_root, tmp_path, 1)
     data = raw.read_bytes()
     raw.unlink()
     cache = LunaCache(tmp_path / "cache")
