@@ -26,7 +26,7 @@ def read_config(path: Path, options: dict[str, set[str]]) -> dict[str, dict]:
     """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} not found; pass an existing file to --config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 def read_candidates(path: Path) -> dict[str, np.ndarray]:
     """A candidate CSV as arrays: xyz (patient mm), irc (voxel index, row, col), voxels, prob."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return {"xyz": np.array([[float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in rows]).reshape(-1, 3),
             "irc": np.array([[float(r[k]) for k in ("index", "row", "col")] for r in rows]).reshape(-1, 3),

@@ -100,7 +100,8 @@ def _torchrun(args: list, folder: Path) -> subprocess.CompletedProcess:
 
 def _rank_logs(folder: Path, rank: int) -> tuple[str, str]:
     (attempt,) = folder.with_name("logs").glob(f"*/attempt_0/{rank}")
-    return (attempt / "stdout.log").read_text(), (attempt / "stderr.log").read_text()
+    return ((attempt / "stdout.log").read_text(encoding="utf-8"),
+            (attempt / "stderr.log").read_text(encoding="utf-8"))
 
 
 def test_validation_with_two_gloo_ranks_equals_one_process(prepared_synth, tiny_models, tmp_path):
