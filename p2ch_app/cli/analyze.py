@@ -40,7 +40,7 @@ from p2ch_app.files import check_writable
 @click.option("--keep-outside/--no-keep-outside", default=False, help="Keep candidates outside the patient's body.")
 @click.option("--fast/--no-fast", default=False,
               help="Reduced precision (float16 on CUDA, bfloat16 on CPU): faster on GPUs and on CPUs with bf16 "
-                   "instructions, ignored with a note on other CPUs; probabilities move slightly (README).")
+                   "instructions, ignored with a note on other CPUs; probabilities move slightly (README: GPUs).")
 @click.option("--tta/--no-tta", default=False,
               help="Average the classifiers over four mirror images of each crop (left-right, front-back): a better "
                    "ranking of small nodules for up to 4x the classification time; nodule candidates under "
