@@ -286,8 +286,7 @@ def raw_int16_layout(path: Path) -> RawLayout | None:
             or "%" in name or not _meta_flag(fields, "BinaryData", "True")
             or _meta_flag(fields, "CompressedData", "False")):
         return None
-    local = name.lower() == "local"
-    data = path if local else path.parent / name
+    data, offset = _meta_data_location(path, fields, data_start, header_size)
     try:
         size = data.stat().st_size
     except OSError:
@@ -295,8 +294,6 @@ def raw_int16_layout(path: Path) -> RawLayout | None:
     expected = math.prod(dims) * 2
     if header_size == -1:  # the voxels are the file's last bytes, after a header of any size
         offset = size - expected
-    else:
-        offset = header_size if header_size > 0 else data_start if local else 0
     if offset < 0 or size < offset + expected:
         return None
     return RawLayout(data, offset, dims[::-1])
@@ -306,6 +303,14 @@ def _meta_flag(fields: dict[str, str], key: str, default: str) -> bool:
     return fields.get(key, default)[:1] in ("T", "t", "1")
 
 
+def _meta_data_location(path: Path, fields: dict[str, str], data_start: int, header_size: int) -> tuple[Path, int]:
+    """The file holding a MetaImage's voxels (its own for LOCAL) and the byte where they start in it, as
+    ITK reads HeaderSize; HeaderSize -1 (the data are the file's last bytes) is left to the caller."""
+    local = fields["ElementDataFile"].lower() == "local"
+    data = path if local else path.parent / fields["ElementDataFile"]
+    return data, header_size if header_size > 0 else data_start if local else 0
+
+
 def _check_meta_data(path: Path, fields: dict[str, str], data_start: int, expected: int) -> None:
     """The voxel data of a MetaImage must be exactly `expected` bytes: shorter data would be
     zero-filled or refused by ITK, longer data means the header does not describe it."""
@@ -313,19 +318,17 @@ def _check_meta_data(path: Path, fields: dict[str, str], data_start: int, expect
     if name.startswith("LIST") or "%" in name:
         raise UserError(f"{path} spreads its voxels over several files (ElementDataFile = {name}), which is not "
                         "supported; write the CT as a single .mha or .mhd + .raw")
-    if fields.get("BinaryData", "True")[:1] not in ("T", "t", "1"):
+    if not _meta_flag(fields, "BinaryData", "True"):
         raise UserError(f"{path} stores its voxels as text (BinaryData = False), which is not supported; "
                         "write the CT with binary data")
-    local = name.lower() == "local"
-    data = path if local else path.parent / name
-    if not data.is_file():
-        raise UserError(f"{path} names data file {data.name}, which is missing; copy the .raw next to the .mhd")
     try:
         header_size = int(fields.get("HeaderSize", "0"))
     except ValueError:
         raise UserError(f"{path} has a bad HeaderSize line; re-export the MetaImage") from None
-    start = header_size if header_size > 0 else (data_start if local else 0)
-    if fields.get("CompressedData", "False")[:1] in ("T", "t", "1"):
+    data, start = _meta_data_location(path, fields, data_start, header_size)
+    if not data.is_file():
+        raise UserError(f"{path} names data file {data.name}, which is missing; copy the .raw next to the .mhd")
+    if _meta_flag(fields, "CompressedData", "False"):
         with open(data, "rb") as f:
             f.seek(start)
             actual, complete = _inflated_size(f, expected)
