@@ -59,6 +59,13 @@ class Geometry:
         return cls(np.array(image.GetOrigin(), float), np.array(image.GetSpacing(), float),
                    np.array(image.GetDirection(), float).reshape(3, 3))
 
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """from_image's inverse: image placed on this grid in the patient (origin, spacing, direction)."""
+        image.SetOrigin([float(v) for v in self.origin])
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetDirection([float(v) for v in np.asarray(self.direction).reshape(-1)])
+        return image
+
     @classmethod
     def from_dict(cls, d: dict) -> Geometry:
         return cls(np.array(d["origin"], float), np.array(d["spacing"], float),

@@ -655,9 +655,7 @@ def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     s = make_series(int(seeds.generate_state(1)[0]), geometry)
     path = folder / f"{s.uid}.mhd"
     folder.mkdir(exist_ok=True)
-    image = sitk.GetImageFromArray(s.hu)
-    image.SetOrigin(s.geometry.origin.tolist())
-    image.SetSpacing(s.geometry.spacing.tolist())
+    image = s.geometry.apply_to(sitk.GetImageFromArray(s.hu))
     sitk.WriteImage(image, str(path), useCompression=False)
     rating_rng = np.random.default_rng(seeds.generate_state(2)[1])
     rows = {"candidates": [[s.uid, *_mm(xyz), label] for xyz, label in s.candidates], "annotations": [],

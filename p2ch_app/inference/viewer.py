@@ -70,10 +70,7 @@ def label_volume(ct: CtVolume, detections: list[Detection]) -> np.ndarray:
 
 def write_label_map(path: Path, ct: CtVolume, detections: list[Detection]) -> None:
     """label_volume() as a compressed NIfTI with the CT's origin, spacing and direction, written atomically."""
-    image = sitk.GetImageFromArray(label_volume(ct, detections))
-    image.SetOrigin([float(v) for v in ct.geometry.origin])
-    image.SetSpacing([float(v) for v in ct.geometry.spacing])
-    image.SetDirection([float(v) for v in np.asarray(ct.geometry.direction).reshape(-1)])
+    image = ct.geometry.apply_to(sitk.GetImageFromArray(label_volume(ct, detections)))
     write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
 
 
