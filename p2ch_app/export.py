@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_checkpoint, load_model, model_kind
-from p2ch_app.data.ct import HU_MAX, HU_MIN, context_slices, gather_crops, load_ct
+from p2ch_app.data.ct import HU_MAX, HU_MIN, context_stacks, gather_crops, load_ct
 from p2ch_app.data.synth import SynthGeometry, make_series
 from p2ch_app.errors import UserError
 from p2ch_app.files import check_writable, write_atomic
@@ -139,8 +139,7 @@ def stack_samples(hu: np.ndarray, context: int, plan: VerifyPlan) -> list[Sample
     for batch, rows, cols in plan.stacks:
         batch, rows, cols = min(batch, depth), _fit(rows, height), _fit(cols, width)
         first, top, left = (depth - batch) // 2, (height - rows) // 2, (width - cols) // 2
-        chunk = hu[context_slices(first, first + batch, context, depth), top:top + rows, left:left + cols]
-        stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, rows, cols, 2C+1)
+        stacks = context_stacks(hu[:, top:top + rows, left:left + cols], first, first + batch, context)
         x = np.ascontiguousarray(stacks.transpose(0, 3, 1, 2), dtype=np.float32)
         name = (f"stack {'x'.join(map(str, x.shape))} (slices {first}-{first + batch - 1}, "
                 f"rows {top}-{top + rows - 1}, cols {left}-{left + cols - 1})")

@@ -559,6 +559,13 @@ def slice_stack(volume: np.ndarray, index: int, context: int, rows: slice = slic
     return np.asarray(volume[context_slices(index, index + 1, context, volume.shape[0]), rows, cols])
 
 
+def context_stacks(volume: np.ndarray, start: int, stop: int, context: int) -> np.ndarray:
+    """The stacks of centre slices start..stop-1, each with its context slices (the edge slice repeated
+    beyond the volume), as a (stop-start, H, W, 2C+1) window view over one copy of the slices they need."""
+    chunk = volume[context_slices(start, stop, context, volume.shape[0])]
+    return np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)
+
+
 def context_slices(start: int, stop: int, context: int, depth: int) -> np.ndarray:
     """Slice numbers start-context .. stop-1+context of a depth-slice volume, the edge slice
     standing in for those beyond it: the slices that centre slices start..stop-1 see."""

@@ -17,7 +17,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
-from p2ch_app.data.ct import HU_MIN, CtVolume, context_slices, gather_crops, irc_to_xyz
+from p2ch_app.data.ct import HU_MIN, CtVolume, context_stacks, gather_crops, irc_to_xyz
 from p2ch_app.inference.postprocess import inside_body, suppress_duplicates
 from p2ch_app.inference.runtime import (
     BATCH_PIXELS,
@@ -109,9 +109,7 @@ def slice_probabilities(hu: np.ndarray, model: NoduleSegmenter, device: torch.de
                         batch_pixels: int = BATCH_PIXELS) -> torch.Tensor:
     """The U-Net's nodule probability (stop-start, H, W) for slices start..stop-1, each seen with its
     context slices (the edge slice repeated beyond the volume), as the book feeds its U-Net."""
-    context = model.config.context
-    chunk = hu[context_slices(start, stop, context, hu.shape[0])]
-    stacks = np.lib.stride_tricks.sliding_window_view(chunk, 2 * context + 1, axis=0)  # (B, H, W, 2C+1)
+    stacks = context_stacks(hu, start, stop, model.config.context)  # (B, H, W, 2C+1)
     x = torch.from_numpy(stacks.astype(np.float32)).to(device)
     x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
     return in_pieces(model, x, batch_pixels)[:, 0]

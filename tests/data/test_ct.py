@@ -10,6 +10,7 @@ from p2ch_app.data.ct import (
     Geometry,
     check_uid,
     context_slices,
+    context_stacks,
     crop_starts,
     extract_crop,
     find_series,
@@ -419,6 +420,14 @@ def test_context_slices_repeat_the_edge_slices():
     assert context_slices(4, 5, 2, 5).tolist() == [2, 3, 4, 4, 4]
     volume = np.arange(5)[:, None, None] * np.ones((1, 2, 2), np.int16)
     assert slice_stack(volume, 0, 1)[:, 0, 0].tolist() == [0, 0, 1]
+
+
+def test_context_stacks_are_the_slice_stacks_of_each_centre_slice():
+    volume = np.random.default_rng(0).integers(-1000, 1000, (6, 3, 4)).astype(np.int16)
+    stacks = context_stacks(volume, 1, 6, 2)
+    assert stacks.shape == (5, 3, 4, 5)
+    for k in range(5):
+        assert np.array_equal(stacks[k].transpose(2, 0, 1), slice_stack(volume, k + 1, 2))
 
 
 PLAIN_HEADER = {"ObjectType": "Image", "NDims": "3", "BinaryData": "True", "BinaryDataByteOrderMSB": "False",
