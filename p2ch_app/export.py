@@ -162,7 +162,8 @@ def crop_samples(hu: np.ndarray, crop_size: tuple[int, int, int], plan: VerifyPl
 
 
 def eager_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
-    """The eager model's outputs, as numpy arrays (the classifier's logits and probabilities)."""
+    """The outputs of a torch module (eager or TorchScript) as numpy arrays: one, or the classifier's
+    logits and probabilities."""
     with torch.inference_mode():
         out = model(torch.from_numpy(x))
     return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
@@ -203,12 +204,7 @@ def load_export(path: Path, fmt: str, threads: int | None = None) -> Runner:
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu")
 
-        def run(x: np.ndarray) -> list[np.ndarray]:
-            with torch.inference_mode():
-                out = module(torch.from_numpy(x))
-            return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
-
-        return run
+        return lambda x: eager_outputs(module, x)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
