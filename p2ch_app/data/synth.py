@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from p2ch_app.data.ct import Geometry
-from p2ch_app.data.index import EXCLUDED_CSV
+from p2ch_app.data.index import ANNOTATIONS_CSV, CANDIDATES_CSV, EXCLUDED_CSV, MALIGNANCY_CSV
 from p2ch_app.data.workers import worker_pool
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_csv_atomic
@@ -640,12 +640,12 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
             ann += rows["annotations"]
             mal += rows["malignancy"]
             excluded += rows["excluded"]
-    write_csv_atomic(root / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
-    write_csv_atomic(root / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], ann)
-    write_csv_atomic(root / "annotations_with_malignancy.csv",
-                     ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm", "mal_bool", "mal_details", "bboxLowX",
-                      "bboxLowY", "bboxLowZ", "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
-    write_csv_atomic(root / EXCLUDED_CSV, ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"], excluded)
+    finding = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]  # annotations.csv's columns
+    write_csv_atomic(root / CANDIDATES_CSV, ["seriesuid", "coordX", "coordY", "coordZ", "class"], cand)
+    write_csv_atomic(root / ANNOTATIONS_CSV, finding, ann)
+    write_csv_atomic(root / MALIGNANCY_CSV, [*finding, "mal_bool", "mal_details", "bboxLowX", "bboxLowY", "bboxLowZ",
+                                             "bboxHighX", "bboxHighY", "bboxHighZ", "len_mal_details"], mal)
+    write_csv_atomic(root / EXCLUDED_CSV, finding, excluded)
     return written
 
 
