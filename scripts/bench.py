@@ -378,12 +378,12 @@ def _segment_floor(models, hu: np.ndarray) -> float:
     """The U-Net alone on the segment stage's inputs: every slice's stack, in the same pieces."""
     import torch
 
+    from p2ch_app.data.ct import context_stacks
     from p2ch_app.inference.runtime import in_pieces
 
-    context = models.segmenter.config.context
-    padded = np.pad(hu, ((context, context), (0, 0), (0, 0)), mode="edge").astype(np.float32)
-    stacks = [torch.from_numpy(padded[i:i + 2 * context + 1])[None].contiguous(memory_format=torch.channels_last)
-              for i in range(len(hu))]
+    windows = context_stacks(hu, 0, len(hu), models.segmenter.config.context)  # (slices, H, W, 2C+1)
+    stacks = [torch.from_numpy(windows[i:i + 1].astype(np.float32)).permute(0, 3, 1, 2)  # channels-last, as
+              for i in range(len(hu))]                                                 # slice_probabilities
     return _network_alone(lambda x: in_pieces(models.segmenter, x), stacks)
 
 

@@ -110,8 +110,9 @@ def slice_probabilities(hu: np.ndarray, model: NoduleSegmenter, device: torch.de
     """The U-Net's nodule probability (stop-start, H, W) for slices start..stop-1, each seen with its
     context slices (the edge slice repeated beyond the volume), as the book feeds its U-Net."""
     stacks = context_stacks(hu, start, stop, model.config.context)  # (B, H, W, 2C+1)
-    x = torch.from_numpy(stacks.astype(np.float32)).to(device)
-    x = x.permute(0, 3, 1, 2)  # a channels-last view: no copy, the layout oneDNN runs fastest
+    # astype keeps the window view's stride order (slice-major), so after the permute (a view) the
+    # batch is contiguous N x C x H x W, not channels-last
+    x = torch.from_numpy(stacks.astype(np.float32)).to(device).permute(0, 3, 1, 2)
     return in_pieces(model, x, batch_pixels)[:, 0]
 
 
