@@ -6,10 +6,11 @@ luna-prep only builds what is missing, and an existing demo dataset is kept.
 Both networks start from the book's published checkpoints when they are found (P2CH_PRETRAINED,
 default ../shared/models/book): a few minutes of CPU are far too few to learn nodules from random
 weights. From random weights the demo's U-Net left 7 of the 22 validation nodules without a
-candidate (CPM 0.59); fine-tuned from the book's, 2 to 6, by training seed (docs/experiments.md).
-The classifier also learns from the U-Net's own candidates away from the nodules (--mine-with):
-diaphragm domes and heart borders, which candidates.csv lacks, were its most confident false
-positives.
+candidate (CPM 0.59); one run fine-tuned from the book's left 2 to 6, by training seed. So each
+network is then trained twice, with seeds N and N + 1000, and the two runs' weights are averaged
+(luna-average): the averaged U-Nets left 1 to 3 (docs/experiments.md). The classifier also learns
+from the U-Net's own candidates away from the nodules (--mine-with): diaphragm domes and heart
+borders, which candidates.csv lacks, were its most confident false positives.
 
 `make demo SEED=N` trains all three models with training seed N (the dataset stays the same):
 results vary a little with the seed, and with the CPU, whose float kernels differ.
@@ -29,6 +30,7 @@ DATA_ROOT = Path("data-unversioned/demo")
 RUNS = Path("runs")
 BIN = Path(sys.executable).parent
 PRETRAINED = Path(os.environ.get("P2CH_PRETRAINED", "../shared/models/book"))
+SECOND_SEED = 1000  # the averaged U-Net's second run: seed N + 1000, so no two demo seeds share a run
 
 
 def step(*args: str) -> None:
@@ -53,24 +55,40 @@ def pretrained(prefix: str) -> list[str]:
     return []
 
 
+def train_averaged(command: str, trained: list[str], comment: str, seed: int, init: list[str],
+                   extra: tuple[str, ...] = ()) -> Path:
+    """The mean of two runs of `command` fine-tuned from the book's weights with seeds N and N + SECOND_SEED
+    (luna-average). What one short run learns of the small nodules hangs on its seed; the mean of two
+    much less so. Runs from random weights do not average, so without `init` one run is the model."""
+    step(command, *trained, *extra, *init)
+    first = newest(RUNS / command) / "best.pt"
+    if not init:
+        return first
+    step(command, "--config", CONFIG, "--comment", f"{comment}-b", "--seed", str(seed + SECOND_SEED), *extra, *init)
+    second = newest(RUNS / command) / "best.pt"
+    averaged = RUNS / "luna-average" / f"{command}-{first.parent.name}.pt"
+    step("luna-average", str(first), str(second), "--output", str(averaged))
+    return averaged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="training seed of all three models [config's: 0]")
     seed = parser.parse_args().seed
-    trained = ["--config", CONFIG, "--comment", "demo" if seed is None else f"demo-seed{seed}"]
-    trained += [] if seed is None else ["--seed", str(seed)]
+    comment = "demo" if seed is None else f"demo-seed{seed}"
+    trained = ["--config", CONFIG, "--comment", comment] + ([] if seed is None else ["--seed", str(seed)])
     start = time.monotonic()
     if (DATA_ROOT / "candidates.csv").is_file():
         print(f"demo dataset already in {DATA_ROOT} (make clean to regenerate it)")
     else:
         step("luna-synth", "--config", CONFIG)
     step("luna-prep", "--config", CONFIG)
-    step("luna-train-seg", *trained, *pretrained("seg"))
-    segmenter = newest(RUNS / "luna-train-seg") / "best.pt"
-    step("luna-train-cls", *trained, "--mine-with", str(segmenter), *pretrained("cls"))
-    classifier = newest(RUNS / "luna-train-cls") / "best.pt"
+    seed_of_runs = 0 if seed is None else seed
+    segmenter = train_averaged("luna-train-seg", trained, comment, seed_of_runs, pretrained("seg"))
+    classifier = train_averaged("luna-train-cls", trained, comment, seed_of_runs, pretrained("cls"),
+                                ("--mine-with", str(segmenter)))
     step("luna-finetune-mal", *trained, "--from", str(classifier))
-    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", trained[3],
+    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment,
          "--seg-model", str(segmenter), "--cls-model", str(classifier),
          "--mal-model", str(newest(RUNS / "luna-finetune-mal") / "best.pt"))
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "

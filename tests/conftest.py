@@ -158,6 +158,14 @@ def run(command, args):
     return CliRunner().invoke(command, [str(a) for a in args])
 
 
+def assert_one_line_error(result, message):
+    """A command refused: exit code 2, no traceback, and one error line that contains message."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
 def only_run_dir(runs: Path, command: str) -> Path:
     dirs = list((runs / command).iterdir())
     assert len(dirs) == 1, dirs

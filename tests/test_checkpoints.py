@@ -7,6 +7,7 @@ import torch
 from p2ch_app.checkpoints import (
     CLASSIFIER,
     SEGMENTER,
+    average_checkpoints,
     load_model,
     model_config,
     model_entries,
@@ -15,7 +16,7 @@ from p2ch_app.checkpoints import (
 )
 from p2ch_app.errors import UserError
 from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
-from tests.conftest import BOOK_MODELS, requires_shared
+from tests.conftest import BOOK_MODELS, assert_one_line_error, requires_shared, run
 
 
 def outputs_equal(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> bool:
@@ -113,3 +114,55 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary
     with pytest.raises(UserError, match=r"cannot write .*last.pt: disk full"):
         save_checkpoint(tmp_path / "last.pt", model_entries(NoduleClassifier(ClassifierConfig(width=4))))
     assert not list(tmp_path.iterdir())
+
+
+def _run_of(tmp_path, name: str, seed: int, init: str | None, config=SegmenterConfig(depth=2, width_factor=2)):
+    """A checkpoint as luna-train-seg writes one, with random weights standing in for trained ones."""
+    torch.manual_seed(seed)
+    model = NoduleSegmenter(config)
+    for module in model.modules():  # batch-norm statistics differ between runs too
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.num_batches_tracked.fill_(seed + 10)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, {**model_entries(model), "config": {"command": "luna-train-seg", "init": init,
+                                                              "options": {}}})
+    return path, model
+
+
+def test_luna_average_writes_the_mean_of_the_runs_weights(tmp_path):
+    from p2ch_app.cli import COMMANDS
+
+    runs = [_run_of(tmp_path, f"run{seed}", seed, "book.state") for seed in (1, 2, 3)]
+    result = run(COMMANDS["luna-average"], [*(path for path, _ in runs), "--output", tmp_path / "soup" / "seg.pt"])
+    assert result.exit_code == 0, result.output
+    soup = load_model(tmp_path / "soup" / "seg.pt", SEGMENTER)
+    states = [model.state_dict() for _, model in runs]
+    for name, value in soup.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, sum(s[name] for s in states) / 3, atol=1e-7), name
+        else:
+            assert value == 13, name  # the largest step count
+    mean_of_itself = average_checkpoints([runs[0][0], runs[0][0]])  # two copies of one run: that run
+    assert all(torch.equal(mean_of_itself["model_state"][k], v) for k, v in states[0].items())
+    assert mean_of_itself["averaged_from"] == [str(runs[0][0])] * 2
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one", "give two or more checkpoints to average"),
+    ("architecture", "other.pt holds another network than"),
+    ("start", "started from a.state and b.state: average only runs fine-tuned from the same --init"),
+    ("random", "started from None: average only runs fine-tuned from the same --init weights"),
+])
+def test_luna_average_refuses_runs_whose_weights_do_not_line_up(tmp_path, case, message):
+    from p2ch_app.cli import COMMANDS
+
+    first, _ = _run_of(tmp_path, "a", 1, None if case == "random" else "a.state")
+    other = {"one": lambda: [],
+             "architecture": lambda: [_run_of(tmp_path, "other", 2, "a.state", SegmenterConfig(width_factor=3))[0]],
+             "start": lambda: [_run_of(tmp_path, "b", 2, "b.state")[0]],
+             "random": lambda: [_run_of(tmp_path, "b", 2, None)[0]]}[case]()
+    result = run(COMMANDS["luna-average"], [first, *other, "--output", tmp_path / "soup.pt"])
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "soup.pt").exists()

@@ -21,20 +21,13 @@ from p2ch_app.export import (
     stack_samples,
 )
 from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
-from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared, run, write_image
+from tests.conftest import BOOK_MODELS, REAL_DICOM, assert_one_line_error, requires_shared, run, write_image
 
 ONNX_MISSING = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
 requires_onnx = pytest.mark.skipif(
     bool(ONNX_MISSING), reason=f"{', '.join(ONNX_MISSING)} not installed (pip install -e '.[export]')")
 SMALL_PLAN = VerifyPlan(stacks=((1, 64, 64), (3, 48, 40), (2, 37, 45)), crop_batches=(1, 5))
 ODD_SIZES = [(1, 30, 50), (3, 33, 17), (2, 61, 62)]  # none of them the size the export was made with
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -142,3 +142,24 @@ def train_seg(**opts):
                                    up_mode=opts["up_mode"], pooling=opts["pooling"])
     settings = settings_from(SegmentationSettings, opts, sampling=sampling, architecture=architecture)
     _fit(segmentation_task(index, settings), cfg)
+
+
+@app_command("luna-average")
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The averaged checkpoint to write.  [required]")
+def average(**opts):
+    """Average the weights of two or more CHECKPOINTS of one network fine-tuned from the same --init
+    weights, for example luna-train-seg runs with different --seed ("model soup").
+
+    The result runs as fast as one model and is steadier: which small nodules a short run learns to
+    mark depends on its seed, the mean of a few runs much less. nodule-analyze, luna-train-cls
+    --mine-with and luna-export take it as they take any checkpoint.
+    """
+    from p2ch_app.checkpoints import average_checkpoints, save_checkpoint
+
+    if opts["output"] is None:
+        raise UserError("--output FILE is required: where to write the averaged checkpoint")
+    check_writable(opts["output"], "--output")
+    save_checkpoint(opts["output"], average_checkpoints(list(opts["checkpoints"])))
+    click.echo(f"luna-average: the mean of {len(opts['checkpoints'])} runs' weights in {opts['output']}")

@@ -4,14 +4,7 @@ good input runs end to end."""
 import pytest
 
 from p2ch_app.cli import COMMANDS, prep
-from tests.conftest import BOOK_MODELS, requires_shared, run, snapshot
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr
+from tests.conftest import BOOK_MODELS, assert_one_line_error, requires_shared, run, snapshot
 
 
 @pytest.fixture

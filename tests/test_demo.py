@@ -1,0 +1,67 @@
+"""scripts/demo.py (make demo): the commands it runs, in order, and what each one is given."""
+
+import importlib.util
+import time
+
+import pytest
+
+from tests.conftest import PROJECT
+
+
+@pytest.fixture
+def demo(tmp_path, monkeypatch):
+    """The demo script with its commands recorded instead of run; a trainer 'writes' a best.pt."""
+    spec = importlib.util.spec_from_file_location("demo_script", PROJECT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data_root, books = tmp_path / "demo", tmp_path / "book"
+    data_root.mkdir()
+    (data_root / "candidates.csv").write_text("")
+    monkeypatch.setattr(module, "DATA_ROOT", data_root)
+    monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(module, "PRETRAINED", books)
+    commands = []
+
+    def step(*args):
+        commands.append(args)
+        if args[0].startswith("luna-train") or args[0] == "luna-finetune-mal":
+            run = tmp_path / "runs" / args[0] / f"run{len(commands)}"
+            run.mkdir(parents=True)
+            (run / "best.pt").write_bytes(b"")
+            time.sleep(0.01)  # newest() goes by modification time
+
+    monkeypatch.setattr(module, "step", step)
+    module.commands, module.books = commands, books
+    return module
+
+
+def _given(command: tuple, option: str) -> str:
+    return command[command.index(option) + 1]
+
+
+def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, tmp_path):
+    demo.books.mkdir()
+    for name in ("seg_book.state", "cls_book.state"):
+        (demo.books / name).write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["demo.py", "--seed", "2"])
+    demo.main()
+    names = [c[0] for c in demo.commands]
+    assert names == ["luna-prep", "luna-train-seg", "luna-train-seg", "luna-average", "luna-train-cls",
+                     "luna-train-cls", "luna-average", "luna-finetune-mal", "nodule-analyze"]
+    seg_a, seg_b, seg_mean, cls_a, cls_b, cls_mean, mal, analyze = demo.commands[1:]
+    assert [_given(c, "--seed") for c in (seg_a, seg_b, cls_a, cls_b)] == ["2", "1002", "2", "1002"]
+    assert _given(seg_a, "--init") == _given(seg_b, "--init") == str(demo.books / "seg_book.state")
+    assert _given(cls_a, "--init") == _given(cls_b, "--init") == str(demo.books / "cls_book.state")
+    assert _given(cls_a, "--mine-with") == _given(cls_b, "--mine-with") == _given(seg_mean, "--output")
+    assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run2/best.pt"),
+                             str(tmp_path / "runs/luna-train-seg/run3/best.pt"))
+    assert _given(mal, "--from") == _given(cls_mean, "--output") == _given(analyze, "--cls-model")
+    assert _given(analyze, "--seg-model") == _given(seg_mean, "--output")
+
+
+def test_demo_without_the_books_weights_trains_one_run_of_each(demo, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["demo.py"])
+    demo.main()
+    names = [c[0] for c in demo.commands]
+    assert names == ["luna-prep", "luna-train-seg", "luna-train-cls", "luna-finetune-mal", "nodule-analyze"]
+    assert "--seed" not in demo.commands[1] and "--init" not in demo.commands[1]
