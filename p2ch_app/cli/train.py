@@ -56,7 +56,8 @@ def _fit(task, cfg) -> None:
               help="Negatives per positive in training batches (0: the natural ratio).")
 @click.option("--mine-with", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A U-Net checkpoint: its candidates in the training series that lie away from every nodule join "
-                   "the non-nodules, so the classifier learns the look-alikes nodule-analyze will show it.")
+                   "the non-nodules, and those within a nodule's radius the nodules, so the classifier learns "
+                   "the crops nodule-analyze will show it.")
 def train_cls(**opts):
     """Train the 3D CNN that tells nodules from non-nodules among candidate crops.
 
@@ -68,13 +69,14 @@ def train_cls(**opts):
     cfg, index, sampling = _training_data(opts, "luna-train-cls")
     if opts["mine_with"] is not None:
         from p2ch_app.inference.runtime import select_device
-        from p2ch_app.training.mining import with_mined_lookalikes
+        from p2ch_app.training.mining import with_mined
 
         before = len(index)
-        index, reused = with_mined_lookalikes(sampling.cache_dir, index, sampling.val_stride, opts["mine_with"],
-                                              select_device(opts["device"]))
-        click.echo(f"mined {len(index) - before} look-alikes in the training series with {opts['mine_with']}"
-                   + (" (found in the cache from an earlier run)" if reused else ""))
+        index, reused = with_mined(sampling.cache_dir, index, sampling.val_stride, opts["mine_with"],
+                                   select_device(opts["device"]))
+        hits = int(index.is_nodule[before:].sum())
+        click.echo(f"mined {len(index) - before - hits} look-alikes and {hits} nodule hits in the training series "
+                   f"with {opts['mine_with']}" + (" (found in the cache from an earlier run)" if reused else ""))
     _fit(nodule_task(index, NoduleSettings(sampling, opts["balance"])), cfg)
 
 

@@ -15,7 +15,7 @@ Layout under the cache directory:
                       holding nodule voxels, a fingerprint of the annotations and CT files the record
                       came from, and, for a mapped CT, its data file, the offset of its voxels, and
                       the file's size and modification time when luna-prep read it.
-  mined/<key>.npz     look-alikes a U-Net proposed in the training series (luna-train-cls
+  mined/<key>.npz     look-alikes and hits a U-Net proposed in the training series (luna-train-cls
                       --mine-with), keyed by everything they depend on, so they are mined once.
   luna-prep.lock      held by the luna-prep building the cache: a second one waits for it.
 A series is cached when its record exists and its voxels are as luna-prep left them: a mapped data file

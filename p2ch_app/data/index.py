@@ -60,14 +60,17 @@ class LunaIndex:
         columns["series_code"] = remap[columns["series_code"]]
         return LunaIndex([self.series_uids[c] for c in used], **columns)
 
-    def with_mined(self, series_code: np.ndarray, center_xyz: np.ndarray) -> LunaIndex:
-        """This index plus mined non-nodule rows at these centres of its series (line 0: from no file)."""
+    def with_mined(self, series_code: np.ndarray, center_xyz: np.ndarray,
+                   is_nodule: np.ndarray | None = None) -> LunaIndex:
+        """This index plus mined rows at these centres of its series (line 0: from no file): non-nodules,
+        or where is_nodule holds, nodules of unknown malignancy."""
         n = len(series_code)
+        is_nodule = np.zeros(n, bool) if is_nodule is None else np.asarray(is_nodule, bool)
         added = dict(series_code=np.asarray(series_code, np.int32),
-                     center_xyz=np.asarray(center_xyz, float).reshape(-1, 3), is_nodule=np.zeros(n, bool),
+                     center_xyz=np.asarray(center_xyz, float).reshape(-1, 3), is_nodule=is_nodule,
                      has_annotation=np.zeros(n, bool), diameter_mm=np.zeros(n),
-                     malignancy=np.full(n, NOT_A_NODULE, np.int8), line=np.zeros(n, np.int32),
-                     mined=np.ones(n, bool))
+                     malignancy=np.where(is_nodule, UNKNOWN_MALIGNANCY, NOT_A_NODULE).astype(np.int8),
+                     line=np.zeros(n, np.int32), mined=np.ones(n, bool))
         return LunaIndex(self.series_uids, **{name: np.concatenate([values, added[name].astype(values.dtype)])
                                               for name, values in self._columns().items()})
 

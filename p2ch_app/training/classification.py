@@ -94,25 +94,26 @@ class CandidateTask(Task):
 
 
 def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
-    """Nodule vs non-nodule; settings.balance negatives per positive. Mined look-alikes and
-    candidates.csv's non-nodules then take turns, so however many were mined, each kind is half
-    the negatives."""
+    """Nodule vs non-nodule; settings.balance negatives per positive. Mined rows and candidates.csv's
+    take turns: mined look-alikes with the CSV's non-nodules, and mined hits (a U-Net's candidates on
+    nodules) with the CSV's nodules, so however many were mined, each kind is half of its class."""
     is_val = index.is_validation(settings.sampling.val_stride)
     labels = index.is_nodule.astype(np.int64)
-    positives = np.flatnonzero(~is_val & (labels == 1))
+    positives = np.flatnonzero(~is_val & (labels == 1) & ~index.mined)
     negatives = np.flatnonzero(~is_val & (labels == 0) & ~index.mined)
-    mined = np.flatnonzero(~is_val & (labels == 0) & index.mined)
-    if settings.balance > 0:
-        if len(positives) == 0 or len(negatives) == 0:
-            raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
-                            "add series or use --balance 0")
-        groups, pattern = [positives, negatives], [0] + [1] * settings.balance
-        if len(mined):
-            groups, pattern = groups + [mined], pattern + [0] + [2] * settings.balance
-    else:
-        groups, pattern = [np.flatnonzero(~is_val)], [0]
+    if settings.balance == 0:
+        return CandidateTask("luna-train-cls", index, labels, settings.sampling,
+                             Draws([np.flatnonzero(~is_val)], [0], np.flatnonzero(is_val)), NoduleClassifier)
+    if len(positives) == 0 or len(negatives) == 0:
+        raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
+                        "add series or use --balance 0")
+    kinds = [[group for group in (csv_rows, np.flatnonzero(~is_val & (labels == label) & index.mined)) if len(group)]
+             for label, csv_rows in ((1, positives), (0, negatives))]
+    pattern = []
+    for turn in range(max(map(len, kinds))):  # 1 turn, or 2 when either class has mined rows
+        pattern += [turn % len(kinds[0])] + [len(kinds[0]) + turn % len(kinds[1])] * settings.balance
     return CandidateTask("luna-train-cls", index, labels, settings.sampling,
-                         Draws(groups, pattern, np.flatnonzero(is_val)), NoduleClassifier)
+                         Draws(kinds[0] + kinds[1], pattern, np.flatnonzero(is_val)), NoduleClassifier)
 
 
 class MalignancyTask(CandidateTask):

@@ -1,6 +1,7 @@
-"""Look-alike mining: the U-Net's own candidates away from every nodule, as extra non-nodules for
-the classifier (luna-train-cls --mine-with). candidates.csv may lack what nodule-analyze will show
-the classifier: a U-Net marks diaphragm domes and heart borders that no CSV candidate sits on."""
+"""Mining for the classifier (luna-train-cls --mine-with): the U-Net's own candidates away from every
+nodule as extra non-nodules (look-alikes), and those on a nodule as extra nodules (hits). candidates.csv
+may lack what nodule-analyze will show the classifier: a U-Net marks diaphragm domes and heart borders
+that no CSV candidate sits on, and its candidate on a small nodule is often a piece of it, off centre."""
 
 from __future__ import annotations
 
@@ -20,26 +21,30 @@ from p2ch_app.inference.runtime import keep_freed_memory
 from p2ch_app.models import NoduleSegmenter
 
 MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
-MINING_VERSION = 1  # part of the mined look-alikes' cache key: raise it when propose() or mining changes
+MINING_VERSION = 2  # part of the mined look-alikes' cache key: raise it when propose() or mining changes
 
 
-def mine_lookalikes(cache: LunaCache, index: LunaIndex, series_codes, segmenter: NoduleSegmenter,
-                    device: torch.device, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(series code, centre xyz) of each in-body candidate the U-Net proposes in the given series
-    farther than the nodule's diameter (at least MINED_CLEARANCE_MM) from every nodule's centre."""
+def mine_candidates(cache: LunaCache, index: LunaIndex, series_codes, segmenter: NoduleSegmenter,
+                    device: torch.device, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(series code, centre xyz, whether a hit) of the in-body candidates the U-Net proposes in the given
+    series that are look-alikes, farther than the nodule's diameter (at least MINED_CLEARANCE_MM) from
+    every nodule's centre, or hits, strictly within a nodule's radius as the LUNA16 scoring counts them."""
     keep_freed_memory()
-    codes, found = [], []
-    for code in tqdm(series_codes, desc="mine look-alikes", unit="CT", disable=not progress):
+    codes, found, hits = [], [], []
+    for code in tqdm(series_codes, desc="mine candidates", unit="CT", disable=not progress):
         uid = index.series_uids[code]
         centers, _, inside = propose(np.asarray(cache.volume(uid)), segmenter, device)  # the whole CT, clipped
         xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
         mine = (index.series_code == code) & index.is_nodule
         clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
         distance = np.linalg.norm(xyz[:, None] - index.center_xyz[mine][None], axis=-1)
-        xyz = xyz[np.all(distance > clearance, axis=1)]
-        codes.append(np.full(len(xyz), code, np.int32))
-        found.append(xyz)
-    return np.concatenate(codes or [np.zeros(0, np.int32)]), np.concatenate(found or [np.zeros((0, 3))])
+        hit = np.any(distance < index.diameter_mm[mine] / 2, axis=1)
+        keep = hit | np.all(distance > clearance, axis=1)
+        codes.append(np.full(int(keep.sum()), code, np.int32))
+        found.append(xyz[keep])
+        hits.append(hit[keep])
+    return (np.concatenate(codes or [np.zeros(0, np.int32)]), np.concatenate(found or [np.zeros((0, 3))]),
+            np.concatenate(hits or [np.zeros(0, bool)]))
 
 
 def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val_stride: int,
@@ -56,10 +61,10 @@ def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val
     return key.hexdigest()[:24]
 
 
-def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
-                          device: torch.device) -> tuple[LunaIndex, bool]:
-    """(the index plus the look-alikes this U-Net proposes in the training series, whether they were
-    found in the cache). Validation series are left as they are. Mining runs the U-Net over every
+def with_mined(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
+               device: torch.device) -> tuple[LunaIndex, bool]:
+    """(the index plus the look-alikes and hits this U-Net proposes in the training series, whether they
+    were found in the cache). Validation series are left as they are. Mining runs the U-Net over every
     training CT, so its result is kept in the cache: a resumed or repeated run does not mine again."""
     segmenter = load_segmenter(seg_checkpoint, device)  # first: a bad file fails with its own message
     cache = LunaCache(cache_dir)
@@ -69,9 +74,9 @@ def with_mined_lookalikes(cache_dir: Path, index: LunaIndex, val_stride: int, se
         with np.load(path) as saved:
             code_of = {uid: code for code, uid in enumerate(index.series_uids)}
             codes = np.array([code_of[uid] for uid in saved["uids"]], np.int32)
-            return index.with_mined(codes, saved["centers_xyz"]), True
-    codes, centers = mine_lookalikes(cache, index, train_codes, segmenter, device, progress=True)
+            return index.with_mined(codes, saved["centers_xyz"], saved["hits"]), True
+    codes, centers, hits = mine_candidates(cache, index, train_codes, segmenter, device, progress=True)
     path.parent.mkdir(exist_ok=True)
     uids = np.array([index.series_uids[code] for code in codes], dtype=str)
-    write_atomic(path, lambda tmp: np.savez(tmp, uids=uids, centers_xyz=centers))
-    return index.with_mined(codes, centers), False
+    write_atomic(path, lambda tmp: np.savez(tmp, uids=uids, centers_xyz=centers, hits=hits))
+    return index.with_mined(codes, centers, hits), False

@@ -1,4 +1,5 @@
-"""Look-alike mining: the U-Net's in-body candidates away from every nodule, as extra non-nodules."""
+"""Mining: the U-Net's in-body candidates away from every nodule as extra non-nodules, those within a
+nodule's radius as extra nodules."""
 
 from pathlib import Path
 
@@ -9,13 +10,13 @@ import torch
 import p2ch_app.training.mining as mining
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import train_cls
-from p2ch_app.data.index import build_index
+from p2ch_app.data.index import UNKNOWN_MALIGNANCY, build_index
 from p2ch_app.training.classification import NoduleSettings, nodule_task
 from p2ch_app.training.loop import Sampling
 from tests.conftest import TINY, only_run_dir, run
 
 
-def test_mined_lookalikes_are_in_body_candidates_away_from_every_nodule(prepared_synth, monkeypatch):
+def test_mined_are_in_body_candidates_away_from_every_nodule_or_within_ones_radius(prepared_synth, monkeypatch):
     from p2ch_app.data.cache import LunaCache
     from p2ch_app.data.ct import xyz_to_irc
     from p2ch_app.data.index import build_index
@@ -26,14 +27,16 @@ def test_mined_lookalikes_are_in_body_candidates_away_from_every_nodule(prepared
     code, nodule = int(index.series_code[row]), index.center_xyz[row]
     clearance = max(index.diameter_mm[row], mining.MINED_CLEARANCE_MM)
     others = index.center_xyz[(index.series_code == code) & index.is_nodule]
-    near, far = nodule + [0.9 * clearance, 0, 0], nodule + [0, 0, clearance + 1]
+    on_edge, near, far = nodule + [0.51 * index.diameter_mm[row], 0, 0], nodule + [0.9 * clearance, 0, 0], \
+        nodule + [0, 0, clearance + 1]
     assert np.all(np.linalg.norm(others - far, axis=1) > clearance)  # far from the other nodules too
     geometry = cache.record(index.series_uids[code]).geometry
-    proposed = xyz_to_irc(np.array([nodule, near, far, far]), geometry)
-    inside = np.array([True, True, True, False])
-    monkeypatch.setattr(mining, "propose", lambda hu, *args, **kwargs: (proposed, np.ones(4, int), inside))
-    codes, found = mining.mine_lookalikes(cache, index, [code], None, torch.device("cpu"))
-    assert codes.tolist() == [code] and found == pytest.approx(far[None], abs=1e-6)
+    proposed = xyz_to_irc(np.array([nodule + 0.3, on_edge, near, far, far, nodule]), geometry)
+    inside = np.array([True, True, True, True, False, False])
+    monkeypatch.setattr(mining, "propose", lambda hu, *args, **kwargs: (proposed, np.ones(6, int), inside))
+    codes, found, hits = mining.mine_candidates(cache, index, [code], None, torch.device("cpu"))
+    assert codes.tolist() == [code] * 2 and hits.tolist() == [True, False]
+    assert found == pytest.approx(np.array([nodule + 0.3, far]), abs=1e-6)
 
 
 def test_mined_lookalikes_are_half_the_negatives_however_many(prepared_synth, tmp_path):
@@ -50,11 +53,27 @@ def test_mined_lookalikes_are_half_the_negatives_however_many(prepared_synth, tm
         assert np.all(task.val_dataset().rows < len(index))  # validation is candidates.csv's alone
 
 
+def test_mined_hits_are_half_the_positives_and_lookalikes_half_the_negatives(prepared_synth, tmp_path):
+    index = build_index(prepared_synth)
+    is_val = index.is_validation(3)
+    nodules, others = np.flatnonzero(~is_val & index.is_nodule), np.flatnonzero(~is_val & ~index.is_nodule)
+    rows = np.concatenate([np.tile(nodules, 7), others])  # many more hits than CSV nodules
+    is_hit = np.arange(len(rows)) < 7 * len(nodules)
+    grown = index.with_mined(index.series_code[rows], index.center_xyz[rows] + 0.5, is_hit)
+    assert np.all(grown.malignancy[len(index):][is_hit] == UNKNOWN_MALIGNANCY)
+    task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=800)))
+    drawn = task.train_dataset(1).rows
+    mined, labels = drawn >= len(index), task.labels[drawn]
+    assert labels.mean() == pytest.approx(0.5, abs=0.01)
+    assert mined[labels == 1].mean() == pytest.approx(0.5, abs=0.02)
+    assert mined[labels == 0].mean() == pytest.approx(0.5, abs=0.02)
+
+
 def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     from p2ch_app.data.cache import LunaCache
     from p2ch_app.inference.pipeline import load_segmenter
     from p2ch_app.models import NoduleSegmenter
-    from p2ch_app.training.mining import mine_lookalikes
+    from p2ch_app.training.mining import mine_candidates
 
     unet = NoduleSegmenter()
     with torch.no_grad():
@@ -64,27 +83,28 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     index = build_index(prepared_synth)
     segmenter = load_segmenter(tmp_path / "seg.pt", torch.device("cpu"))
     train_codes = np.flatnonzero(~index.validation_series(3))
-    codes, _ = mine_lookalikes(LunaCache(prepared_synth / "cache"), index, train_codes, segmenter, torch.device("cpu"))
+    codes, _, hits = mine_candidates(LunaCache(prepared_synth / "cache"), index, train_codes, segmenter,
+                                     torch.device("cpu"))
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
                              "--mine-with", tmp_path / "seg.pt"])
     assert result.exit_code == 0, result.output
     assert 0 < len(codes) <= len(train_codes)
-    assert f"mined {len(codes)} look-alikes in the training series" in result.output
+    mined = f"mined {len(codes) - hits.sum()} look-alikes and {hits.sum()} nodule hits in the training series"
+    assert mined in result.output
     options = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["config"]["options"]
     assert Path(options["mine_with"]) == tmp_path / "seg.pt"
     assert "found in the cache" not in result.output
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "again",
                              "--mine-with", tmp_path / "seg.pt"])
     assert result.exit_code == 0, result.output
-    assert f"mined {len(codes)} look-alikes in the training series with {tmp_path / 'seg.pt'} (found in the cache" \
-        in result.output
+    assert f"{mined} with {tmp_path / 'seg.pt'} (found in the cache" in result.output
     with torch.no_grad():
         unet.unet.last.bias.fill_(-50.0)  # other weights mark nothing: mined afresh, none found
     torch.save({"model_state": unet.state_dict()}, tmp_path / "seg.pt")
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "other",
                              "--mine-with", tmp_path / "seg.pt"])
     assert result.exit_code == 0, result.output
-    assert "mined 0 look-alikes" in result.output and "found in the cache" not in result.output
+    assert "mined 0 look-alikes and 0 nodule hits" in result.output and "found in the cache" not in result.output
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
                              "--mine-with", tmp_path / "missing.pt"])
     assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output
