@@ -353,11 +353,16 @@ def test_ctrl_c_during_a_parallel_prep_is_one_line_and_exit_130(tmp_path):
     import time
     from pathlib import Path
 
+    import SimpleITK as sitk
+
     from p2ch_app.data.cache import LunaCache
     from p2ch_app.data.ct import load_series
     from tests.conftest import PROJECT, make_tiny_root
 
-    tiny = make_tiny_root(tmp_path / "luna", n_series=8, shape=(60, 128, 128))
+    tiny = make_tiny_root(tmp_path / "luna", n_series=12, shape=(60, 192, 192))
+    for series in tiny.series:  # compressed: cached as int16 volumes, not mapped in place, so prep takes a while
+        sitk.WriteImage(sitk.ReadImage(str(series.mhd)), str(series.mhd), True)
+        series.mhd.with_suffix(".raw").unlink()
     # its own process group, as a terminal's foreground job: Ctrl-C reaches the parent and its workers
     proc = subprocess.Popen([sys.executable, "-m", "p2ch_app.cli", "luna-prep", "--workers", "2", "--data-root",
                              str(tiny.root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
