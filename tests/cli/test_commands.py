@@ -363,7 +363,11 @@ def test_ctrl_c_during_a_parallel_prep_is_one_line_and_exit_130(tmp_path):
         sitk.WriteImage(sitk.ReadImage(str(series.mhd)), str(series.mhd), True)
         series.mhd.with_suffix(".raw").unlink()
     # its own process group, as a terminal's foreground job: Ctrl-C reaches the parent and its workers
-    proc = subprocess.Popen([sys.executable, "-m", "p2ch_app.cli", "luna-prep", "--workers", "2", "--data-root",
+    # Ctrl-C handled as in a terminal even where this test runs with SIGINT ignored (a background job of a
+    # non-interactive shell), which the child would inherit
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv = ['luna-prep'] + sys.argv[1:]; runpy.run_module('p2ch_app.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "luna-prep", "--workers", "2", "--data-root",
                              str(tiny.root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     # not as soon as the workers show in /proc: the parent ignores Ctrl-C while it starts them (workers.py),
