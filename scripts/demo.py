@@ -30,7 +30,7 @@ DATA_ROOT = Path("data-unversioned/demo")
 RUNS = Path("runs")
 BIN = Path(sys.executable).parent
 PRETRAINED = Path(os.environ.get("P2CH_PRETRAINED", "../shared/models/book"))
-SECOND_SEED = 1000  # the averaged U-Net's second run: seed N + 1000, so no two demo seeds share a run
+SECOND_SEED = 1000  # each averaged network's second run: seed N + 1000, so no two demo seeds share a run
 
 
 def step(*args: str) -> None:
@@ -55,16 +55,20 @@ def pretrained(prefix: str) -> list[str]:
     return []
 
 
-def train_averaged(command: str, trained: list[str], comment: str, seed: int, init: list[str],
-                   extra: tuple[str, ...] = ()) -> Path:
+def trained_as(comment: str, seed: int | None) -> list[str]:
+    """A trainer's options: the demo config, a run comment, and a seed (None: the config's, 0)."""
+    return ["--config", CONFIG, "--comment", comment] + ([] if seed is None else ["--seed", str(seed)])
+
+
+def train_averaged(command: str, comment: str, seed: int | None, init: list[str], extra: tuple[str, ...] = ()) -> Path:
     """The mean of two runs of `command` fine-tuned from the book's weights with seeds N and N + SECOND_SEED
     (luna-average). What one short run learns of the small nodules hangs on its seed; the mean of two
     much less so. Runs from random weights do not average, so without `init` one run is the model."""
-    step(command, *trained, *extra, *init)
+    step(command, *trained_as(comment, seed), *extra, *init)
     first = newest(RUNS / command) / "best.pt"
     if not init:
         return first
-    step(command, "--config", CONFIG, "--comment", f"{comment}-b", "--seed", str(seed + SECOND_SEED), *extra, *init)
+    step(command, *trained_as(f"{comment}-b", (seed or 0) + SECOND_SEED), *extra, *init)
     second = newest(RUNS / command) / "best.pt"
     averaged = RUNS / "luna-average" / f"{command}-{first.parent.name}.pt"
     step("luna-average", str(first), str(second), "--output", str(averaged))
@@ -76,17 +80,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="training seed of all three models [config's: 0]")
     seed = parser.parse_args().seed
     comment = "demo" if seed is None else f"demo-seed{seed}"
-    trained = ["--config", CONFIG, "--comment", comment] + ([] if seed is None else ["--seed", str(seed)])
+    trained = trained_as(comment, seed)
     start = time.monotonic()
     if (DATA_ROOT / "candidates.csv").is_file():
         print(f"demo dataset already in {DATA_ROOT} (make clean to regenerate it)")
     else:
         step("luna-synth", "--config", CONFIG)
     step("luna-prep", "--config", CONFIG)
-    seed_of_runs = 0 if seed is None else seed
-    segmenter = train_averaged("luna-train-seg", trained, comment, seed_of_runs, pretrained("seg"))
-    classifier = train_averaged("luna-train-cls", trained, comment, seed_of_runs, pretrained("cls"),
-                                ("--mine-with", str(segmenter)))
+    segmenter = train_averaged("luna-train-seg", comment, seed, pretrained("seg"))
+    classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"), ("--mine-with", str(segmenter)))
     step("luna-finetune-mal", *trained, "--from", str(classifier))
     step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment,
          "--seg-model", str(segmenter), "--cls-model", str(classifier),

@@ -107,8 +107,10 @@ def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
     if len(positives) == 0 or len(negatives) == 0:
         raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
                         "add series or use --balance 0")
-    kinds = [[group for group in (csv_rows, np.flatnonzero(~is_val & (labels == label) & index.mined)) if len(group)]
-             for label, csv_rows in ((1, positives), (0, negatives))]
+    mined_positives = np.flatnonzero(~is_val & (labels == 1) & index.mined)
+    mined_negatives = np.flatnonzero(~is_val & (labels == 0) & index.mined)
+    kinds = [[rows for rows in (positives, mined_positives) if len(rows)],
+             [rows for rows in (negatives, mined_negatives) if len(rows)]]
     pattern = []
     for turn in range(max(map(len, kinds))):  # 1 turn, or 2 when either class has mined rows
         pattern += [turn % len(kinds[0])] + [len(kinds[0]) + turn % len(kinds[1])] * settings.balance

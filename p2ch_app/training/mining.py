@@ -21,7 +21,7 @@ from p2ch_app.inference.runtime import keep_freed_memory
 from p2ch_app.models import NoduleSegmenter
 
 MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
-MINING_VERSION = 2  # part of the mined look-alikes' cache key: raise it when propose() or mining changes
+MINING_VERSION = 2  # part of the mined rows' cache key: raise it when propose() or mining changes
 
 
 def mine_candidates(cache: LunaCache, index: LunaIndex, series_codes, segmenter: NoduleSegmenter,

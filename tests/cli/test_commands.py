@@ -370,8 +370,8 @@ def test_ctrl_c_during_a_parallel_prep_is_one_line_and_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", launch, "luna-prep", "--workers", "2", "--data-root",
                              str(tiny.root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    # not as soon as the workers show in /proc: the parent ignores Ctrl-C while it starts them (workers.py),
-    # which can take longer than starting the first of them. Once a volume is being written, all run.
+    # once a volume is being written: the workers run, and the parent, which ignores Ctrl-C while it starts
+    # them (workers.py), listens again
     volumes = tiny.root / "cache" / "volumes"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None and not (volumes.is_dir() and any(volumes.iterdir())):
