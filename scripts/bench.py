@@ -566,13 +566,19 @@ def _median_ms(runners: dict, x, runs: int) -> dict:
 
 
 def _channels_last_runner(model, x):
+    """PyTorch as nodule-analyze runs it: a copy of the model and its input laid out channels-last
+    (channels_last_3d for the classifier's crops), the input's layout made beforehand."""
+    import copy
+
     import torch
 
-    stack = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    model = copy.deepcopy(model).to(memory_format=layout)
+    batch = torch.from_numpy(x).contiguous(memory_format=layout)
 
     def run(_):
         with torch.inference_mode():
-            return model(stack)
+            return model(batch)
 
     return run
 
@@ -580,8 +586,8 @@ def _channels_last_runner(model, x):
 def bench_export_runtimes(runs: int = 10) -> dict:
     """The book's two models exported by luna-export's library (each export checked on the real CT first),
     then timed in their runtimes beside PyTorch on the same input: TorchScript (torch.jit) for the .pt file,
-    ONNX Runtime for the .onnx file. U-Net: one 512x512 7-slice stack of the real CT (PyTorch also in
-    channels-last, as nodule-analyze runs it); classifier: a batch of 8 crops. ONNX Runtime gets as many
+    ONNX Runtime for the .onnx file. U-Net: one 512x512 7-slice stack of the real CT; classifier: a batch of 8
+    crops; PyTorch also channels-last, as nodule-analyze runs both. ONNX Runtime gets as many
     intra-op threads as torch has."""
     import importlib.util
 
@@ -615,9 +621,8 @@ def bench_export_runtimes(runs: int = 10) -> dict:
             x = stack_samples(hu, model.config.context, VerifyPlan(stacks=((1, 512, 512),)))[0].x
         else:
             x = crop_samples(hu, model.config.crop_size, VerifyPlan(crop_batches=(8,)))[0].x
-        runners = {"pytorch": lambda v, model=model: eager_outputs(model, v)}
-        if kind == SEGMENTER:  # the same stack, laid out channels-last beforehand (nodule-analyze gets it so free)
-            runners["pytorch_channels_last"] = _channels_last_runner(model, x)
+        runners = {"pytorch": lambda v, model=model: eager_outputs(model, v),
+                   "pytorch_channels_last": _channels_last_runner(model, x)}
         for fmt, suffix in (("torchscript", ".pt"), ("onnx", ".onnx")):
             report = export_checkpoint(path, fmt, out_dir / f"{net}{suffix}", REAL_CT)
             result[f"{net}_{fmt}_max_abs_diff"] = report.max_diff
