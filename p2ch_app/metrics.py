@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+UNSIZED_DIAMETER_MM = 10.0  # LUNA16's diameter for a finding whose diameter is negative (-1: not given)
+
 
 def scores_from_counts(tp: float, fp: float, fn: float, tn: float | None = None) -> dict[str, float]:
     """Precision, recall, F1 (and negative-class accuracy when tn is known) from confusion counts.
@@ -62,3 +64,18 @@ def binary_metrics(labels, probs, threshold: float = 0.5, loss: float | None = N
     if loss is not None:
         out["loss"] = float(loss)
     return out
+
+
+def distances(points_xyz, centers_xyz) -> np.ndarray:
+    """(P, C): the distance in mm from each point to each centre."""
+    points = np.asarray(points_xyz, float).reshape(-1, 3)
+    centers = np.asarray(centers_xyz, float).reshape(-1, 3)
+    return np.linalg.norm(points[:, None, :] - centers[None, :, :], axis=2)
+
+
+def within_radius(points_xyz, centers_xyz, diameters_mm) -> np.ndarray:
+    """(P, C): point p lies strictly within finding c's radius, the LUNA16 rule that both the scoring and
+    the classifier's mined hits follow (a negative diameter, "no size given", counts as UNSIZED_DIAMETER_MM)."""
+    diameters = np.asarray(diameters_mm, float)
+    radii = np.where(diameters < 0, UNSIZED_DIAMETER_MM, diameters) / 2
+    return distances(points_xyz, centers_xyz) < radii[None, :]

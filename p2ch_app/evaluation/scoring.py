@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from p2ch_app.metrics import roc_auc
+from p2ch_app.metrics import distances, roc_auc, within_radius
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MAX_MARKS_PER_SCAN = 100  # the challenge scores only each scan's most probable 100 detections
-UNSIZED_DIAMETER_MM = 10.0  # the challenge's diameter for a finding whose diameter is negative (-1: not given)
 
 
 @dataclass
@@ -40,29 +39,15 @@ class ScanResult:
     excluded_diameters_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) negative: no size given
 
 
-def _distances(detections_xyz, findings_xyz) -> np.ndarray:
-    det = np.asarray(detections_xyz, float).reshape(-1, 3)
-    found = np.asarray(findings_xyz, float).reshape(-1, 3)
-    return np.linalg.norm(det[:, None, :] - found[None, :, :], axis=2)  # (D, N)
-
-
 def _best_matches(scan: ScanResult, match_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Per nodule the most probable detection within match_fraction of its diameter (-1: none), and
     per detection whether it lies that near any nodule: the matching of the confusion table."""
     reach = match_fraction * np.asarray(scan.diameters_mm, float)[None, :]
-    near = _distances(scan.detections_xyz, scan.nodules_xyz) <= reach  # (D, N)
+    near = distances(scan.detections_xyz, scan.nodules_xyz) <= reach  # (D, N)
     if near.shape[0] == 0:
         return np.full(near.shape[1], -1), np.zeros(0, bool)
     scored = np.where(near, np.asarray(scan.nodule_prob, float)[:, None], -np.inf)
     return np.where(near.any(axis=0), scored.argmax(axis=0), -1), near.any(axis=1)
-
-
-def _hits(detections_xyz, findings_xyz, diameters_mm) -> np.ndarray:
-    """(D, N): detection d lies strictly within finding n's radius, the LUNA16 rule (a negative diameter,
-    LUNA16's "no size given", counts as UNSIZED_DIAMETER_MM)."""
-    diameters = np.asarray(diameters_mm, float)
-    radii = np.where(diameters < 0, UNSIZED_DIAMETER_MM, diameters) / 2
-    return _distances(detections_xyz, findings_xyz) < radii[None, :]
 
 
 def _scored_marks(scan: ScanResult) -> np.ndarray:
@@ -80,9 +65,9 @@ def _judged(scan: ScanResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (it hits an excluded finding and no nodule: neither a hit nor a false positive)."""
     marks = _scored_marks(scan)
     xyz = np.asarray(scan.detections_xyz, float).reshape(-1, 3)[marks]
-    hits = _hits(xyz, scan.nodules_xyz, scan.diameters_mm)
-    ignored = _hits(xyz, scan.excluded_xyz, scan.excluded_diameters_mm).any(axis=1) & ~hits.any(axis=1)
-    return np.asarray(scan.nodule_prob, float)[marks], hits, ignored
+    on_nodule = within_radius(xyz, scan.nodules_xyz, scan.diameters_mm)
+    ignored = within_radius(xyz, scan.excluded_xyz, scan.excluded_diameters_mm).any(axis=1) & ~on_nodule.any(axis=1)
+    return np.asarray(scan.nodule_prob, float)[marks], on_nodule, ignored
 
 
 def _froc_points(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:

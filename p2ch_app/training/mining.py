@@ -18,6 +18,7 @@ from p2ch_app.data.index import LunaIndex
 from p2ch_app.files import write_atomic
 from p2ch_app.inference.pipeline import load_segmenter, propose
 from p2ch_app.inference.runtime import keep_freed_memory
+from p2ch_app.metrics import distances, within_radius
 from p2ch_app.models import NoduleSegmenter
 
 MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
@@ -37,9 +38,8 @@ def mine_candidates(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
         xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
         mine = (index.series_code == code) & index.is_nodule
         clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
-        distance = np.linalg.norm(xyz[:, None] - index.center_xyz[mine][None], axis=-1)
-        hit = np.any(distance < index.diameter_mm[mine] / 2, axis=1)
-        keep = hit | np.all(distance > clearance, axis=1)
+        hit = within_radius(xyz, index.center_xyz[mine], index.diameter_mm[mine]).any(axis=1)
+        keep = hit | np.all(distances(xyz, index.center_xyz[mine]) > clearance, axis=1)
         codes.append(np.full(int(keep.sum()), code, np.int32))
         found.append(xyz[keep])
         hits.append(hit[keep])
