@@ -40,6 +40,7 @@ from p2ch_app.data.ct import HU_MAX, HU_MIN, context_stacks, gather_crops, load_
 from p2ch_app.data.synth import SynthGeometry, make_series
 from p2ch_app.errors import UserError
 from p2ch_app.files import check_writable, write_atomic
+from p2ch_app.models import ClassifierConfig
 
 FORMATS = ("torchscript", "onnx")
 ONNX_MODULES = ("onnx", "onnxruntime", "onnxscript")
@@ -147,15 +148,17 @@ def stack_samples(hu: np.ndarray, context: int, plan: VerifyPlan) -> list[Sample
     return samples
 
 
-def crop_samples(hu: np.ndarray, crop_size: tuple[int, int, int], plan: VerifyPlan) -> list[Sample]:
-    """Classifier inputs: batches of crops centred on a 2x2x2 grid through the chest (at 35% and 65% of
-    each axis: lung, vessels, mediastinum), repeated for batches larger than eight."""
+def crop_samples(hu: np.ndarray, config: ClassifierConfig, plan: VerifyPlan) -> list[Sample]:
+    """Classifier inputs, cut as the classifier crops (its size and zoom): batches of crops centred on a
+    2x2x2 grid through the chest (at 35% and 65% of each axis: lung, vessels, mediastinum), repeated for
+    batches larger than eight."""
     grid = np.array([(i, r, c) for i in (0.35, 0.65) for r in (0.35, 0.65) for c in (0.35, 0.65)])
     centers = grid * (np.array(hu.shape) - 1)
     samples = []
     for batch in plan.crop_batches:
         chosen = centers[np.arange(batch) % len(centers)]
-        x = np.ascontiguousarray(gather_crops(hu, chosen, crop_size)[:, None], dtype=np.float32)
+        crops = gather_crops(hu, chosen, config.crop_size, zoom=config.crop_zoom)
+        x = np.ascontiguousarray(crops[:, None], dtype=np.float32)
         samples.append(Sample(f"crops {'x'.join(map(str, x.shape))} (centres on a grid at 35% and 65% of "
                               "each axis)", x))
     return samples
@@ -265,7 +268,7 @@ def export_checkpoint(checkpoint_path: Path, fmt: str, output: Path, ct_path: Pa
     if kind == SEGMENTER:
         samples = stack_samples(hu, model.config.context, plan)
     else:
-        samples = crop_samples(hu, model.config.crop_size, plan)
+        samples = crop_samples(hu, model.config, plan)
     say(f"exporting to {fmt}, then checking it against the eager model on {source}:")
     checks = []
 

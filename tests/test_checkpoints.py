@@ -56,6 +56,13 @@ def test_bare_weights_get_the_books_architecture():
     assert model_config({"model_state": {}}, CLASSIFIER) == ClassifierConfig()
 
 
+def test_classifiers_saved_before_crop_zoom_crop_as_they_were_trained():
+    saved = {"width": 8, "crop_size": [32, 48, 48], "classes": 2}  # model_config as written before crop_zoom
+    assert model_config({"model_state": {}, "model_config": saved}, CLASSIFIER).crop_zoom == 1.0
+    zoomed = model_entries(NoduleClassifier(ClassifierConfig(crop_zoom=2)))
+    assert model_config(zoomed, CLASSIFIER) == ClassifierConfig(crop_zoom=2)
+
+
 def test_a_checkpoint_of_the_wrong_kind_is_a_one_line_error(tmp_path):
     save_checkpoint(tmp_path / "cls.pt", model_entries(NoduleClassifier()))
     with pytest.raises(UserError, match="holds a classifier .*not a segmenter"):

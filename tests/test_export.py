@@ -124,9 +124,11 @@ def test_verification_inputs_are_cut_from_the_ct():
     assert np.array_equal(first[1], hu[1:8, 10:30, 10:20]) and np.array_equal(first[0, 3], hu[3, 10:30, 10:20])
     edge = stack_samples(hu[:2], 3, VerifyPlan(stacks=((1, 8, 8),)))[0].x  # beyond the volume: the edge slice
     assert np.array_equal(edge[0], hu[[0, 0, 0, 0, 1, 1, 1], 16:24, 11:19])
-    crops = crop_samples(hu, (4, 8, 8), plan)
+    crops = crop_samples(hu, ClassifierConfig(crop_size=(4, 8, 8)), plan)
     assert [c.x.shape for c in crops] == [(1, 1, 4, 8, 8), (9, 1, 4, 8, 8)]
     assert np.array_equal(crops[1].x[8], crops[1].x[0])  # a ninth crop repeats the first centre
+    zoomed = crop_samples(hu, ClassifierConfig(crop_size=(4, 8, 8), crop_zoom=2), plan)[0].x
+    assert zoomed.shape == (1, 1, 4, 8, 8) and np.all(np.diff(zoomed[0, 0, 0, 4]) == 0.5)  # hu rises 1 per column
 
 
 def test_a_failed_check_writes_nothing_and_exits_2(tmp_path, small_ct, monkeypatch):

@@ -275,10 +275,10 @@ class LunaCache:
         except (OSError, ValueError):  # removed or cut short since the check above
             raise changed from None
 
-    def crop(self, uid: str, center_xyz, size=CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    def crop(self, uid: str, center_xyz, size=CROP_SIZE, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """(crop, start_irc) around a patient-mm point: the one crop path for training and analysis."""
         center_irc = xyz_to_irc(center_xyz, self.record(uid).geometry)
-        return extract_crop(self.volume(uid), center_irc, size)
+        return extract_crop(self.volume(uid), center_irc, size, zoom=zoom)
 
     def is_current(self, uid: str, fingerprint: str) -> bool:
         raw = self._meta.get(uid)

@@ -6,6 +6,7 @@ coordinates are always (x, y, z) millimetres in the scanner's (LPS) frame, as LU
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -528,12 +529,16 @@ def crop_starts(shape, centers_irc, size=CROP_SIZE) -> np.ndarray:
     return np.clip(starts, 0, np.maximum(np.asarray(shape) - size, 0))
 
 
-def extract_crop(volume: np.ndarray, center_irc, size=CROP_SIZE, fill: int = HU_MIN):
+def extract_crop(volume: np.ndarray, center_irc, size=CROP_SIZE, fill: int = HU_MIN, zoom: float = 1.0):
     """A fixed-size crop around a point, copied out of the volume; returns (crop, start_irc).
 
     The crop is shifted to stay inside the volume; only a volume smaller than the crop is padded
-    (with fill), so every crop has exactly `size`.
+    (with fill), so every crop has exactly `size`. With zoom != 1 its rows and columns sample the CT
+    `zoom` times finer than its pixels (zoomed_crops); start_irc is then that of the pixels read.
     """
+    if zoom != 1:
+        block, start = extract_crop(volume, center_irc, zoom_source_size(size, zoom), fill)
+        return zoomed_crops(block[None], size, zoom)[0], start
     start = crop_starts(volume.shape, center_irc, size)
     crop = np.array(volume[tuple(slice(s, s + n) for s, n in zip(start, size))])  # a copy: owns its memory
     if crop.shape != tuple(size):
@@ -541,14 +546,44 @@ def extract_crop(volume: np.ndarray, center_irc, size=CROP_SIZE, fill: int = HU_
     return crop, start
 
 
-def gather_crops(volume: np.ndarray, centers_irc, size=CROP_SIZE, fill: int = HU_MIN) -> np.ndarray:
+def gather_crops(volume: np.ndarray, centers_irc, size=CROP_SIZE, fill: int = HU_MIN, zoom: float = 1.0) -> np.ndarray:
     """(N, *size) crops, each exactly what extract_crop gives for its centre, taken at once from the
     volume's sliding-window view: whole blocks are copied, 4x faster than a voxel-by-voxel gather."""
+    if zoom != 1:
+        return zoomed_crops(gather_crops(volume, centers_irc, zoom_source_size(size, zoom), fill), size, zoom)
     short = [max(0, n - s) for n, s in zip(size, volume.shape)]
     if any(short):  # only a volume smaller than the crop: padded after its end, as extract_crop does
         volume = np.pad(volume, [(0, k) for k in short], constant_values=fill)
     starts = crop_starts(volume.shape, np.asarray(centers_irc, float).reshape(-1, 3), size)
     return np.lib.stride_tricks.sliding_window_view(volume, size)[starts[:, 0], starts[:, 1], starts[:, 2]]
+
+
+def zoom_source_size(size, zoom: float) -> tuple[int, int, int]:
+    """The native block a zoomed crop of `size` is interpolated from: all slices, and in-plane the
+    2 * ceil(half / zoom) + 1 pixels centred on the crop's centre pixel."""
+    return (int(size[0]), *(2 * math.ceil((n // 2) / zoom) + 1 for n in size[1:]))
+
+
+def zoomed_crops(blocks: np.ndarray, size, zoom: float) -> np.ndarray:
+    """(N, *size) float32 crops, linearly interpolated in-plane from (N, *zoom_source_size) blocks:
+    crop pixel j lies (j - n // 2) / zoom pixels from the block's centre pixel, as a native crop's pixel
+    j lies j - n // 2 from it. Slices are not resampled."""
+    rows = _interpolation_matrix(int(size[1]), blocks.shape[2], zoom)
+    cols = _interpolation_matrix(int(size[2]), blocks.shape[3], zoom)
+    return rows @ blocks.astype(np.float32) @ cols.T
+
+
+@functools.lru_cache(maxsize=8)
+def _interpolation_matrix(n: int, m: int, zoom: float) -> np.ndarray:
+    """(n, m) weights of linear interpolation from m native pixels to n pixels zoom times finer."""
+    position = (np.arange(n) - n // 2) / zoom + m // 2
+    low = np.floor(position).astype(np.int64)
+    frac = (position - low).astype(np.float32)
+    weights = np.zeros((n, m), np.float32)
+    weights[np.arange(n), low] = 1 - frac
+    upper = frac > 0
+    weights[np.arange(n)[upper], low[upper] + 1] += frac[upper]
+    return weights
 
 
 def slice_stack(volume: np.ndarray, index: int, context: int, rows: slice = slice(None),

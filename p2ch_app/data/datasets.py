@@ -37,20 +37,21 @@ def interleave(groups: list[np.ndarray], pattern: list[int], n: int, rng: np.ran
 
 
 class CropDataset(Dataset):
-    """Candidate crops cut from the cache: items are (int16 crop 1xDxHxW, label, row)."""
+    """Candidate crops cut from the cache: items are (crop 1xDxHxW, label, row); int16 HU, or float32
+    when zoomed (extract_crop)."""
 
     def __init__(self, cache_dir: Path, uids: np.ndarray, centers_xyz: np.ndarray, labels: np.ndarray,
-                 rows: np.ndarray, size=CROP_SIZE):
+                 rows: np.ndarray, size=CROP_SIZE, zoom: float = 1.0):
         self.cache = LunaCache(cache_dir)
         self.uids, self.centers, self.labels = uids, centers_xyz, labels
-        self.rows, self.size = np.asarray(rows), tuple(size)
+        self.rows, self.size, self.zoom = np.asarray(rows), tuple(size), zoom
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
-        crop, _ = self.cache.crop(self.uids[row], self.centers[row], self.size)
+        crop, _ = self.cache.crop(self.uids[row], self.centers[row], self.size, self.zoom)
         return torch.from_numpy(crop)[None], int(self.labels[row]), row
 
 

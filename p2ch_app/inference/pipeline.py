@@ -164,7 +164,8 @@ def _mean_over_views(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClass
                      batch_size: int, views, bar) -> np.ndarray:
     probs = np.zeros(len(centers_irc))
     for start in range(0, len(centers_irc), batch_size):
-        crops = gather_crops(hu, centers_irc[start:start + batch_size])
+        crops = gather_crops(hu, centers_irc[start:start + batch_size], model.config.crop_size,
+                             zoom=model.config.crop_zoom)
         x = torch.from_numpy(crops).to(device).float()[:, None]
         votes = []
         for dims in views:

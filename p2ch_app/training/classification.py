@@ -4,6 +4,7 @@ and, fine-tuned from it, malignant vs benign (luna-finetune-mal)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,7 @@ from p2ch_app.data.datasets import CropDataset, interleave
 from p2ch_app.data.index import BENIGN, MALIGNANT, LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.metrics import binary_metrics, roc_auc
-from p2ch_app.models import NoduleClassifier
+from p2ch_app.models import ClassifierConfig, NoduleClassifier
 from p2ch_app.training.augment import augment
 from p2ch_app.training.loop import Draws, Sampling, Task
 
@@ -26,6 +27,7 @@ from p2ch_app.training.loop import Draws, Sampling, Task
 class NoduleSettings:
     sampling: Sampling
     balance: int = 1  # negatives per positive in training batches; 0: the natural ratio
+    crop_zoom: float = 1.0  # ClassifierConfig.crop_zoom of the network trained
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,19 @@ class CandidateTask(Task):
     memory_format = torch.channels_last_3d
 
     def __init__(self, name: str, index: LunaIndex, labels: np.ndarray, sampling: Sampling, draws: Draws,
-                 make_model: Callable[[], nn.Module], best_metric: str = "f1",
+                 config: ClassifierConfig, make_model: Callable[[], nn.Module], best_metric: str = "f1",
                  label_names: tuple[str, str] = ("non-nodule", "nodule")):
+        """config is the architecture make_model builds: the crops follow its crop_size and crop_zoom."""
         self.name, self.index, self.labels, self.sampling, self.draws = name, index, labels, sampling, draws
-        self.make_model, self.best_metric, self.label_names = make_model, best_metric, label_names
+        self.config, self.make_model, self.best_metric, self.label_names = config, make_model, best_metric, label_names
         self._uids = index.uids()
 
     def model(self) -> nn.Module:
         return self.make_model()
 
     def _dataset(self, rows):
-        return CropDataset(self.sampling.cache_dir, self._uids, self.index.center_xyz, self.labels, rows)
+        return CropDataset(self.sampling.cache_dir, self._uids, self.index.center_xyz, self.labels, rows,
+                           self.config.crop_size, self.config.crop_zoom)
 
     def train_dataset(self, epoch: int):
         rng = np.random.default_rng([self.sampling.seed, epoch])
@@ -99,11 +103,13 @@ def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
     nodules) with the CSV's nodules, so however many were mined, each kind is half of its class."""
     is_val = index.is_validation(settings.sampling.val_stride)
     labels = index.is_nodule.astype(np.int64)
+    config = ClassifierConfig(crop_zoom=settings.crop_zoom)
     positives = np.flatnonzero(~is_val & (labels == 1) & ~index.mined)
     negatives = np.flatnonzero(~is_val & (labels == 0) & ~index.mined)
     if settings.balance == 0:
         return CandidateTask("luna-train-cls", index, labels, settings.sampling,
-                             Draws([np.flatnonzero(~is_val)], [0], np.flatnonzero(is_val)), NoduleClassifier)
+                             Draws([np.flatnonzero(~is_val)], [0], np.flatnonzero(is_val)), config,
+                             partial(NoduleClassifier, config))
     if len(positives) == 0 or len(negatives) == 0:
         raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
                         "add series or use --balance 0")
@@ -115,7 +121,8 @@ def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
     for turn in range(max(map(len, kinds))):  # 1 turn, or 2 when either class has mined rows
         pattern += [turn % len(kinds[0])] + [len(kinds[0]) + turn % len(kinds[1])] * settings.balance
     return CandidateTask("luna-train-cls", index, labels, settings.sampling,
-                         Draws(kinds[0] + kinds[1], pattern, np.flatnonzero(is_val)), NoduleClassifier)
+                         Draws(kinds[0] + kinds[1], pattern, np.flatnonzero(is_val)), config,
+                         partial(NoduleClassifier, config))
 
 
 class MalignancyTask(CandidateTask):
@@ -148,7 +155,7 @@ def malignancy_task(index: LunaIndex, settings: MalignancySettings) -> Malignanc
     source = load_model(settings.from_checkpoint, CLASSIFIER)
     state, config = source.state_dict(), source.config
     return MalignancyTask("luna-finetune-mal", index, malignant.astype(np.int64), settings.sampling,
-                          Draws(groups, [0, 1, 2], val_rows),
+                          Draws(groups, [0, 1, 2], val_rows), config,
                           lambda: fine_tunable(NoduleClassifier(config), state, settings.depth),
                           best_metric="auc", label_names=("benign", "malignant"))
 

@@ -404,15 +404,31 @@ def test_crop_starts_is_vectorised():
     assert starts.tolist() == [[4, 6, 11], [0, 0, 0], [8, 12, 22]]
 
 
-@pytest.mark.parametrize("shape", [(40, 60, 70), (12, 60, 40)])  # the second is smaller than a crop
-def test_gather_crops_equals_extract_crop_everywhere(shape):
+@pytest.mark.parametrize("zoom", [1, 2, 1.5])
+@pytest.mark.parametrize("shape", [(40, 60, 70), (12, 60, 40), (40, 20, 18)])  # smaller than a crop: 2nd, 3rd
+def test_gather_crops_equals_extract_crop_everywhere(shape, zoom):
     rng = np.random.default_rng(0)
     hu = rng.integers(-999, 1000, shape).astype(np.int16)
     centers = np.array([[20, 30, 35], [0.4, 0, 0], [39, 59, 69], [10.6, 50.2, 3.9]])
-    crops = gather_crops(hu, centers)
+    crops = gather_crops(hu, centers, zoom=zoom)
     assert crops.shape == (4, *CROP_SIZE)
     for crop, center in zip(crops, centers):
-        assert np.array_equal(crop, extract_crop(hu, center)[0])
+        assert np.array_equal(crop, extract_crop(hu, center, zoom=zoom)[0])
+
+
+def test_a_zoomed_crop_interpolates_in_plane_around_the_same_centre_pixel():
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-999, 1000, (40, 60, 70)).astype(np.int16)
+    crop, start = extract_crop(hu, (20.2, 30.4, 34.6), zoom=2)
+    native = hu.astype(np.float32)
+    assert crop.shape == CROP_SIZE and crop.dtype == np.float32 and start.tolist() == [4, 18, 23]
+    assert np.array_equal(crop[:, 24::2, 24::2], native[4:36, 30:42, 35:47])  # every second pixel: the CT's own
+    assert np.array_equal(crop[:, 0::2, 0::2], native[4:36, 18:42, 23:47])
+    between = (native[4:36, 30:42, 35:47] + native[4:36, 31:43, 35:47]) / 2
+    assert np.allclose(crop[:, 25::2, 24::2], between[:, :11 + 1])  # halfway between rows: their mean
+    wide = rng.integers(-999, 1000, (40, 120, 120)).astype(np.int16)
+    coarse = extract_crop(wide, (20, 60, 60), zoom=0.5)[0]  # coarser than the CT: every second pixel
+    assert np.array_equal(coarse[:, 24, :], wide[4:36, 60, 12:108:2].astype(np.float32))
 
 
 def test_context_slices_repeat_the_edge_slices():

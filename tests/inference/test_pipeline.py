@@ -9,7 +9,7 @@ from torch import nn
 
 from p2ch_app.data.ct import slice_stack
 from p2ch_app.inference.pipeline import AnalysisSettings, group, segment
-from p2ch_app.models import SegmenterConfig
+from p2ch_app.models import ClassifierConfig, SegmenterConfig
 from tests.conftest import BOOK_MODELS, requires_shared
 
 
@@ -92,13 +92,17 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
 class CentreVoxelClassifier(nn.Module):
     """Stands in for the CNN: nodule probability rises with the density at the crop centre."""
 
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.config = config  # the crops' size and zoom, as a real classifier's
+
     def forward(self, x):
         centre = x[:, 0, 16, 24, 24]
         logits = torch.stack([torch.zeros_like(centre), centre / 100], dim=1)
         return logits, logits.softmax(dim=1)
 
 
-class OffCentreVoxelClassifier(nn.Module):
+class OffCentreVoxelClassifier(CentreVoxelClassifier):
     """Nodule probability from the density of one voxel off the crop's centre (row 20, col 30), which
     each mirror image moves elsewhere."""
 
@@ -123,6 +127,18 @@ def test_classify_with_tta_averages_the_four_in_plane_mirror_images():
     assert plain[0] == pytest.approx(sigmoid(6.0))
     # left-right, front-back and both move the spot away: three of the four views see air
     assert mirrored[0] == pytest.approx((sigmoid(6.0) + 3 * sigmoid(-10.0)) / 4)
+
+
+def test_classify_crops_as_the_model_was_trained_zoomed_or_not():
+    from p2ch_app.inference.pipeline import classify
+
+    hu = np.full((40, 60, 60), -1000, np.int16)
+    hu[20, 28, 33] = 600  # at zoom 2, crop pixel (20, 30) lies (20 - 24) / 2 rows and (30 - 24) / 2 cols off centre
+    centre, cpu = np.array([[20.0, 30.0, 30.0]]), torch.device("cpu")
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    zoomed = classify(hu, centre, OffCentreVoxelClassifier(ClassifierConfig(crop_zoom=2)), cpu)
+    assert zoomed[0] == pytest.approx(sigmoid(6.0))
+    assert classify(hu, centre, OffCentreVoxelClassifier(), cpu)[0] == pytest.approx(sigmoid(-10.0))
 
 
 def test_classify_mirrors_only_the_candidates_from_the_tta_floor():

@@ -6,6 +6,7 @@ import torch
 
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.cli import finetune_mal, train_cls
+from p2ch_app.data.cache import LunaCache, default_cache_dir
 from p2ch_app.data.datasets import interleave
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
@@ -56,6 +57,25 @@ def test_finetune_malignancy_from_our_classifier(cls_run, prepared_synth, tmp_pa
     for trained in ("block4.conv1.weight", "head_linear.weight"):
         assert not torch.equal(before[trained], after[trained]), trained
     assert "val/diameter_auc" in tensorboard_tags(run_dir)["scalars"]
+
+
+def test_crop_zoom_is_trained_saved_and_kept_by_the_malignancy_model(prepared_synth, tmp_path):
+    cache_dir = default_cache_dir(prepared_synth)
+    settings = NoduleSettings(Sampling(cache_dir, val_stride=3, epoch_samples=8), crop_zoom=2)
+    task = nodule_task(build_index(prepared_synth), settings)
+    crop, _, row = task.val_dataset()[0]
+    zoomed, _ = LunaCache(cache_dir).crop(task.index.uids()[row], task.index.center_xyz[row], zoom=2)
+    assert crop.dtype == torch.float32 and np.array_equal(crop[0].numpy(), zoomed)
+    assert task.model().config.crop_zoom == 2
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--crop-zoom", 2])
+    assert result.exit_code == 0, result.output
+    source = only_run_dir(tmp_path, "luna-train-cls") / "best.pt"
+    assert load_checkpoint(source)["model_config"]["crop_zoom"] == 2
+    result = run(finetune_mal, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                                "--from", source])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(only_run_dir(tmp_path, "luna-finetune-mal") / "best.pt")["model_config"]["crop_zoom"] == 2
 
 
 def test_fine_tunable_depth_and_fresh_head():
