@@ -10,7 +10,9 @@ candidate (CPM 0.59); one run fine-tuned from the book's left 2 to 6, by trainin
 network is then trained twice, with seeds N and N + 1000, and the two runs' weights are averaged
 (luna-average): the averaged U-Nets left 1 to 3 (docs/experiments.md). The classifier also learns
 from the U-Net's own candidates away from the nodules (--mine-with): diaphragm domes and heart
-borders, which candidates.csv lacks, were its most confident false positives.
+borders, which candidates.csv lacks, were its most confident false positives. The demo's CTs have
+~1.3 mm pixels, twice LUNA16's, so the classifier's crops are zoomed 2x in-plane (crop_zoom in
+configs/demo.toml): the book's classifier then sees nodules at the size it learnt them.
 
 `make demo SEED=N` trains all three models with training seed N (the dataset stays the same):
 results vary a little with the seed, and with the CPU, whose float kernels differ.
