@@ -41,13 +41,14 @@ class CandidateTask(Task):
     """Classify candidate crops: nodule vs non-nodule, or malignant vs benign."""
 
     memory_format = torch.channels_last_3d
+    best_metric = "f1"
+    label_names = ("non-nodule", "nodule")
 
     def __init__(self, name: str, index: LunaIndex, labels: np.ndarray, sampling: Sampling, draws: Draws,
-                 config: ClassifierConfig, make_model: Callable[[], nn.Module], best_metric: str = "f1",
-                 label_names: tuple[str, str] = ("non-nodule", "nodule")):
+                 config: ClassifierConfig, make_model: Callable[[], nn.Module]):
         """config is the architecture make_model builds: the crops follow its crop_size and crop_zoom."""
         self.name, self.index, self.labels, self.sampling, self.draws = name, index, labels, sampling, draws
-        self.config, self.make_model, self.best_metric, self.label_names = config, make_model, best_metric, label_names
+        self.config, self.make_model = config, make_model
         self._uids = index.uids()
 
     def model(self) -> nn.Module:
@@ -129,6 +130,8 @@ class MalignancyTask(CandidateTask):
     """Benign vs malignant, fine-tuned; also reports the diameter-only baseline AUC."""
 
     summary_metrics = ("loss", "auc", "diameter_auc", "f1")
+    best_metric = "auc"
+    label_names = ("benign", "malignant")
 
     def summarize(self, record):
         metrics = super().summarize(record)
@@ -156,8 +159,7 @@ def malignancy_task(index: LunaIndex, settings: MalignancySettings) -> Malignanc
     state, config = source.state_dict(), source.config
     return MalignancyTask("luna-finetune-mal", index, malignant.astype(np.int64), settings.sampling,
                           Draws(groups, [0, 1, 2], val_rows), config,
-                          lambda: fine_tunable(NoduleClassifier(config), state, settings.depth),
-                          best_metric="auc", label_names=("benign", "malignant"))
+                          lambda: fine_tunable(NoduleClassifier(config), state, settings.depth))
 
 
 def fine_tunable(model: NoduleClassifier, state: dict, depth: int) -> NoduleClassifier:
