@@ -41,7 +41,6 @@ class CandidateTask(Task):
     """Classify candidate crops: nodule vs non-nodule, or malignant vs benign."""
 
     memory_format = torch.channels_last_3d
-    best_metric = "f1"
     label_names = ("non-nodule", "nodule")
 
     def __init__(self, name: str, index: LunaIndex, labels: np.ndarray, sampling: Sampling, draws: Draws,
