@@ -400,7 +400,9 @@ def _classify_floor(models, hu: np.ndarray, centers: np.ndarray, batch_size: int
 
     from p2ch_app.data.ct import gather_crops
 
-    batches = [torch.from_numpy(gather_crops(hu, centers[i:i + batch_size])).float()[:, None]
+    config = models.classifier.config  # cut as the classify stage cuts them: the model's size and zoom
+    batches = [torch.from_numpy(gather_crops(hu, centers[i:i + batch_size], config.crop_size,
+                                             zoom=config.crop_zoom)).float()[:, None]
                .contiguous(memory_format=torch.channels_last_3d) for i in range(0, len(centers), batch_size)]
     return _network_alone(models.classifier, batches)
 
