@@ -103,13 +103,19 @@ def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
     nodules) with the CSV's nodules, so however many were mined, each kind is half of its class."""
     is_val = index.is_validation(settings.sampling.val_stride)
     labels = index.is_nodule.astype(np.int64)
+    if settings.balance == 0:
+        draws = Draws([np.flatnonzero(~is_val)], [0], np.flatnonzero(is_val))
+    else:
+        draws = _balanced_draws(index, is_val, labels, settings.balance)
     config = ClassifierConfig(crop_zoom=settings.crop_zoom)
+    return CandidateTask("luna-train-cls", index, labels, settings.sampling, draws, config,
+                         partial(NoduleClassifier, config))
+
+
+def _balanced_draws(index: LunaIndex, is_val: np.ndarray, labels: np.ndarray, balance: int) -> Draws:
+    """Training draws of one positive, then `balance` negatives, with mined and CSV rows taking turns."""
     positives = np.flatnonzero(~is_val & (labels == 1) & ~index.mined)
     negatives = np.flatnonzero(~is_val & (labels == 0) & ~index.mined)
-    if settings.balance == 0:
-        return CandidateTask("luna-train-cls", index, labels, settings.sampling,
-                             Draws([np.flatnonzero(~is_val)], [0], np.flatnonzero(is_val)), config,
-                             partial(NoduleClassifier, config))
     if len(positives) == 0 or len(negatives) == 0:
         raise UserError("the training series hold no nodules or no non-nodules, so --balance cannot pair them; "
                         "add series or use --balance 0")
@@ -119,10 +125,8 @@ def nodule_task(index: LunaIndex, settings: NoduleSettings) -> CandidateTask:
              [rows for rows in (negatives, mined_negatives) if len(rows)]]
     pattern = []
     for turn in range(max(map(len, kinds))):  # 1 turn, or 2 when either class has mined rows
-        pattern += [turn % len(kinds[0])] + [len(kinds[0]) + turn % len(kinds[1])] * settings.balance
-    return CandidateTask("luna-train-cls", index, labels, settings.sampling,
-                         Draws(kinds[0] + kinds[1], pattern, np.flatnonzero(is_val)), config,
-                         partial(NoduleClassifier, config))
+        pattern += [turn % len(kinds[0])] + [len(kinds[0]) + turn % len(kinds[1])] * balance
+    return Draws(kinds[0] + kinds[1], pattern, np.flatnonzero(is_val))
 
 
 class MalignancyTask(CandidateTask):
