@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +51,9 @@ SYNTH_GEOMETRY = SynthGeometry(512, (0.6, 0.8), (5.0, 5.0))  # full-size slices,
 INPUT_NAMES = {SEGMENTER: "stack", CLASSIFIER: "crops"}
 OUTPUT_NAMES = {SEGMENTER: ["probability"], CLASSIFIER: ["logits", "probability"]}
 Runner = Callable[[np.ndarray], "list[np.ndarray]"]
+# the network's config as JSON inside the file (ONNX metadata, TorchScript extra file): how its inputs are
+# cut (a classifier's crop size and zoom, a U-Net's context slices) travels with the weights
+CONFIG_KEY = "p2ch_app.model_config"
 
 
 @dataclass(frozen=True)
@@ -172,14 +176,33 @@ def eager_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
     return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
+def config_json(model: torch.nn.Module) -> str:
+    """What an exported file says of its network: class name and architecture, as in our checkpoints."""
+    return json.dumps({"model_name": type(model).__name__, **asdict(model.config)})
+
+
+def read_config(path: Path, fmt: str) -> dict:
+    """The config an exported file carries (config_json); {} for a file without one."""
+    if fmt == "torchscript":
+        files = {CONFIG_KEY: ""}
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+        text = files[CONFIG_KEY]
+    else:
+        import onnx
+
+        text = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}.get(CONFIG_KEY)
+    return json.loads(text) if text else {}
+
+
 def save_torchscript(model: torch.nn.Module, path: Path) -> None:
     with warnings.catch_warnings():  # torch 2.13 calls TorchScript deprecated; it is the format LibTorch loads
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
-        torch.jit.script(model).save(str(path))
+        torch.jit.script(model).save(str(path), _extra_files={CONFIG_KEY: config_json(model)})
 
 
 def save_onnx(model: torch.nn.Module, kind: str, path: Path) -> None:
-    """One self-contained .onnx file (weights inside), batch dynamic, and the U-Net's height and width."""
+    """One self-contained .onnx file (weights inside), batch dynamic, and the U-Net's height and width; its
+    config in the model's metadata."""
     from torch.export import Dim
 
     if kind == SEGMENTER:  # batch 2: torch.export would take a size-1 dimension for a constant
@@ -193,11 +216,12 @@ def save_onnx(model: torch.nn.Module, kind: str, path: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own internals, nothing the user can change
-            torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False, verbose=False,
-                              dynamic_shapes={"x": dims}, input_names=[INPUT_NAMES[kind]],
-                              output_names=OUTPUT_NAMES[kind])
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes={"x": dims},
+                                        input_names=[INPUT_NAMES[kind]], output_names=OUTPUT_NAMES[kind])
     finally:
         registration.setLevel(level)
+    program.model.metadata_props[CONFIG_KEY] = config_json(model)
+    program.save(str(path), external_data=False)
 
 
 def load_export(path: Path, fmt: str, threads: int | None = None) -> Runner:

@@ -2,6 +2,7 @@
 verified against them on CT crops before they are written; the ONNX extra optional."""
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, model_entries, model_kin
 from p2ch_app.cli import export
 from p2ch_app.errors import UserError
 from p2ch_app.export import (
+    CONFIG_KEY,
     VerifyPlan,
     crop_samples,
     eager_outputs,
     export_checkpoint,
     load_export,
+    read_config,
     require_onnx,
     stack_samples,
 )
@@ -68,6 +71,7 @@ def test_torchscript_unet_matches_eager_at_every_size(tmp_path, small_ct, name):
     out = tmp_path / "seg.pt"
     report = export_checkpoint(saved(tmp_path, model), "torchscript", out, small_ct, SMALL_PLAN)
     assert report.kind == SEGMENTER and [c.diff for c in report.checks] == [0.0, 0.0, 0.0]
+    assert read_config(out, "torchscript")["context"] == model.config.context
     assert [c.name.split(" (")[0] for c in report.checks] == [
         f"stack 1x{model.config.in_channels}x64x64", f"stack 3x{model.config.in_channels}x48x40",
         f"stack 2x{model.config.in_channels}x37x45"]
@@ -103,6 +107,9 @@ def test_torchscript_classifier_from_bare_weights(tmp_path, small_ct):
     assert max(c.diff for c in report.checks) == 0.0
     logits, probs = torch.jit.load(str(tmp_path / "cls.pt"))(torch.zeros(2, 1, 32, 48, 48))
     assert logits.shape == probs.shape == (2, 2)
+    assert read_config(tmp_path / "cls.pt", "torchscript") == {"model_name": "NoduleClassifier", "width": 8,
+                                                              "crop_size": [32, 48, 48], "classes": 2,
+                                                              "crop_zoom": 1.0}
 
 
 def test_the_kind_of_a_checkpoint(tmp_path):
@@ -193,6 +200,7 @@ def test_onnx_unet_takes_any_batch_and_slice_size(tmp_path, small_ct):
     graph = onnx.load(str(out)).graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 7, "height", "width"] and graph.input[0].name == "stack"
+    assert read_config(out, "onnx")["pooling"] == "max"
     run_export = load_export(out, "onnx")
     for batch, rows, cols in ODD_SIZES:
         x = np.random.default_rng(cols).normal(-500, 400, (batch, 7, rows, cols)).astype(np.float32)
@@ -201,12 +209,18 @@ def test_onnx_unet_takes_any_batch_and_slice_size(tmp_path, small_ct):
 
 
 @requires_onnx
-def test_onnx_classifier_takes_any_batch(tmp_path, small_ct):
+def test_onnx_classifier_takes_any_batch_and_carries_its_config(tmp_path, small_ct):
     import onnx
+    import onnxruntime
 
-    model = NoduleClassifier(ClassifierConfig(width=4, crop_size=(16, 32, 32))).eval()
+    model = NoduleClassifier(ClassifierConfig(width=4, crop_size=(16, 32, 32), crop_zoom=2)).eval()
     out = tmp_path / "cls.onnx"
     report = export_checkpoint(saved(tmp_path, model), "onnx", out, small_ct, SMALL_PLAN)
+    # how its crops are cut travels in the file, where ONNX Runtime reads it too
+    assert read_config(out, "onnx") == {"model_name": "NoduleClassifier", "width": 4, "crop_size": [16, 32, 32],
+                                        "classes": 2, "crop_zoom": 2}
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map[CONFIG_KEY])["crop_zoom"] == 2
     assert [c.name.split(" (")[0] for c in report.checks] == ["crops 1x1x16x32x32", "crops 5x1x16x32x32"]
     assert all(c.diff <= 1e-5 and c.eager_error is None for c in report.checks)
     model_proto = onnx.load(str(out))
