@@ -10,6 +10,9 @@ against the eager model before the file gets its name.
   exported (models._exporting), so the graph pads every size. It needs onnxscript, and the
   verification needs onnxruntime: both come with the `export` extra.
 
+The file carries its network's config (CONFIG_KEY: ONNX metadata, a TorchScript extra file), so a
+classifier's crop size and zoom travel with its weights.
+
 Every export is checked before it is written: the saved file is loaded back into its own runtime and
 run beside the eager model on crops of a CT. The U-Net gets 7-slice stacks at several batch sizes and
 slice sizes, one of them odd, so the padding path runs. The classifier gets batches of candidate-sized
