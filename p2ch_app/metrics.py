@@ -73,9 +73,14 @@ def distances(points_xyz, centers_xyz) -> np.ndarray:
     return np.linalg.norm(points[:, None, :] - centers[None, :, :], axis=2)
 
 
-def within_radius(points_xyz, centers_xyz, diameters_mm) -> np.ndarray:
-    """(P, C): point p lies strictly within finding c's radius, the LUNA16 rule that both the scoring and
-    the classifier's mined hits follow (a negative diameter, "no size given", counts as UNSIZED_DIAMETER_MM)."""
+def hit_radii(diameters_mm) -> np.ndarray:
+    """(C,): the radius within which a point hits each finding, by the LUNA16 rule (a negative diameter,
+    "no size given", counts as UNSIZED_DIAMETER_MM)."""
     diameters = np.asarray(diameters_mm, float)
-    radii = np.where(diameters < 0, UNSIZED_DIAMETER_MM, diameters) / 2
-    return distances(points_xyz, centers_xyz) < radii[None, :]
+    return np.where(diameters < 0, UNSIZED_DIAMETER_MM, diameters) / 2
+
+
+def within_radius(points_xyz, centers_xyz, diameters_mm) -> np.ndarray:
+    """(P, C): point p lies strictly within finding c's radius (hit_radii), the LUNA16 rule that both the
+    scoring and the classifier's mined hits follow."""
+    return distances(points_xyz, centers_xyz) < hit_radii(diameters_mm)[None, :]

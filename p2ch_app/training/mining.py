@@ -18,7 +18,7 @@ from p2ch_app.data.index import LunaIndex
 from p2ch_app.files import write_atomic
 from p2ch_app.inference.pipeline import load_segmenter, propose
 from p2ch_app.inference.runtime import keep_freed_memory
-from p2ch_app.metrics import distances, within_radius
+from p2ch_app.metrics import distances, hit_radii
 from p2ch_app.models import NoduleSegmenter
 
 MINED_CLEARANCE_MM = 6.0  # a mined look-alike lies at least this far from any nodule's centre
@@ -38,8 +38,9 @@ def mine_candidates(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
         xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
         mine = (index.series_code == code) & index.is_nodule
         clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
-        hit = within_radius(xyz, index.center_xyz[mine], index.diameter_mm[mine]).any(axis=1)
-        keep = hit | np.all(distances(xyz, index.center_xyz[mine]) > clearance, axis=1)
+        distance = distances(xyz, index.center_xyz[mine])  # (candidates, nodules), for both rules
+        hit = np.any(distance < hit_radii(index.diameter_mm[mine]), axis=1)
+        keep = hit | np.all(distance > clearance, axis=1)
         codes.append(np.full(int(keep.sum()), code, np.int32))
         found.append(xyz[keep])
         hits.append(hit[keep])
