@@ -21,16 +21,21 @@ from p2ch_app.files import check_writable
               help="Range of in-plane spacing in mm (overrides --size).")
 @click.option("--slice-mm", type=(float, float), default=None, metavar="MIN MAX",
               help="Range of slice spacing in mm (overrides --size).")
+@click.option("--nodules", type=click.IntRange(1, 12), default=None, metavar="N",
+              help="N nodules in every series (as many as fit 10 mm apart), for a nodule-rich set such as "
+                   "luna-finetune-mal's. [default: 0-4 per series, as in LUNA16]")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
               help="Processes generating series in parallel (the output does not depend on it).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --data-root.")
 def synth(**opts):
     """Write a synthetic chest-CT dataset in the exact LUNA16 layout."""
-    from p2ch_app.data.synth import geometry_for, write_dataset
+    from p2ch_app.data.synth import NODULE_COUNTS, geometry_for, write_dataset
 
     geometry = geometry_for(opts["size"], opts["matrix"], opts["inplane_mm"], opts["slice_mm"])
+    counts = NODULE_COUNTS if opts["nodules"] is None else (opts["nodules"],)
     written = write_dataset(opts["data_root"], series=opts["series"], subsets=opts["subsets"], seed=opts["seed"],
-                            geometry=geometry, overwrite=opts["overwrite"], workers=opts["workers"])
+                            geometry=geometry, overwrite=opts["overwrite"], workers=opts["workers"],
+                            nodule_counts=counts)
     click.echo(f"wrote {len(written)} synthetic series to {opts['data_root']}")
 
 

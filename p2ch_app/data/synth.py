@@ -37,6 +37,18 @@ NODULE_FLOOR_MM, NODULE_LOG_EXCESS = 3.0, (1.33, 0.82)
 EXCLUDED_TAG = 0x65786331  # "exc1"
 EXCLUDED_DIAMETER_MM = (2.0, 2.9)
 EXCLUDED_CLEARANCE_MM = 8.0  # free space between a blob and any nodule's reach, look-alike or other blob
+# Nodule morphology: ground glass from 5 mm on (smaller GGNs go unannotated); irregular shapes more often
+# in larger nodules.
+GROUND_GLASS_SHARE, GROUND_GLASS_MIN_MM = 0.25, 5.0
+NODULE_COUNTS = (0, 1, 1, 2, 2, 2, 3, 3, 4)  # nodules per series, drawn from these with equal odds
+SHAPES = ("round", "lobulated", "spiculated")
+# Malignancy as LUNA16 annotates it (docs/experiments.md, "Synthetic malignancy"). The malignant share at
+# a diameter is floor + (ceiling - floor) * sigmoid((d - midpoint) / width), fitted on this generator's
+# own diameters to LUNA16's shares by size (4.4% under 6 mm, 16.4% at 6-8, 68.8% at 8-15, 94.4% from
+# 15 mm) and to its diameter-only AUC (0.919). Morphology then moves the odds as it moves radiologists'
+# ratings, and the baseline at each diameter is solved so the mix of morphologies keeps that share.
+MALIGNANT_SHARE = {"floor": 0.0125, "ceiling": 0.945, "midpoint_mm": 8.79, "width_mm": 1.08}
+MORPHOLOGY_LOG_ODDS = {"round": 0.0, "lobulated": 2.0, "spiculated": 4.0, "solid": 0.0, "ground-glass": -3.0}
 
 
 @dataclass(frozen=True)
@@ -212,8 +224,9 @@ class _Canvas:
         self.blend(region, alpha, value, lung_only)
 
 
-def make_series(seed: int, geometry: SynthGeometry) -> SynthSeries:
-    """One synthetic chest CT with its nodules and candidate list, fully determined by seed."""
+def make_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ...] = NODULE_COUNTS) -> SynthSeries:
+    """One synthetic chest CT with its nodules and candidate list, fully determined by seed. Its number
+    of nodules is drawn from nodule_counts (placement permitting: each keeps 10 mm from the others)."""
     rng = np.random.default_rng(seed)
     uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
     inplane = rng.uniform(*geometry.inplane_mm)
@@ -233,7 +246,7 @@ def make_series(seed: int, geometry: SynthGeometry) -> SynthSeries:
         canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 + 1.5, seg.r1 + 1.5), HU_SOFT, outside_lung=True)
         canvas.capsule(seg, HU_AIR)
     vessels = _vessel_trees(chest, rng)
-    nodules, nodule_shapes = _place_nodules(chest, vessels, rng)
+    nodules, nodule_shapes = _place_nodules(chest, vessels, rng, nodule_counts)
     for nodule, shape in zip(nodules, nodule_shapes):
         if nodule.kind == "ground-glass":  # vessels run through ground glass
             _paint_nodule(canvas, nodule, shape, rng)
@@ -455,15 +468,11 @@ def _wall_point(chest: _Chest, rng) -> tuple[np.ndarray, np.ndarray]:
             return steps[int(np.argmax(outside))] - 0.5 * d, -d
 
 
-def _place_nodules(chest: _Chest, vessels: list[_Segment], rng):
+def _place_nodules(chest: _Chest, vessels: list[_Segment], rng, counts: tuple[int, ...] = NODULE_COUNTS):
     nodules, shapes = [], []
-    for _ in range(int(rng.choice([0, 1, 1, 2, 2, 2, 3, 3, 4]))):
-        diameter = float(min(NODULE_FLOOR_MM + rng.lognormal(*NODULE_LOG_EXCESS), 30.0))
+    for _ in range(int(rng.choice(counts))):
+        diameter, kind, shape = draw_morphology(rng)
         radius = diameter / 2
-        draw = rng.random()  # drawn always, so the size rule does not shift later draws
-        kind = "ground-glass" if diameter >= 5 and draw < 0.25 else "solid"  # small GGNs go unannotated
-        shape = str(rng.choice(["round", "lobulated", "spiculated"],
-                               p=[0.5, 0.3, 0.2] if diameter < 10 else [0.25, 0.4, 0.35]))
         attached = str(rng.choice(["isolated", "pleural", "vascular"], p=[0.5, 0.25, 0.25]))
         for _attempt in range(200):
             if attached == "pleural":
@@ -485,13 +494,54 @@ def _place_nodules(chest: _Chest, vessels: list[_Segment], rng):
                 break
         else:
             continue
-        irregular = {"round": 0.0, "lobulated": 0.6, "spiculated": 1.6}[shape]
-        logit = -1.6 + 0.16 * (diameter - 7) + irregular + (0.4 if kind == "solid" else -0.5) + rng.normal(0, 0.8)
-        malignant = bool(rng.random() < 1 / (1 + np.exp(-logit)))
+        malignant = draw_malignant(rng, diameter, kind, shape)
         nodules.append(SynthNodule(tuple(float(c) for c in center), round(diameter, 3), kind, shape, attached,
                                    malignant))
         shapes.append(_nodule_shape(rng, radius, shape))
     return nodules, shapes
+
+
+def draw_morphology(rng) -> tuple[float, str, str]:
+    """A nodule's diameter (mm), kind and shape, drawn as luna-synth draws them."""
+    diameter = float(min(NODULE_FLOOR_MM + rng.lognormal(*NODULE_LOG_EXCESS), 30.0))
+    draw = rng.random()  # drawn always, so the size rule does not shift later draws
+    kind = "ground-glass" if diameter >= GROUND_GLASS_MIN_MM and draw < GROUND_GLASS_SHARE else "solid"
+    shape = str(rng.choice(SHAPES, p=_shape_odds(diameter)))
+    return diameter, kind, shape
+
+
+def _shape_odds(diameter: float) -> list[float]:
+    return [0.5, 0.3, 0.2] if diameter < 10 else [0.25, 0.4, 0.35]
+
+
+def malignant_share(diameter: float) -> float:
+    """LUNA16's malignant share among nodules of this diameter (the fitted curve above)."""
+    m = MALIGNANT_SHARE
+    rise = 1 / (1 + np.exp(-(diameter - m["midpoint_mm"]) / m["width_mm"]))
+    return float(m["floor"] + (m["ceiling"] - m["floor"]) * rise)
+
+
+def malignancy_probability(diameter: float, kind: str, shape: str) -> float:
+    """P(malignant) of one nodule: the baseline log-odds at its diameter plus its morphology's. The
+    baseline is the root, by bisection, of mean over the morphology mix at that diameter = the share."""
+    ggn = GROUND_GLASS_SHARE if diameter >= GROUND_GLASS_MIN_MM else 0.0
+    mix = [(k_share * s_share, MORPHOLOGY_LOG_ODDS[k] + MORPHOLOGY_LOG_ODDS[s])
+           for k, k_share in (("solid", 1 - ggn), ("ground-glass", ggn))
+           for s, s_share in zip(SHAPES, _shape_odds(diameter))]
+    weights, offsets = np.array(mix).T
+    share, low, high = malignant_share(diameter), -20.0, 20.0
+    for _ in range(60):
+        base = (low + high) / 2
+        low, high = (base, high) if weights @ (1 / (1 + np.exp(-(base + offsets)))) < share else (low, base)
+    logit = (low + high) / 2 + MORPHOLOGY_LOG_ODDS[kind] + MORPHOLOGY_LOG_ODDS[shape]
+    return float(1 / (1 + np.exp(-logit)))
+
+
+def draw_malignant(rng, diameter: float, kind: str, shape: str) -> bool:
+    """Whether this nodule is malignant. The normal draw no longer enters the label (it was label noise
+    until 2026-12-06) but is still taken, so every dataset's images stay as they were, byte for byte."""
+    rng.normal()
+    return bool(rng.random() < malignancy_probability(diameter, kind, shape))
 
 
 def _paint_nodule(canvas: _Canvas, nodule: SynthNodule, shape, rng) -> None:
@@ -611,9 +661,10 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
 
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                   geometry: SynthGeometry = PRESETS["demo"], overwrite: bool = False,
-                  progress: bool = True, workers: int = 1) -> list[tuple[str, Path]]:
+                  progress: bool = True, workers: int = 1,
+                  nodule_counts: tuple[int, ...] = NODULE_COUNTS) -> list[tuple[str, Path]]:
     """Write `series` synthetic CTs and the LUNA16 CSVs under root (candidates, annotations, malignancy,
-    excluded findings); returns (uid, .mhd path) pairs.
+    excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series.
 
     Volumes are generated and written one at a time (by `workers` processes; the bytes do not depend
     on their number). The CSVs are written last, each through a temporary file, so an interrupted run
@@ -626,7 +677,7 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                         "or choose another --data-root")
     root.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(series)
-    jobs = [(root / f"subset{i % subsets}", seeds[i], geometry) for i in range(series)]
+    jobs = [(root / f"subset{i % subsets}", seeds[i], geometry, nodule_counts) for i in range(series)]
     cand, ann, mal, excluded, written = [], [], [], [], []
     with contextlib.ExitStack() as stack:
         if workers > 1:
@@ -651,8 +702,8 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
 
 def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     """Generate one series, write its .mhd/.raw into folder, return its CSV rows."""
-    folder, seeds, geometry = job
-    s = make_series(int(seeds.generate_state(1)[0]), geometry)
+    folder, seeds, geometry, nodule_counts = job
+    s = make_series(int(seeds.generate_state(1)[0]), geometry, nodule_counts)
     path = folder / f"{s.uid}.mhd"
     folder.mkdir(exist_ok=True)
     image = s.geometry.apply_to(sitk.GetImageFromArray(s.hu))

@@ -18,6 +18,7 @@ from p2ch_app.data.synth import (
     write_dataset,
 )
 from p2ch_app.errors import UserError
+from p2ch_app.metrics import roc_auc
 from tests.conftest import small_geometry, snapshot
 
 SMALL = small_geometry()
@@ -180,13 +181,55 @@ def test_nodule_mix_over_many_series():
     assert {n.shape for n in nodules} == {"round", "lobulated", "spiculated"}
     assert {n.attached for n in nodules} == {"isolated", "pleural", "vascular"}
     assert {n.kind for n in nodules} == {"solid", "ground-glass"}
-    malignant = np.array([n.malignant for n in nodules])
-    assert 0.15 < malignant.mean() < 0.6
-    big = diameters > np.median(diameters)
-    assert malignant[big].mean() > malignant[~big].mean()  # correlated with size, not decided by it
-    assert malignant[big].mean() < 1 and malignant[~big].mean() > 0
-    spiculated = np.array([n.shape == "spiculated" for n in nodules])
-    assert malignant[spiculated].mean() > malignant[~spiculated].mean()
+
+
+# LUNA16's annotations_with_malignancy.csv (1,182 nodules): malignant share by size band, diameter-only AUC
+LUNA16_MALIGNANT_SHARE = {(0, 6): 0.044, (6, 8): 0.164, (8, 15): 0.688, (15, 99): 0.944}
+LUNA16_DIAMETER_AUC = 0.919
+
+
+def draw_labelled(n: int, seed: int):
+    """n nodules' morphology and malignancy as luna-synth draws them, without rendering a CT."""
+    rng = np.random.default_rng(seed)
+    nodules = [p2ch_app.data.synth.draw_morphology(rng) for _ in range(n)]
+    labels = [p2ch_app.data.synth.draw_malignant(rng, *nodule) for nodule in nodules]
+    return nodules, np.array(labels)
+
+
+def test_malignancy_follows_luna16_by_size_and_morphology_moves_it():
+    nodules, malignant = draw_labelled(4000, seed=3)
+    diameters = np.array([d for d, _, _ in nodules])
+    for (low, high), share in LUNA16_MALIGNANT_SHARE.items():
+        band = (diameters >= low) & (diameters < high)
+        assert abs(malignant[band].mean() - share) <= 0.05, (low, high, malignant[band].mean())
+    assert roc_auc(malignant, diameters) == pytest.approx(LUNA16_DIAMETER_AUC, abs=0.02)
+    # within a band, spiculated and lobulated nodules are malignant more often, ground glass less
+    band = (diameters >= 6) & (diameters < 15)
+    shape = np.array([s for _, _, s in nodules])
+    kind = np.array([k for _, k, _ in nodules])
+    for more, less in (("spiculated", "round"), ("lobulated", "round")):
+        assert malignant[band & (shape == more)].mean() > malignant[band & (shape == less)].mean() + 0.15
+    assert malignant[band & (kind == "ground-glass")].mean() < malignant[band & (kind == "solid")].mean() - 0.15
+    # so a reader of the generator's own variables beats diameter alone (docs: the oracle AUC)
+    oracle = [p2ch_app.data.synth.malignancy_probability(*nodule) for nodule in nodules]
+    assert roc_auc(malignant, oracle) > roc_auc(malignant, diameters) + 0.03
+
+
+def test_malignancy_probability_keeps_the_share_at_each_diameter():
+    for diameter in (4.0, 7.0, 9.0, 12.0, 20.0):
+        odds = p2ch_app.data.synth._shape_odds(diameter)
+        ggn = 0.25 if diameter >= 5 else 0.0
+        mean = sum(k_share * s_share * p2ch_app.data.synth.malignancy_probability(diameter, kind, shape)
+                   for kind, k_share in (("solid", 1 - ggn), ("ground-glass", ggn))
+                   for shape, s_share in zip(p2ch_app.data.synth.SHAPES, odds))
+        assert mean == pytest.approx(p2ch_app.data.synth.malignant_share(diameter), abs=1e-6)
+
+
+def test_nodules_option_fills_each_series():
+    chest_rng = np.random.default_rng(4)
+    chest = _sample_chest(chest_rng, 340.0)
+    nodules, _ = _place_nodules(chest, _vessel_trees(chest, chest_rng), chest_rng, (6,))
+    assert len(nodules) == 6
 
 
 def test_refuses_to_overwrite_without_the_flag(dataset, tmp_path):
