@@ -140,6 +140,7 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     from p2ch_app.inference.outputs import detection_table, write_detections, write_submission
     from p2ch_app.inference.pipeline import analyze as run_analysis
     from p2ch_app.inference.pipeline import load_models
+    from p2ch_app.inference.summary import summarize
 
     if opts["ct_path"] is not None:
         ct = load_ct(opts["ct_path"])
@@ -148,11 +149,12 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     models = load_models(paths["seg"], paths["cls"], paths["mal"], device)
     found = run_analysis(ct, models, settings, device, progress=True)
     rows = [d for d in found if d.nodule_prob >= settings.threshold]
+    summary = summarize(rows, models.malignancy is not None)
     click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= "
                f"{settings.threshold}")
-    click.echo(detection_table(rows))
+    click.echo(detection_table(rows, summary))
     if opts["output"] is not None:
-        write_detections(opts["output"], [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
+        write_detections(opts["output"], [(ct.series_uid, d) for d in rows], models.paths, {ct.series_uid: summary})
         click.echo(f"wrote {opts['output']}")
     if opts["submission"] is not None:
         write_submission(opts["submission"], [(ct.series_uid, d) for d in found])
@@ -161,7 +163,7 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
         from p2ch_app.inference.report import write_report  # matplotlib: imported only when needed
 
         title = f"nodule-analyze {ct.series_uid}"
-        click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, title=title)}")
+        click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, summary, title=title)}")
 
 
 def _validation(opts: dict, models, settings, device, ranks) -> None:

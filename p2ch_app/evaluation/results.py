@@ -62,8 +62,10 @@ def save_evaluation(run_dir: Path, metrics: dict) -> None:
         writer.add_scalar("eval/cpm", metrics["cpm"], 0)
         for rate, sens in metrics["sensitivity_at"].items():
             writer.add_scalar(f"eval/sensitivity_at_{rate}_fp", sens, 0)
-        for name, value in metrics.get("malignancy", {}).items():
-            writer.add_scalar(f"eval/malignancy_{name}", value, 0)
+        for group in ("malignancy", "diameter", "patient"):
+            for name, value in metrics.get(group, {}).items():
+                if isinstance(value, (int, float)):  # not the intervals
+                    writer.add_scalar(f"eval/{group}_{name}", value, 0)
         writer.add_figure("eval/froc", figure, 0)
         writer.add_text("eval/confusion", "    " + format_confusion(metrics["confusion"]).replace("\n", "\n    "), 0)
 
@@ -80,6 +82,24 @@ def format_summary(metrics: dict) -> str:
                      f"{metrics['ignored_detections']} detection(s) on them ignored, neither hit nor false positive")
     mal = metrics.get("malignancy")
     if mal:
-        lines.append(f"malignancy AUC {mal['auc']:.3f} on {mal['nodules']} detected nodules ({mal['malignant']} "
-                     f"malignant); diameter-only baseline AUC {mal['diameter_auc']:.3f}")
+        lines.append(f"malignancy AUC {_with_interval(mal, 'auc')} on {mal['nodules']} detected nodules "
+                     f"({mal['malignant']} malignant); diameter-only baseline AUC "
+                     f"{_with_interval(mal, 'diameter_auc')}")
+    size = metrics.get("diameter")
+    if size and size["nodules"]:
+        lines.append(f"diameter of the {size['nodules']} detected nodules against the annotations: median absolute "
+                     f"error {size['median_abs_error_mm']:.2f} mm, bias {size['bias_mm']:+.2f} mm, same size band "
+                     f"{size['band_agreement']:.0%}")
+    patient = metrics.get("patient")
+    if patient and patient["patients"]:
+        line = f"per patient ({patient['patients']}): size category as annotated {patient['category_agreement']:.0%}"
+        if "auc" in patient:
+            line += (f"; malignancy score AUC {_with_interval(patient, 'auc')} "
+                     f"({patient['malignant_patients']} malignant)")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _with_interval(figures: dict, name: str) -> str:
+    low, high = figures[f"{name}_ci95"]
+    return f"{figures[name]:.3f} (95% CI {low:.3f}-{high:.3f})"

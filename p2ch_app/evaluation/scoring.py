@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from p2ch_app.inference.summary import PatientSummary, size_category
 from p2ch_app.metrics import distances, roc_auc, within_radius
 
 FROC_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -37,6 +38,8 @@ class ScanResult:
     malignancy_prob: np.ndarray | None = None  # (D,)
     excluded_xyz: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (E, 3) count neither way
     excluded_diameters_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (E,) negative: no size given
+    detection_diameters_mm: np.ndarray | None = None  # (D,) the pipeline's estimates
+    summary: PatientSummary | None = None  # the per-patient answer for this scan
 
 
 def _best_matches(scan: ScanResult, match_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +170,7 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
         best, near_nodule = _best_matches(scan, match_fraction)
         probs = np.asarray(scan.nodule_prob, float)
         mal = scan.malignancy_prob
-        malignant = np.resize(np.asarray(scan.malignant, np.int8), len(best))
+        malignant = _malignancy_of(scan)
 
         def predicted(i: int) -> str:
             if probs[i] < threshold:
@@ -184,24 +187,79 @@ def confusion(scans: list[ScanResult], threshold: float = 0.5, mal_threshold: fl
     return table
 
 
-def malignancy_aucs(scans: list[ScanResult], threshold: float = 0.5, match_fraction: float = 0.7) -> dict:
-    """ROC AUC of the malignancy probability on the true nodules the pipeline found (predicted nodule,
-    matched as in the confusion table, malignancy known), beside the AUC of their annotated diameter."""
-    labels, probs, diameters = [], [], []
+def _found(scans: list[ScanResult], threshold: float, match_fraction: float):
+    """(scan, nodule j, its detection i) for every true nodule found as in the confusion table: its best
+    match within match_fraction of its diameter has nodule probability at or above threshold."""
     for scan in scans:
-        if scan.malignancy_prob is None:
-            continue
         best, _ = _best_matches(scan, match_fraction)
         nodule_prob = np.asarray(scan.nodule_prob, float)
-        malignant = np.resize(np.asarray(scan.malignant, np.int8), len(best))
-        for j in np.flatnonzero((malignant >= 0) & (best >= 0)):
+        for j in np.flatnonzero(best >= 0):
             if nodule_prob[best[j]] >= threshold:
-                labels.append(int(malignant[j]))
-                probs.append(float(scan.malignancy_prob[best[j]]))
-                diameters.append(float(scan.diameters_mm[j]))
-    labels = np.array(labels, np.int64)
-    return {"nodules": len(labels), "malignant": int(labels.sum()),
-            "auc": roc_auc(labels, np.array(probs)), "diameter_auc": roc_auc(labels, np.array(diameters))}
+                yield scan, int(j), int(best[j])
+
+
+def _malignancy_of(scan: ScanResult) -> np.ndarray:
+    """Per nodule 1, 0 or -1 (unknown); 0 for every nodule when the scan gives none."""
+    return np.resize(np.asarray(scan.malignant, np.int8), len(scan.diameters_mm))
+
+
+def auc_interval(labels, scores, bootstrap: int = 1000, seed: int = 0) -> list[float]:
+    """The bootstrap 95% interval of roc_auc, resampling the items with replacement (draws that miss a
+    class are skipped); [nan, nan] when either class is absent."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    if labels.all() or not labels.any():
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    draws = (rng.integers(0, len(labels), len(labels)) for _ in range(bootstrap))
+    samples = np.array([roc_auc(labels[d], scores[d]) for d in draws])
+    low, high = _interval(samples[~np.isnan(samples)])
+    return [float(low), float(high)]
+
+
+def malignancy_aucs(scans: list[ScanResult], threshold: float = 0.5, match_fraction: float = 0.7) -> dict:
+    """ROC AUC of the malignancy probability on the true nodules the pipeline found (predicted nodule,
+    matched as in the confusion table, malignancy known), beside the AUC of their annotated diameter,
+    each with its bootstrap 95% interval."""
+    found = [(int(_malignancy_of(scan)[j]), float(scan.malignancy_prob[i]), float(scan.diameters_mm[j]))
+             for scan, j, i in _found(scans, threshold, match_fraction)
+             if scan.malignancy_prob is not None and _malignancy_of(scan)[j] >= 0]
+    labels, probs, diameters = (np.array(column) for column in zip(*found)) if found else ([], [], [])
+    return {"nodules": len(found), "malignant": int(np.sum(labels)),
+            "auc": roc_auc(labels, probs), "auc_ci95": auc_interval(labels, probs),
+            "diameter_auc": roc_auc(labels, diameters), "diameter_auc_ci95": auc_interval(labels, diameters)}
+
+
+def diameter_agreement(scans: list[ScanResult], threshold: float = 0.5, match_fraction: float = 0.7) -> dict:
+    """The estimated diameters of the found nodules against their annotated ones: the median absolute
+    error, the bias (median of estimate - annotation) and the share in the same size band
+    (summary.size_category)."""
+    pairs = np.array([(scan.detection_diameters_mm[i], scan.diameters_mm[j])
+                      for scan, j, i in _found(scans, threshold, match_fraction)
+                      if scan.detection_diameters_mm is not None]).reshape(-1, 2)
+    error = pairs[:, 0] - pairs[:, 1]
+    same = [size_category(est) == size_category(ann) for est, ann in pairs]
+    nan = float("nan")
+    return {"nodules": len(pairs), "median_abs_error_mm": float(np.median(np.abs(error))) if len(pairs) else nan,
+            "bias_mm": float(np.median(error)) if len(pairs) else nan,
+            "band_agreement": float(np.mean(same)) if same else nan}
+
+
+def patient_level(scans: list[ScanResult]) -> dict:
+    """Per patient (scan): the malignancy score's AUC, a patient being malignant when any of its nodules
+    is, and how often the size category matches the one of the largest annotated nodule."""
+    summaries = [s.summary for s in scans if s.summary is not None]
+    truth = [size_category(float(np.max(s.diameters_mm)) if len(s.diameters_mm) else None)
+             for s in scans if s.summary is not None]
+    result = {"patients": len(summaries),
+              "category_agreement": float(np.mean([m.category == t for m, t in zip(summaries, truth)]))
+              if summaries else float("nan")}
+    scored = [(bool(np.any(np.asarray(s.malignant) == 1)), s.summary.malignancy_score) for s in scans
+              if s.summary is not None and s.summary.malignancy_score is not None]
+    if scored:
+        labels, scores = (np.array(column) for column in zip(*scored))
+        result.update(malignant_patients=int(labels.sum()), auc=roc_auc(labels, scores),
+                      auc_ci95=auc_interval(labels, scores))
+    return result
 
 
 def evaluate(scans: list[ScanResult], threshold: float = 0.5, bootstrap: int = 1000) -> dict:
@@ -214,4 +272,6 @@ def evaluate(scans: list[ScanResult], threshold: float = 0.5, bootstrap: int = 1
     metrics["confusion"] = confusion(scans, threshold)
     if any(s.malignancy_prob is not None for s in scans):
         metrics["malignancy"] = malignancy_aucs(scans, threshold)
+    metrics["diameter"] = diameter_agreement(scans, threshold)
+    metrics["patient"] = patient_level(scans)
     return metrics

@@ -22,6 +22,7 @@ from p2ch_app.inference.distributed import SINGLE, Ranks, gather_in_order, shard
 from p2ch_app.inference.outputs import write_detections, write_submission
 from p2ch_app.inference.pipeline import AnalysisSettings, Detection, Models, analyze
 from p2ch_app.inference.report import write_report, write_report_index
+from p2ch_app.inference.summary import PatientSummary, summarize
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,10 @@ class ValidationRun:
 
 
 def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
-                excluded: tuple[np.ndarray, np.ndarray] | None = None) -> ScanResult:
+                excluded: tuple[np.ndarray, np.ndarray] | None = None, threshold: float = 0.5) -> ScanResult:
     """A scan's detections beside its annotated nodules (those with a diameter) and its excluded findings
-    (centres, diameters: ExcludedFindings.for_series), for scoring."""
+    (centres, diameters: ExcludedFindings.for_series), with the per-patient summary of the detections at or
+    above threshold, for scoring."""
     nodules = truth.has_annotation
     excluded_xyz, excluded_diameters = excluded if excluded is not None else (np.zeros((0, 3)), np.zeros(0))
     return ScanResult(
@@ -50,32 +52,36 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
         nodules_xyz=truth.center_xyz[nodules], diameters_mm=truth.diameter_mm[nodules],
         malignant=truth.malignancy[nodules],
         malignancy_prob=np.array([np.nan if d.malignancy_prob is None else d.malignancy_prob for d in detections])
-        if with_mal else None, excluded_xyz=excluded_xyz, excluded_diameters_mm=excluded_diameters)
+        if with_mal else None, excluded_xyz=excluded_xyz, excluded_diameters_mm=excluded_diameters,
+        detection_diameters_mm=np.array([d.diameter_mm for d in detections], float),
+        summary=summarize([d for d in detections if d.nodule_prob >= threshold], with_mal))
 
 
 def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
-                   device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None,
+                   device: torch.device,
+                   on_ct: Callable[[CtVolume, list[Detection], PatientSummary], None] | None = None,
                    progress: bool = True) -> list[tuple[str, list[Detection], ScanResult]]:
     """analyze() over many LUNA series, each paired with its scoring against the annotations and the data
-    root's annotations_excluded.csv (when there is one). on_ct(ct, detections), when given, sees each CT
-    while it is loaded (for reports)."""
+    root's annotations_excluded.csv (when there is one). on_ct(ct, detections, summary), when given, sees
+    each CT while it is loaded (for reports)."""
     excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
         ct = load_series(data_root, uid)
         detections = analyze(ct, models, settings, device)
+        scan = scan_result(detections, index.for_series(uid), models.malignancy is not None,
+                           excluded.for_series(uid), settings.threshold)
         if on_ct is not None:
-            on_ct(ct, detections)
-        results.append((uid, detections, scan_result(detections, index.for_series(uid), models.malignancy is not None,
-                                                     excluded.for_series(uid))))
+            on_ct(ct, detections, scan.summary)
+        results.append((uid, detections, scan))
     return results
 
 
-def _series_reporter(report_dir: Path, threshold: float, entries: list) -> Callable[[CtVolume, list[Detection]], None]:
+def _series_reporter(report_dir: Path, threshold: float, entries: list) -> Callable:
     """An on_ct callback writing each series' visual report under report_dir and noting it in entries."""
-    def report(ct: CtVolume, detections: list[Detection]) -> None:
+    def report(ct: CtVolume, detections: list[Detection], summary: PatientSummary) -> None:
         shown = [d for d in detections if d.nodule_prob >= threshold]
-        write_report(report_dir / ct.series_uid, ct, shown, title=f"nodule-analyze {ct.series_uid}")
+        write_report(report_dir / ct.series_uid, ct, shown, summary, title=f"nodule-analyze {ct.series_uid}")
         entries.append((ct.series_uid, f"{ct.series_uid}/index.html", len(shown)))
     return report
 
@@ -104,7 +110,8 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     if not ranks.is_main:
         return None
     metrics = evaluate([scan for _, _, scan in results], settings.threshold)
-    metrics.update(series=uids, models=models.paths, threshold=settings.threshold,
+    metrics.update(series=uids, patients={uid: scan.summary.record() for uid, _, scan in results},
+                   models=models.paths, threshold=settings.threshold,
                    keep_outside=settings.keep_outside, tta=settings.tta, dedupe=settings.dedupe,
                    split=settings.split, include_train=run.include_train, val_stride=run.val_stride)
     run_dir = new_run_dir(run.runs_dir, "nodule-analyze", run.comment)
@@ -117,10 +124,11 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
 
 def _write_outputs(run: ValidationRun, run_dir: Path, results: list, model_paths: dict, threshold: float) -> None:
     """detections.csv in the run folder, and --submission and --output where asked for."""
-    uids = [uid for uid, _, _ in results]
+    summaries = {uid: scan.summary for uid, _, scan in results}
     rows = [(uid, d) for uid, detections, _ in results for d in detections]
-    write_detections(run_dir / "detections.csv", rows, model_paths, uids)
+    write_detections(run_dir / "detections.csv", rows, model_paths, summaries)
     if run.submission is not None:
         write_submission(run.submission, rows)
     if run.output is not None:
-        write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= threshold], model_paths, uids)
+        write_detections(run.output, [(uid, d) for uid, d in rows if d.nodule_prob >= threshold], model_paths,
+                         summaries)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from p2ch_app.files import write_csv_atomic, write_text_atomic
 from p2ch_app.inference.pipeline import Detection
+from p2ch_app.inference.summary import PatientSummary
 
 
-def detection_table(rows: list[Detection]) -> str:
-    """Ranked detections as aligned columns, for the console."""
+def detection_table(rows: list[Detection], summary: PatientSummary) -> str:
+    """Ranked detections as aligned columns under the patient's summary, for the console."""
     head = f"{'rank':>4} {'x mm':>8} {'y mm':>8} {'z mm':>8} {'index':>6} {'row':>6} {'col':>6} " \
            f"{'nodule':>7} {'malig.':>7} {'diam mm':>8}"
-    lines = [head]
+    lines = [summary.headline(), head]
     for rank, d in enumerate(rows, 1):
         mal = "-" if d.malignancy_prob is None else f"{d.malignancy_prob:.3f}"
         lines.append(f"{rank:>4} {d.center_xyz[0]:>8.1f} {d.center_xyz[1]:>8.1f} {d.center_xyz[2]:>8.1f} "
@@ -53,14 +54,18 @@ def write_submission(path: Path, rows: list[tuple[str, Detection]]) -> None:
                                                       for r in records])
 
 
-def write_detections(path: Path, rows: list[tuple[str, Detection]], model_paths: dict, series) -> None:
-    """The rows to FILE.csv or FILE.json, through a temporary file. series: the one UID analysed, or
-    the list of them (recorded in the JSON)."""
+def write_detections(path: Path, rows: list[tuple[str, Detection]], model_paths: dict,
+                     summaries: dict[str, PatientSummary]) -> None:
+    """The rows to FILE.csv or FILE.json, through a temporary file. summaries: each series analysed and
+    its per-patient summary; the JSON records them (series_uid: the one UID, or the list of them)."""
     records = detection_records(rows, model_paths)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        write_text_atomic(path, json.dumps({"series_uid": series, "models": model_paths, "detections": records},
-                                           indent=2))
+        uids = list(summaries)
+        document = {"series_uid": uids[0] if len(uids) == 1 else uids, "models": model_paths,
+                    "patients": {uid: summary.record() for uid, summary in summaries.items()},
+                    "detections": records}
+        write_text_atomic(path, json.dumps(document, indent=2))
     else:
         write_csv_atomic(path, list(records[0]) if records else ["rank", "series_uid"],
                          [list(r.values()) for r in records])

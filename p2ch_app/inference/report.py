@@ -25,6 +25,7 @@ from p2ch_app.inference.viewer import LABEL_MAP_FILE, MARKUPS_FILE, write_viewer
 
 if TYPE_CHECKING:
     from p2ch_app.inference.pipeline import Detection
+    from p2ch_app.inference.summary import PatientSummary
 
 HALF_FIELD_MM = 30.0  # every view shows 60 mm x 60 mm around the detection
 LUNG_LEVEL, LUNG_WIDTH = -600, 1500
@@ -102,9 +103,11 @@ def _make_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], title: str = "") -> Path:
+def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], summary: PatientSummary,
+                 title: str = "") -> Path:
     """Write NNN.png per detection (rank order as given), the viewer files (viewer.py: a 3D Slicer point
-    list and a label map of the detections' voxels) and index.html to out_dir; return the index."""
+    list and a label map of the detections' voxels) and index.html, headed by the patient's summary, to
+    out_dir; return the index."""
     for rank, det in enumerate(detections, 1):
         if not ct.contains(det.center_irc):
             raise UserError(f"detection {rank} at voxel {tuple(round(v, 1) for v in det.center_irc)} lies outside "
@@ -120,8 +123,7 @@ def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], title
                     f'<td>{det.diameter_mm:.1f}</td><td><img src="{rank:03d}.png" width="600" '
                     f'alt="detection {rank}"></td></tr>\n')
     write_viewer_files(out_dir, ct, detections)
-    body = (f"<p>Series {html.escape(ct.series_uid)}: {len(detections)} detection(s).</p>\n"
-            if detections else f"<p>Series {html.escape(ct.series_uid)}: no detections.</p>\n")
+    body = f"<p>Series {html.escape(ct.series_uid)}: {html.escape(summary.headline())}.</p>\n"
     body += (f'<p>For a viewer, over the CT: <a href="{MARKUPS_FILE}">{MARKUPS_FILE}</a> (3D Slicer point list, '
              f'labelled rank and probability) and <a href="{LABEL_MAP_FILE}">{LABEL_MAP_FILE}</a> (label map: each '
              "detection's voxels hold its rank).</p>\n")

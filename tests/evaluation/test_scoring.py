@@ -81,7 +81,9 @@ def test_malignancy_aucs_score_only_the_nodules_predicted_as_nodules():
     # the 6 mm benign one by the 0.6 detection. scan_b's nodule is missed (5 mm away > 0.7 * 4 mm).
     scans = [scan_a(np.array([0.2, 0.9, 0.5, 0.7, 0.1])), scan_b()]
     result = malignancy_aucs(scans, threshold=0.5)
-    assert result == {"nodules": 2, "malignant": 1, "auc": 0.0, "diameter_auc": 1.0}  # 0.2 malignant < 0.7 benign
+    # 0.2 malignant < 0.7 benign; with one pair every resample that holds both classes gives the same AUC
+    assert result == {"nodules": 2, "malignant": 1, "auc": 0.0, "auc_ci95": [0.0, 0.0], "diameter_auc": 1.0,
+                      "diameter_auc_ci95": [1.0, 1.0]}
     assert malignancy_aucs(scans, threshold=0.65)["nodules"] == 1  # the benign one is filtered out
 
 
@@ -96,7 +98,7 @@ def test_evaluate_and_its_files(tmp_path):
     assert metrics["scans"] == 2 and metrics["nodules"] == 3
     assert metrics["confusion"]["Malignant"]["Pred. benign"] == 1  # malignancy 0.2 at the best detection
     text = format_summary(metrics)
-    assert "CPM 0.619" in text and "malignancy AUC 0.000 on 2 detected nodules" in text
+    assert "CPM 0.619" in text and "malignancy AUC 0.000 (95% CI 0.000-0.000) on 2 detected nodules" in text
     save_evaluation(tmp_path, metrics)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["cpm"] == pytest.approx(metrics["cpm"]) and saved["confusion"] == metrics["confusion"]
@@ -267,3 +269,35 @@ def test_operating_points_match_a_loop_by_loop_reading_of_the_challenge_script(s
     if not sum(len(s.diameters_mm) for s in scans):
         scans.append(scan_a())
     assert sensitivities_at(*froc(scans)) == pytest.approx(challenge_sensitivities(scans), abs=1e-12)
+
+
+def test_diameter_agreement_and_the_patient_level_figures(tmp_path):
+    import json
+    from dataclasses import replace
+
+    from p2ch_app.evaluation.results import save_evaluation
+    from p2ch_app.inference.summary import PatientSummary
+
+    # scan_a's found nodules: the 10 mm one at its 0.9 detection, the 6 mm one at its 0.6 detection
+    estimates = np.array([9.0, 20.0, 3.0, 7.5, 5.0])
+    a = replace(scan_a(np.array([0.2, 0.9, 0.5, 0.7, 0.1])), detection_diameters_mm=estimates,
+                summary=PatientSummary(4, 20.0, "4B", 0.8))  # has a malignant nodule (10 mm)
+    b = replace(scan_b(), malignancy_prob=np.array([0.3, 0.1]), detection_diameters_mm=np.array([4.0, 4.5]),
+                summary=PatientSummary(2, 4.0, "2", 0.3))  # benign 4 mm nodule only
+    c = ScanResult(np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)), np.zeros(0), malignancy_prob=np.zeros(0),
+                   detection_diameters_mm=np.zeros(0), summary=PatientSummary(0, None, "1", 0.02))
+    metrics = evaluate([a, b, c], threshold=0.5, bootstrap=50)
+    # errors -1.0 (10 mm read 9.0), +1.5 (6 mm read 7.5) and +0.5 (b's 4 mm read 4.5 by its detection 1 mm
+    # away); bands 4A/4A, 3/3, 2/2
+    assert metrics["diameter"] == {"nodules": 3, "median_abs_error_mm": 1.0, "bias_mm": 0.5,
+                                   "band_agreement": 1.0}
+    patient = metrics["patient"]
+    # categories: a 4B against the largest annotated 10 mm (4A); b 2 against 4 mm (2); c 1 against none (1)
+    assert patient["patients"] == 3 and patient["category_agreement"] == pytest.approx(2 / 3)
+    assert patient["malignant_patients"] == 1 and patient["auc"] == 1.0  # 0.8 above 0.3 and 0.02
+    text = format_summary(metrics)
+    assert "median absolute error 1.00 mm, bias +0.50 mm, same size band 100%" in text
+    assert "per patient (3): size category as annotated 67%; malignancy score AUC 1.000" in text
+    save_evaluation(tmp_path, metrics)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["patient"]["category_agreement"] == pytest.approx(2 / 3) and saved["diameter"]["nodules"] == 3

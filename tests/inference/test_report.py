@@ -11,6 +11,7 @@ from p2ch_app.data.ct import CtVolume, Geometry, irc_to_xyz
 from p2ch_app.errors import UserError
 from p2ch_app.inference.pipeline import Detection
 from p2ch_app.inference.report import _window, write_report, write_report_index
+from p2ch_app.inference.summary import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPACING = (0.7, 0.7, 2.5)  # x (col), y (row), z (slice) mm
@@ -43,7 +44,7 @@ def detections(ct) -> list[Detection]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, ct, detections):
     out = tmp_path_factory.mktemp("report") / "new" / "series"  # parents are created
-    return out, write_report(out, ct, detections, title="Run <7> & co")
+    return out, write_report(out, ct, detections, summarize(detections, True), title="Run <7> & co")
 
 
 def _panels(image: np.ndarray) -> list[tuple[tuple[int, int, int, int], tuple[float, float]]]:
@@ -122,6 +123,9 @@ def test_index_lists_every_detection_with_its_image(report, ct, detections):
     assert '<a href="detections.mrk.json">' in page and '<a href="candidates.nii.gz">' in page
     assert "Run &lt;7&gt; &amp; co" in page and "<7>" not in page
     assert ct.series_uid in page and "2 detection" in page
+    # the per-patient summary: largest 8.0 mm is Lung-RADS 4A; noisy-OR of 0.412 and no score (None) with the leak
+    assert "2 detection(s), largest 8.0 mm; size category 4A" in page and "not a diagnosis" in page
+    assert f"patient malignancy score {1 - 0.98 * (1 - 0.412):.3f}" in page
     assert '<img src="001.png"' in page and '<img src="002.png"' in page
     for text in ("<td>1</td>", "<td>2</td>", "0.934", "0.412", "0.615", "<td>-</td>", "8.0", "7.5",
                  "10.0, 30.0, 25.0", "2.0, 5.0, 60.0", ", ".join(f"{v:.1f}" for v in detections[1].center_xyz)):
@@ -130,7 +134,7 @@ def test_index_lists_every_detection_with_its_image(report, ct, detections):
 
 
 def test_no_detections_says_so(tmp_path, ct):
-    page = write_report(tmp_path, ct, []).read_text(encoding="utf-8")
+    page = write_report(tmp_path, ct, [], summarize([], False)).read_text(encoding="utf-8")
     assert "no detections" in page and "<img" not in page and "<table" not in page
     assert sorted(os.listdir(tmp_path)) == ["candidates.nii.gz", "detections.mrk.json", "index.html"]
 
@@ -144,14 +148,14 @@ def test_failed_write_leaves_neither_half_a_file_nor_a_temporary(tmp_path, ct, d
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(UserError, match="cannot write .*001.png: disk full"):
-        write_report(tmp_path, ct, detections)
+        write_report(tmp_path, ct, detections, summarize(detections, False))
     assert os.listdir(tmp_path) == ["001.png"] and (tmp_path / "001.png").read_bytes() == b"old"
 
 
 def test_detection_outside_the_ct_is_refused_before_writing(tmp_path, ct, detections):
     stray = Detection((0.0, 0.0, 0.0), (25.0, 30.0, 30.0), 0.9, None, 6.0, 10, True)
     with pytest.raises(UserError, match="outside"):
-        write_report(tmp_path / "out", ct, [detections[0], stray])
+        write_report(tmp_path / "out", ct, [detections[0], stray], summarize([detections[0], stray], False))
     assert not (tmp_path / "out").exists()
 
 
