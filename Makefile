@@ -38,6 +38,6 @@ tensorboard: install
 
 # Removes generated data, caches and runs; keeps .venv (rm -rf .venv to drop it too).
 clean:
-	rm -rf data-unversioned/demo data-unversioned/bench runs/*/ bench-results
+	rm -rf data-unversioned/demo data-unversioned/demo-malignancy data-unversioned/demo-further data-unversioned/bench runs/*/ bench-results
 	rm -rf build dist *.egg-info .pytest_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

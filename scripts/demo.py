@@ -14,6 +14,10 @@ borders, which candidates.csv lacks, were its most confident false positives. Th
 ~1.3 mm pixels, twice LUNA16's, so the classifier's crops are zoomed 2x in-plane (crop_zoom in
 configs/demo.toml): the book's classifier then sees nodules at the size it learnt them.
 
+Malignancy needs more nodules than the 57 of the training series: the malignancy model is fine-tuned
+on a nodule-rich set of its own (8 nodules per series, luna-synth --nodules), and scored on a
+further nodule-rich set that nothing was trained or selected on (docs/experiments.md).
+
 `make demo SEED=N` trains all three models with training seed N (the dataset stays the same):
 results vary a little with the seed, and with the CPU, whose float kernels differ.
 """
@@ -29,6 +33,10 @@ from pathlib import Path
 
 CONFIG = "configs/demo.toml"
 DATA_ROOT = Path("data-unversioned/demo")
+# the malignancy sets: (data root, series, seed); luna-finetune-mal trains on the first
+MALIGNANCY_SET = (Path("data-unversioned/demo-malignancy"), 32, 2)
+FURTHER_SET = (Path("data-unversioned/demo-further"), 12, 3)
+NODULES_PER_SERIES = 8
 RUNS = Path("runs")
 BIN = Path(sys.executable).parent
 PRETRAINED = Path(os.environ.get("P2CH_PRETRAINED", "../shared/models/book"))
@@ -77,6 +85,16 @@ def train_averaged(command: str, comment: str, seed: int | None, init: list[str]
     return averaged
 
 
+def make_dataset(*options: str) -> None:
+    """luna-synth (unless the data root already holds a dataset) and luna-prep, with the demo config."""
+    root = Path(options[options.index("--data-root") + 1]) if "--data-root" in options else DATA_ROOT
+    if (root / "candidates.csv").is_file():
+        print(f"demo dataset already in {root} (make clean to regenerate it)")
+    else:
+        step("luna-synth", "--config", CONFIG, *options)
+    step("luna-prep", "--config", CONFIG, "--data-root", str(root))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="training seed of all three models [config's: 0]")
@@ -84,17 +102,18 @@ def main() -> None:
     comment = "demo" if seed is None else f"demo-seed{seed}"
     trained = trained_as(comment, seed)
     start = time.monotonic()
-    if (DATA_ROOT / "candidates.csv").is_file():
-        print(f"demo dataset already in {DATA_ROOT} (make clean to regenerate it)")
-    else:
-        step("luna-synth", "--config", CONFIG)
-    step("luna-prep", "--config", CONFIG)
+    make_dataset()
+    for root, series, data_seed in (MALIGNANCY_SET, FURTHER_SET):
+        make_dataset("--data-root", str(root), "--series", str(series), "--seed", str(data_seed),
+                     "--nodules", str(NODULES_PER_SERIES))
     segmenter = train_averaged("luna-train-seg", comment, seed, pretrained("seg"))
     classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"), ("--mine-with", str(segmenter)))
-    step("luna-finetune-mal", *trained, "--from", str(classifier))
-    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment,
-         "--seg-model", str(segmenter), "--cls-model", str(classifier),
-         "--mal-model", str(newest(RUNS / "luna-finetune-mal") / "best.pt"))
+    step("luna-finetune-mal", *trained, "--data-root", str(MALIGNANCY_SET[0]), "--from", str(classifier))
+    models = ["--seg-model", str(segmenter), "--cls-model", str(classifier),
+              "--mal-model", str(newest(RUNS / "luna-finetune-mal") / "best.pt")]
+    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models)
+    step("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root", str(FURTHER_SET[0]),
+         "--comment", f"{comment}-further", *models)
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
           f"{DATA_ROOT / 'cache'}, the trained models and the evaluation in {RUNS}/.\n"
           "See the training curves and the FROC curve with:  make tensorboard   (then open http://localhost:6006)\n"

@@ -18,6 +18,8 @@ def demo(tmp_path, monkeypatch):
     data_root.mkdir()
     (data_root / "candidates.csv").write_text("")
     monkeypatch.setattr(module, "DATA_ROOT", data_root)
+    monkeypatch.setattr(module, "MALIGNANCY_SET", (tmp_path / "mal", 32, 2))
+    monkeypatch.setattr(module, "FURTHER_SET", (tmp_path / "further", 12, 3))
     monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(module, "PRETRAINED", books)
     commands = []
@@ -46,22 +48,31 @@ def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, t
     monkeypatch.setattr("sys.argv", ["demo.py", "--seed", "2"])
     demo.main()
     names = [c[0] for c in demo.commands]
-    assert names == ["luna-prep", "luna-train-seg", "luna-train-seg", "luna-average", "luna-train-cls",
-                     "luna-train-cls", "luna-average", "luna-finetune-mal", "nodule-analyze"]
-    seg_a, seg_b, seg_mean, cls_a, cls_b, cls_mean, mal, analyze = demo.commands[1:]
+    assert names == ["luna-prep"] + ["luna-synth", "luna-prep"] * 2 + [
+        "luna-train-seg", "luna-train-seg", "luna-average", "luna-train-cls", "luna-train-cls", "luna-average",
+        "luna-finetune-mal", "nodule-analyze", "nodule-analyze"]
+    synth_mal, prep_mal, synth_further, prep_further = demo.commands[1:5]
+    seg_a, seg_b, seg_mean, cls_a, cls_b, cls_mean, mal, analyze, further = demo.commands[5:]
     assert [_given(c, "--seed") for c in (seg_a, seg_b, cls_a, cls_b)] == ["2", "1002", "2", "1002"]
     assert _given(seg_a, "--init") == _given(seg_b, "--init") == str(demo.books / "seg_book.state")
     assert _given(cls_a, "--init") == _given(cls_b, "--init") == str(demo.books / "cls_book.state")
     assert _given(cls_a, "--mine-with") == _given(cls_b, "--mine-with") == _given(seg_mean, "--output")
-    assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run2/best.pt"),
-                             str(tmp_path / "runs/luna-train-seg/run3/best.pt"))
+    assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run6/best.pt"),
+                             str(tmp_path / "runs/luna-train-seg/run7/best.pt"))
     assert _given(mal, "--from") == _given(cls_mean, "--output") == _given(analyze, "--cls-model")
     assert _given(analyze, "--seg-model") == _given(seg_mean, "--output")
+    # malignancy: fine-tuned on a nodule-rich set, scored on another that nothing trained on
+    assert _given(synth_mal, "--nodules") == _given(synth_further, "--nodules") == "8"
+    assert _given(mal, "--data-root") == _given(synth_mal, "--data-root") == _given(prep_mal, "--data-root")
+    assert _given(further, "--data-root") == _given(synth_further, "--data-root") == _given(prep_further, "--data-root")
+    assert "--include-train" in further and _given(further, "--mal-model") == _given(analyze, "--mal-model")
+    assert _given(synth_mal, "--seed") != _given(synth_further, "--seed")
 
 
 def test_demo_without_the_books_weights_trains_one_run_of_each(demo, monkeypatch):
     monkeypatch.setattr("sys.argv", ["demo.py"])
     demo.main()
     names = [c[0] for c in demo.commands]
-    assert names == ["luna-prep", "luna-train-seg", "luna-train-cls", "luna-finetune-mal", "nodule-analyze"]
-    assert "--seed" not in demo.commands[1] and "--init" not in demo.commands[1]
+    assert names == ["luna-prep"] + ["luna-synth", "luna-prep"] * 2 + [
+        "luna-train-seg", "luna-train-cls", "luna-finetune-mal", "nodule-analyze", "nodule-analyze"]
+    assert "--seed" not in demo.commands[5] and "--init" not in demo.commands[5]
