@@ -13,8 +13,10 @@ missing records from its own files; training refuses to start without them, nami
 built for.
 
 Layout under the cache directory:
-  volumes/<uid>-<root digest>.npy   only for CTs that cannot be mapped (compressed, another voxel type, big-endian,
-                      ...) or all with build(copy_volumes=True): the CT in clipped HU, int16 (index,
+  volumes/<uid>-<digest of the data root>.npy
+                      only for CTs that cannot be mapped (compressed, another voxel type, big-endian, a
+                      data file outside the data root, ...) or all with build(copy_volumes=True): one per
+                      series and data root, the CT in clipped HU, int16 (index,
                       row, col). Read with mmap like a mapped .raw, so a crop or a slice stack touches
                       only its own pages (both measured: `make bench` step cache_mapped_reads).
   meta/               a diskcache store, one record per series: shape, geometry, the nodule
@@ -156,7 +158,7 @@ class SeriesRecord:
     mask_voxels: np.ndarray  # flat indices of nodule-label voxels
     nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
     fingerprint: str  # of the annotations the mask was grown from and of the CT's files
-    source: MappedFile | None = None  # where the voxels are read in place; None: volumes/<uid>.npy
+    source: MappedFile | None = None  # where the voxels are read in place; None: a copy, volume_path(uid)
 
     def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
         """The label mask of one slice, without building the whole volume's mask; with margin, the
@@ -348,7 +350,7 @@ class LunaCache:
         return MappedFile(**raw["source"]).unchanged(self.root)
 
     def _volume_whole(self, uid: str, shape) -> bool:
-        """Whether volumes/<uid>.npy holds an int16 array of the recorded shape, every byte of it: a
+        """Whether volume_path(uid) holds an int16 array of the recorded shape, every byte of it: a
         truncated or replaced file is not cached, so luna-prep rebuilds it and readers never map it."""
         path, fmt = self.volume_path(uid), np.lib.format
         try:

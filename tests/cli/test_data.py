@@ -35,6 +35,17 @@ def assert_reads_its_own_files(cache_dir, root, uids) -> None:
         assert np.array_equal(cache.volume(uid), load_series(root, uid).hu)
 
 
+def assert_one_prep_then_trains(built_for, root, runs) -> None:
+    """root, holding the 3-series cache built for another root: training refuses until one luna-prep
+    has built root's own records, from root's own files."""
+    refused_for_another_root(train(root, runs), built_for, root)
+    assert "built 3, already current 0; 3 series" in prepped(root)
+    assert "built 0, already current 3; 3 series" in prepped(root)
+    result = train(root, runs)
+    assert result.exit_code == 0, result.output
+    assert_reads_its_own_files(root / "cache", root, ["1.2.840.99.1", "1.2.840.99.2", "1.2.840.99.3"])
+
+
 def test_a_copied_root_is_rebuilt_from_its_own_files_and_its_cut_file_is_refused(tmp_path):
     original = make_tiny_root(tmp_path / "a" / "luna").root
     prepped(original)
@@ -58,12 +69,7 @@ def test_a_copy_whose_original_is_deleted_trains(tmp_path):
     copy = tmp_path / "b" / "luna"
     shutil.copytree(original, copy)
     shutil.rmtree(original)
-    refused_for_another_root(train(copy, tmp_path / "runs"), original, copy)
-    assert "built 3, already current 0; 3 series" in prepped(copy)
-    assert "built 0, already current 3; 3 series" in prepped(copy)
-    result = train(copy, tmp_path / "runs")
-    assert result.exit_code == 0, result.output
-    assert_reads_its_own_files(copy / "cache", copy, ["1.2.840.99.1", "1.2.840.99.2", "1.2.840.99.3"])
+    assert_one_prep_then_trains(original, copy, tmp_path / "runs")
 
 
 def test_a_moved_root_needs_one_prep_that_reads_only_the_new_place(tmp_path):
@@ -71,12 +77,7 @@ def test_a_moved_root_needs_one_prep_that_reads_only_the_new_place(tmp_path):
     prepped(old)
     new = tmp_path / "new"
     old.rename(new)  # with its cache; nothing is left at the old place to read
-    refused_for_another_root(train(new, tmp_path / "runs"), old, new)
-    assert "built 3, already current 0; 3 series" in prepped(new)
-    assert "built 0, already current 3; 3 series" in prepped(new)
-    result = train(new, tmp_path / "runs")
-    assert result.exit_code == 0, result.output
-    assert_reads_its_own_files(new / "cache", new, ["1.2.840.99.1", "1.2.840.99.2", "1.2.840.99.3"])
+    assert_one_prep_then_trains(old, new, tmp_path / "runs")
 
 
 def test_a_cache_dir_shared_by_two_roots_keeps_each_roots_own_series(tmp_path):

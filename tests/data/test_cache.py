@@ -394,6 +394,20 @@ def test_a_layout_that_does_not_read_as_load_ct_is_copied_instead(tiny_root, tmp
         assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
 
+def test_a_data_file_outside_the_data_root_is_copied_not_read_in_place(tiny_root, tmp_path):
+    series = tiny_root.series[0]
+    raw = series.mhd.with_suffix(".raw")
+    elsewhere = raw.rename(tmp_path / "elsewhere.raw")  # the header names a file beside the data root
+    series.mhd.write_text(series.mhd.read_text().replace(f"= {raw.name}", "= ../../elsewhere.raw"))
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    cache.build(build_index(tiny_root.root), progress=False)
+    assert cache.record(series.uid).source is None and cache.volume_path(series.uid).exists()
+    assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+    elsewhere.unlink()  # the copy does not depend on it
+    assert np.array_equal(LunaCache(tmp_path / "cache", tiny_root.root).volume(series.uid), cache.volume(series.uid))
+    assert all(cache.record(s.uid).source is not None for s in tiny_root.series[1:])
+
+
 def prepared_raw(tiny_root, tmp_path, k: int):
     """(index, series k, its .raw) once the tiny root is cached in tmp_path/cache."""
     index = build_index(tiny_root.root)
