@@ -207,7 +207,7 @@ def default_cache_dir(data_root: Path) -> Path:
 def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
     """Refuse to train on an index whose series are not all in the cache for this data root, naming the fix."""
     cache = LunaCache(cache_dir, data_root)
-    cached = set(cache.cached_uids()) if (Path(cache_dir) / "meta").is_dir() else set()
+    cached = set(cache.cached_uids())
     missing = [u for u in index.series_uids if u not in cached]
     if missing:
         raise cache.not_cached(missing)
@@ -299,6 +299,9 @@ class LunaCache:
                          f"there); run luna-prep --data-root {self.data_root} first")
 
     def _record_keys(self) -> list[tuple[str, str]]:
+        """(data root, uid) of every record of this format's keys; none, and no folder made, before a build."""
+        if not (self.dir / "meta").is_dir():
+            return []
         return [key for key in self._meta.keys() if isinstance(key, tuple)]
 
     def volume(self, uid: str) -> ClippedVolume:
