@@ -90,6 +90,8 @@ def test_a_cache_dir_shared_by_two_roots_keeps_each_roots_own_series(tmp_path):
     uid = a.series[0].uid
     assert not np.array_equal(load_series(a.root, uid).hu, load_series(b.root, uid).hu)
     shared = ["--cache-dir", tmp_path / "cache"]
+    assert_one_line_error(train(b.root, tmp_path / "runs", *shared), f"run luna-prep --data-root {b.root} first")
+    assert not (tmp_path / "cache").exists()  # refused, and nothing made
     assert "built 3, already current 0; 3 series" in prepped(a.root, *shared)
     assert "built 2, already current 0; 2 series" in prepped(b.root, *shared)
     assert "built 0, already current 3; 3 series" in prepped(a.root, *shared)  # b did not overwrite a's records
