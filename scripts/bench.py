@@ -51,7 +51,7 @@ def bench_prep(root: Path, workers: int) -> dict:
     shutil.rmtree(cache_dir, ignore_errors=True)
     index = build_index(root)
     raw_bytes = sum(p.stat().st_size for p in root.glob("subset*/*.raw"))
-    seconds, done = timed(LunaCache(cache_dir).build, root, index, workers=workers, progress=False)
+    seconds, done = timed(LunaCache(cache_dir, root).build, index, workers=workers, progress=False)
     n = done["built"]
     return {"workers": workers, "series": n, "seconds": seconds, "cts_per_s": n / seconds,
             "input_mb_per_s": raw_bytes / 2**20 / seconds, "cache_bytes_per_ct": done["bytes"] / n}
@@ -77,7 +77,7 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
     cache_dir = root / "cache"
 
     def read_memmap(zoom: float = 1.0):
-        cache = LunaCache(cache_dir)
+        cache = LunaCache(cache_dir, root)
         for uid, xyz in picks:
             cache.crop(uid, xyz, zoom=zoom)  # a contiguous copy, ready for a batch
 
@@ -90,7 +90,7 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
 
     store_dir = BENCH_DIR / "crop-store"
     shutil.rmtree(store_dir, ignore_errors=True)
-    cache = LunaCache(cache_dir)
+    cache = LunaCache(cache_dir, root)
     with diskcache.Cache(str(store_dir)) as store:
         for k, (uid, xyz) in enumerate(picks):
             store.set(k, cache.crop(uid, xyz)[0].tobytes())
@@ -109,18 +109,18 @@ def bench_crops(root: Path, n: int = 2000) -> dict:
             "diskcache_warm_per_s": n / store_warm, "diskcache_cold_per_s": n / store_cold}
 
 
-def _read_rates(cache_dir: Path, crops: list, stacks: list, files: list[Path]) -> dict:
+def _read_rates(cache_dir: Path, root: Path, crops: list, stacks: list, files: list[Path]) -> dict:
     """Crops (32x48x48, as the classifier trains) and whole-slice stacks (7 slices, as the U-Net trains
     without patches) per second, from a fresh LunaCache as each training process opens it: warm (the
     files in the page cache), then cold (evicted first)."""
 
     def read_crops():
-        cache = LunaCache(cache_dir)
+        cache = LunaCache(cache_dir, root)
         for uid, xyz in crops:
             cache.crop(uid, xyz)
 
     def read_stacks():
-        cache = LunaCache(cache_dir)
+        cache = LunaCache(cache_dir, root)
         for uid, k in stacks:
             slice_stack(cache.volume(uid), k, 3)
 
@@ -142,7 +142,7 @@ def _cache_both_ways(root: Path, folder: Path) -> dict:
     for kind, copy in (("mapped", False), ("copied", True)):
         cache_dir = folder / kind
         shutil.rmtree(cache_dir, ignore_errors=True)
-        seconds, done = timed(LunaCache(cache_dir).build, root, index, workers=min(2, os.cpu_count() or 1),
+        seconds, done = timed(LunaCache(cache_dir, root).build, index, workers=min(2, os.cpu_count() or 1),
                               progress=False, copy_volumes=copy)
         out |= {f"{kind}_dir": cache_dir, f"{kind}_mb_per_ct": done["bytes"] / 2**20 / done["series"],
                 f"{kind}_prep_s_per_ct": seconds / done["built"]}
@@ -176,7 +176,7 @@ def _bench_cache_of(root: Path, folder: Path, n_crops: int, n_stacks: int) -> di
     """_cache_both_ways and _read_rates of one data root: crops centred on random voxels of random
     series, stacks around random slices of random series."""
     built = _cache_both_ways(root, folder)
-    uids, rng, mapped = built.pop("index").series_uids, np.random.default_rng(0), LunaCache(built["mapped_dir"])
+    uids, rng, mapped = built.pop("index").series_uids, np.random.default_rng(0), LunaCache(built["mapped_dir"], root)
     records = {uid: mapped.record(uid) for uid in uids}
     crop_picks = [(uids[i], irc_to_xyz(rng.uniform(0, records[uids[i]].shape), records[uids[i]].geometry))
                   for i in rng.integers(len(uids), size=n_crops)]
@@ -186,7 +186,7 @@ def _bench_cache_of(root: Path, folder: Path, n_crops: int, n_stacks: int) -> di
     for kind in ("mapped", "copied"):
         cache_dir = built.pop(f"{kind}_dir")
         files = list(root.glob("subset*/*.raw")) if kind == "mapped" else list(cache_dir.glob("volumes/*.npy"))
-        out |= {f"{kind}_{k}": v for k, v in _read_rates(cache_dir, crop_picks, stack_picks, files).items()}
+        out |= {f"{kind}_{k}": v for k, v in _read_rates(cache_dir, root, crop_picks, stack_picks, files).items()}
     return out | built
 
 
@@ -262,7 +262,7 @@ def bench_loading(root: Path, samples: int = 2000) -> dict:
     from torch.utils.data import DataLoader
 
     index = build_index(root)
-    task = nodule_task(index, NoduleSettings(Sampling(root / "cache", val_stride=4, epoch_samples=samples)))
+    task = nodule_task(index, NoduleSettings(Sampling(root / "cache", root, val_stride=4, epoch_samples=samples)))
     out = {}
     for workers in (0, 2):
         loader = DataLoader(task.train_dataset(1), batch_size=32, num_workers=workers)

@@ -146,7 +146,7 @@ def prepared_synth(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prepared") / "luna"
     write_dataset(root, series=6, subsets=2, seed=0, geometry=small_geometry(), progress=False)
-    LunaCache(root / "cache").build(root, build_index(root), workers=1, progress=False)
+    LunaCache(root / "cache", root).build(build_index(root), workers=1, progress=False)
     return root
 
 

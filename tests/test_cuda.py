@@ -98,7 +98,8 @@ def test_amp_training_on_cuda_scales_the_loss_and_keeps_channels_last(prepared_s
     from p2ch_app.training.classification import NoduleSettings, nodule_task
     from p2ch_app.training.loop import Sampling, TrainConfig, fit
 
-    sampling = Sampling(prepared_synth / "cache", val_stride=3, epoch_samples=64, augmentations=("flip", "noise"))
+    sampling = Sampling(prepared_synth / "cache", prepared_synth, val_stride=3, epoch_samples=64,
+                        augmentations=("flip", "noise"))
     cfg = TrainConfig(command="amp", epochs=1, batch_size=16, workers=0, device="cuda", runs_dir=tmp_path)
     model, run_dir = fit(nodule_task(build_index(prepared_synth), NoduleSettings(sampling)), cfg, progress=False)
     weight = model.block1.conv1.weight

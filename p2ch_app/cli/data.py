@@ -46,8 +46,12 @@ def synth(**opts):
 @click.option("--series", "series_uids", multiple=True, metavar="UID",
               help="Only this series (repeatable).")
 def prep(**opts):
-    """Build the cache that training and analysis read: CT geometry and nodule label masks, and a copy
-    of a CT only where its file cannot be read in place (LUNA16's .mhd/.raw files are memory-mapped).
+    """Build the cache that training reads: CT geometry and nodule label masks, and a copy of a CT only
+    where its file cannot be read in place (LUNA16's .mhd/.raw files are memory-mapped).
+
+    Each record is bound to this data root: it names its data file relative to the root, with the
+    file's size, time, device and inode. A root copied or moved (cache included) or a --cache-dir
+    shared with another root gets records of its own here; another root's are never read.
 
     Idempotent: only missing or stale series are built, so an interrupted run resumes.
     """
@@ -65,10 +69,10 @@ def prep(**opts):
         if uid not in index.series_uids:
             raise UserError(f"series {uid} is not on disk under {data_root}/subset*/ or has no row in "
                             "candidates.csv; check the UID")
-    cache = LunaCache(cache_dir_of(opts))
+    cache = LunaCache(cache_dir_of(opts), data_root)
     for folder in (cache.dir, cache.dir / "volumes", cache.dir / "meta"):
         check_writable(folder, "--cache-dir", folder=True)
-    done = cache.build(data_root, index, uids, workers=opts["workers"])
+    done = cache.build(index, uids, workers=opts["workers"])
     mb = done["bytes"] / 2**20
     per_ct = mb / max(done["series"], 1)
     click.echo(f"cache {cache.dir}: built {done['built']}, already current {done['skipped']}; "

@@ -77,7 +77,7 @@ def train_cls(**opts):
         from p2ch_app.training.mining import with_mined
 
         before = len(index)
-        index, reused = with_mined(sampling.cache_dir, index, sampling.val_stride, opts["mine_with"],
+        index, reused = with_mined(sampling.cache(), index, sampling.val_stride, opts["mine_with"],
                                    select_device(opts["device"]))
         hits = int(index.is_nodule[before:].sum())
         click.echo(f"mined {len(index) - before - hits} look-alikes and {hits} nodule hits in the training series "

@@ -5,26 +5,37 @@ little-endian int16 (LUNA16's .raw files) is memory-mapped where it lies, and ev
 slice stack, or the whole CT) is clipped to [-1000, 1000] HU as it is made (ClippedVolume), bit for
 bit what a copy would hold (luna-prep checks it on the CT it has just loaded).
 
+Every record is bound to the data root it was built from (resolved to an absolute path): it is kept
+under the key (root, uid), and it names its data file relative to that root. A cache folder may hold the
+records of several roots (one --cache-dir shared by two roots, or a data root copied or moved with its
+cache): each root sees only its own, so a root never reads another one's files. luna-prep builds a root's
+missing records from its own files; training refuses to start without them, naming the root they were
+built for.
+
 Layout under the cache directory:
-  volumes/<uid>.npy   only for CTs that cannot be mapped (compressed, another voxel type, big-endian,
-                      ...) or all with build(copy_volumes=True): the CT in clipped HU, int16 (index,
+  volumes/<uid>-<digest of the data root>.npy
+                      only for CTs that cannot be mapped (compressed, another voxel type, big-endian, a
+                      data file outside the data root, ...) or all with build(copy_volumes=True): one per
+                      series and data root, the CT in clipped HU, int16 (index,
                       row, col). Read with mmap like a mapped .raw, so a crop or a slice stack touches
                       only its own pages (both measured: `make bench` step cache_mapped_reads).
   meta/               a diskcache store, one record per series: shape, geometry, the nodule
                       label mask (as flat voxel indices: masks are >99.9% empty), the slices
                       holding nodule voxels, a fingerprint of the annotations and CT files the record
                       came from, and, for a mapped CT, its data file, the offset of its voxels, and
-                      the file's size and modification time when luna-prep read it.
+                      the file's identity when luna-prep read it (size, modification time, device and
+                      inode). Keyed by (data root, uid).
   mined/<key>.npz     look-alikes and hits a U-Net proposed in the training series (luna-train-cls
                       --mine-with), keyed by everything they depend on, so they are mined once.
   luna-prep.lock      held by the luna-prep building the cache: a second one waits for it.
 A series is cached when its record exists and its voxels are as luna-prep left them: a mapped data file
-still has the recorded size and modification time (readers check it when they first open the series;
+still has the recorded identity (readers check it when they first open the series;
 a file changed or removed since is refused in one line, and luna-prep builds the record again); a
 copied volume file is whole (as long as the record's shape says). The record is written only after
 its volume file is complete (temp file + rename), so a killed run leaves nothing half-built that looks
 whole, and a file damaged later is rebuilt. Records of another FORMAT_VERSION are not read: luna-prep
-builds them again (a copy that is no longer needed is then deleted).
+builds them again (a copy that is no longer needed is then deleted; records of versions before 3, keyed
+by uid alone, are deleted with their copies).
 """
 
 from __future__ import annotations
@@ -63,7 +74,8 @@ from p2ch_app.data.workers import worker_pool
 from p2ch_app.errors import UserError, brief
 from p2ch_app.files import write_atomic
 
-FORMAT_VERSION = 2  # 2: a CT whose file can be memory-mapped is read in place (record["source"]), not copied
+FORMAT_VERSION = 3  # 2: a CT whose file can be memory-mapped is read in place (record["source"]), not copied;
+# 3: records keyed by (data root, uid), their data file named relative to that root, with its device and inode
 MASK_THRESHOLD_HU = -700  # nodule tissue (solid and ground-glass) is denser than this; lung is not
 LOCK_FILE = "luna-prep.lock"
 _CHECK_VOXELS = 1 << 22  # luna-prep compares a mapped CT with the loaded one this many voxels at a time
@@ -72,30 +84,45 @@ _RAW_INT16 = np.dtype("<i2")
 
 @dataclass(frozen=True)
 class MappedFile:
-    """A CT data file the cache reads where it lies, instead of keeping a copy: where its voxels start,
-    and the file's size and modification time when luna-prep read it. A file whose size or time differ
-    (rewritten, replaced, removed) is not read."""
+    """A CT data file the cache reads where it lies, instead of keeping a copy: its path under the data
+    root, where its voxels start, and its identity when luna-prep read it (size, modification time, and
+    device and inode where the platform has them). A file whose identity differs (rewritten, replaced,
+    removed) is not read."""
 
-    path: str  # absolute, so the cache folder may be anywhere
+    path: str  # relative to the data root the record was built from: only that root's file is read
     offset: int
     size: int
     mtime_ns: int
+    device: int | None  # None where the platform reports none
+    inode: int | None
 
     @classmethod
-    def of(cls, layout: RawLayout) -> MappedFile | None:
-        """The file of layout as it is now (None if it is gone: loading the CT then says so)."""
+    def of(cls, layout: RawLayout, data_root: Path) -> MappedFile | None:
+        """The file of layout as it is now; None if it is gone (loading the CT then says so) or lies
+        outside data_root (its header names a file elsewhere: the CT is copied instead)."""
+        relative = Path(os.path.relpath(os.path.abspath(layout.file), os.path.abspath(data_root)))
+        if relative.parts[:1] == ("..",):
+            return None
         try:
             stat = os.stat(layout.file)
         except OSError:
             return None
-        return cls(str(layout.file.resolve()), layout.offset, stat.st_size, stat.st_mtime_ns)
+        return cls(relative.as_posix(), layout.offset, *_identity(stat))
 
-    def unchanged(self) -> bool:
+    def file(self, root: Path) -> Path:
+        return Path(root) / self.path
+
+    def unchanged(self, root: Path) -> bool:
         try:
-            stat = os.stat(self.path)
+            stat = os.stat(self.file(root))
         except OSError:
             return False
-        return stat.st_size == self.size and stat.st_mtime_ns == self.mtime_ns
+        return _identity(stat) == (self.size, self.mtime_ns, self.device, self.inode)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int | None, int | None]:
+    """(size, modification time, device, inode) of a file; a platform without inodes reports 0: None."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_dev or None, stat.st_ino or None
 
 
 class ClippedVolume:
@@ -131,7 +158,7 @@ class SeriesRecord:
     mask_voxels: np.ndarray  # flat indices of nodule-label voxels
     nodule_slices: np.ndarray  # sorted slice (index) numbers holding nodule voxels
     fingerprint: str  # of the annotations the mask was grown from and of the CT's files
-    source: MappedFile | None = None  # where the voxels are read in place; None: volumes/<uid>.npy
+    source: MappedFile | None = None  # where the voxels are read in place; None: a copy, volume_path(uid)
 
     def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
         """The label mask of one slice, without building the whole volume's mask; with margin, the
@@ -178,13 +205,12 @@ def default_cache_dir(data_root: Path) -> Path:
 
 
 def require_cached(cache_dir: Path, index: LunaIndex, data_root: Path) -> None:
-    """Refuse to train on an index whose series are not all in the cache, naming the fix."""
-    cache = LunaCache(cache_dir)
-    cached = set(cache.cached_uids()) if (Path(cache_dir) / "meta").is_dir() else set()
+    """Refuse to train on an index whose series are not all in the cache for this data root, naming the fix."""
+    cache = LunaCache(cache_dir, data_root)
+    cached = set(cache.cached_uids())
     missing = [u for u in index.series_uids if u not in cached]
     if missing:
-        raise UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {cache_dir} (or damaged "
-                        f"there); run luna-prep --data-root {data_root} first")
+        raise cache.not_cached(missing)
 
 
 class _Records:
@@ -210,24 +236,31 @@ class _Records:
             raise UserError(f"the cache database {self.folder} is damaged ({brief(err)}); delete {self.folder} "
                             "(or the whole cache folder) and run luna-prep again to rebuild it") from None
 
-    def get(self, uid: str) -> dict | None:
+    def get(self, key) -> dict | None:
         with self._guard():
-            return self.store.get(uid)
+            return self.store.get(key)
 
-    def set(self, uid: str, raw: dict) -> None:
+    def set(self, key, raw: dict) -> None:
         with self._guard():
-            self.store.set(uid, raw)
+            self.store.set(key, raw)
 
-    def uids(self) -> list[str]:
+    def delete(self, key) -> None:
+        with self._guard():
+            self.store.delete(key)
+
+    def keys(self) -> list:
+        """(data root, uid) of every record; a bare uid for a record of a version before 3."""
         with self._guard():
             return list(self.store.iterkeys())
 
 
 class LunaCache:
-    """Read access to a built cache; build() fills in what is missing."""
+    """A cache folder as one data root sees it: read access to that root's records, and build() to fill
+    in what is missing from that root's files. Records another root built are never read."""
 
-    def __init__(self, cache_dir: Path):
-        self.dir = Path(cache_dir)
+    def __init__(self, cache_dir: Path, data_root: Path):
+        self.dir, self.data_root = Path(cache_dir), Path(data_root)
+        self.root = str(self.data_root.resolve())  # the records' key: one root under any spelling of its path
         self._volumes: dict[str, ClippedVolume] = {}
         self._records: dict[str, SeriesRecord] = {}
 
@@ -238,18 +271,38 @@ class LunaCache:
         return _Records(self.dir / "meta")
 
     def __getstate__(self):
-        return {"dir": self.dir, "_volumes": {}, "_records": {}}
+        return {"dir": self.dir, "data_root": self.data_root, "root": self.root, "_volumes": {}, "_records": {}}
 
     def volume_path(self, uid: str) -> Path:
-        return self.dir / "volumes" / f"{uid}.npy"
+        """The copy of a series that cannot be read in place: one per data root, as its record."""
+        digest = hashlib.sha1(self.root.encode()).hexdigest()[:12]
+        return self.dir / "volumes" / f"{uid}-{digest}.npy"
 
     def record(self, uid: str) -> SeriesRecord:
         if uid not in self._records:
-            raw = self._meta.get(uid)
+            raw = self._meta.get((self.root, uid))
             if raw is None or raw.get("version") != FORMAT_VERSION:
-                raise UserError(f"series {uid} is not in the cache {self.dir}; run luna-prep first")
+                raise self.not_cached([uid])
             self._records[uid] = SeriesRecord.from_dict(raw)
         return self._records[uid]
+
+    def not_cached(self, missing: list[str]) -> UserError:
+        """Why these series cannot be read for this data root, and the fix: their records were built
+        for another data root (a copied or moved root, or a --cache-dir shared by two), or not at all."""
+        built_for = {uid: root for root, uid in self._record_keys() if root != self.root}
+        elsewhere = [uid for uid in missing if uid in built_for]
+        if elsewhere:
+            return UserError(f"the cache {self.dir} was built for the data root {built_for[elsewhere[0]]}, not "
+                             f"{self.data_root} ({len(elsewhere)} series, e.g. {elsewhere[0]}); run luna-prep "
+                             f"--data-root {self.data_root} to cache this root's own files")
+        return UserError(f"{len(missing)} series (e.g. {missing[0]}) are not in the cache {self.dir} (or damaged "
+                         f"there); run luna-prep --data-root {self.data_root} first")
+
+    def _record_keys(self) -> list[tuple[str, str]]:
+        """(data root, uid) of every record of this format's keys; none, and no folder made, before a build."""
+        if not (self.dir / "meta").is_dir():
+            return []
+        return [key for key in self._meta.keys() if isinstance(key, tuple)]
 
     def volume(self, uid: str) -> ClippedVolume:
         """The CT in clipped HU, read as it is indexed (ClippedVolume). Whether its voxels are still as
@@ -266,12 +319,13 @@ class LunaCache:
                 raise UserError(f"the cached volume {self.volume_path(uid)} does not match its record (truncated "
                                 "or replaced); run luna-prep again to rebuild it")
             return np.load(self.volume_path(uid), mmap_mode="r")
-        changed = UserError(f"{source.path}, the CT file of series {uid}, was changed or removed after luna-prep "
+        path = source.file(self.root)
+        changed = UserError(f"{path}, the CT file of series {uid}, was changed or removed after luna-prep "
                             "read it; run luna-prep again to update the cache")
-        if not source.unchanged():
+        if not source.unchanged(self.root):
             raise changed
         try:
-            return np.memmap(source.path, _RAW_INT16, "r", source.offset, record.shape)
+            return np.memmap(path, _RAW_INT16, "r", source.offset, record.shape)
         except (OSError, ValueError):  # removed or cut short since the check above
             raise changed from None
 
@@ -281,12 +335,13 @@ class LunaCache:
         return extract_crop(self.volume(uid), center_irc, size, zoom=zoom)
 
     def is_current(self, uid: str, fingerprint: str) -> bool:
-        raw = self._meta.get(uid)
+        raw = self._meta.get((self.root, uid))
         return raw is not None and raw.get("fingerprint") == fingerprint and self._readable(uid, raw)
 
     def cached_uids(self) -> list[str]:
-        """The series whose record is here, with their voxels as luna-prep left them."""
-        return sorted(k for k in self._meta.uids() if self._readable(k, self._meta.get(k)))
+        """The series of this data root whose record is here, with their voxels as luna-prep left them."""
+        return sorted(uid for root, uid in self._record_keys()
+                      if root == self.root and self._readable(uid, self._meta.get((root, uid))))
 
     def _readable(self, uid: str, raw: dict | None) -> bool:
         """Whether a record is of this format and its voxels are as it says: a mapped file unchanged
@@ -295,10 +350,10 @@ class LunaCache:
             return False
         if raw["source"] is None:
             return self._volume_whole(uid, raw["shape"])
-        return MappedFile(**raw["source"]).unchanged()
+        return MappedFile(**raw["source"]).unchanged(self.root)
 
     def _volume_whole(self, uid: str, shape) -> bool:
-        """Whether volumes/<uid>.npy holds an int16 array of the recorded shape, every byte of it: a
+        """Whether volume_path(uid) holds an int16 array of the recorded shape, every byte of it: a
         truncated or replaced file is not cached, so luna-prep rebuilds it and readers never map it."""
         path, fmt = self.volume_path(uid), np.lib.format
         try:
@@ -315,9 +370,10 @@ class LunaCache:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
 
-    def build(self, data_root: Path, index: LunaIndex, uids: list[str] | None = None, workers: int = 1,
-              progress: bool = True, copy_volumes: bool = False) -> dict:
-        """Cache every series of `uids` (default: all in the index) that is missing or stale.
+    def build(self, index: LunaIndex, uids: list[str] | None = None, workers: int = 1, progress: bool = True,
+              copy_volumes: bool = False) -> dict:
+        """Cache every series of `uids` (default: all in the index) that is missing or stale for this
+        data root, reading only this root's files (a record another root built is left to that root).
 
         CTs that can be memory-mapped are read in place unless copy_volumes, which keeps an int16 copy
         of every CT (as caches of FORMAT_VERSION 1 did: for a data root on a slow disk, or to compare).
@@ -326,8 +382,9 @@ class LunaCache:
         uids = list(index.series_uids if uids is None else uids)
         with self._build_lock():
             self._remove_temp_files()  # of a run that died: every live one holds the lock
+            self._drop_old_format()
             try:
-                jobs = self._stale_jobs(data_root, index, uids, copy_volumes)
+                jobs = self._stale_jobs(index, uids, copy_volumes)
                 self._run_jobs(jobs, workers, progress)
             finally:
                 self._remove_temp_files()  # of workers stopped mid-write by an error or Ctrl-C
@@ -348,16 +405,23 @@ class LunaCache:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _stale_jobs(self, data_root: Path, index: LunaIndex, uids: list[str], copy: bool) -> list[tuple]:
+    def _drop_old_format(self) -> None:
+        """Records of versions before 3 (keyed by uid alone, bound to no data root) and their copies."""
+        for key in self._meta.keys():
+            if not isinstance(key, tuple):
+                self._meta.delete(key)
+                (self.dir / "volumes" / f"{key}.npy").unlink(missing_ok=True)
+
+    def _stale_jobs(self, index: LunaIndex, uids: list[str], copy: bool) -> list[tuple]:
         """The build jobs of the series that are missing, stale or damaged."""
-        on_disk = series_on_disk(data_root)
+        on_disk = series_on_disk(self.data_root)
         jobs = []
         for uid in uids:
             rows = index.for_series(uid)
             centers = rows.center_xyz[rows.has_annotation]
             key = fingerprint(centers, rows.line[rows.has_annotation], on_disk.get(uid), copy)
             if not self.is_current(uid, key):
-                jobs.append((Path(data_root), uid, centers, rows.line[rows.has_annotation],
+                jobs.append((self.data_root, uid, centers, rows.line[rows.has_annotation],
                              str(self.volume_path(uid)), key, copy))
         return jobs
 
@@ -370,7 +434,7 @@ class LunaCache:
             else:
                 done = map(_build_series, jobs)
             for record in done:
-                self._meta.set(record.uid, record.to_dict())
+                self._meta.set((self.root, record.uid), record.to_dict())
                 if record.source is not None:  # read in place now: a copy from an earlier build is not needed
                     self.volume_path(record.uid).unlink(missing_ok=True)
                 bar.update()
@@ -400,7 +464,7 @@ def _build_series(job) -> SeriesRecord:
     data_root, uid, centers_xyz, lines, volume_path, key, copy = job
     mhd = find_series(data_root, uid)
     layout = None if copy else raw_int16_layout(mhd)
-    source = MappedFile.of(layout) if layout else None  # before the CT is read: any later change is noticed
+    source = MappedFile.of(layout, data_root) if layout else None  # before the CT is read: any later change is noticed
     ct = load_ct(mhd, series_uid=uid)
     centers_irc = xyz_to_irc(centers_xyz, ct.geometry)
     outside = ~ct.contains(centers_irc)

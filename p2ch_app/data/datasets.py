@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,9 +39,9 @@ class CropDataset(Dataset):
     """Candidate crops cut from the cache: items are (crop 1xDxHxW, label, row); int16 HU, or float32
     when zoomed (extract_crop)."""
 
-    def __init__(self, cache_dir: Path, uids: np.ndarray, centers_xyz: np.ndarray, labels: np.ndarray,
+    def __init__(self, cache: LunaCache, uids: np.ndarray, centers_xyz: np.ndarray, labels: np.ndarray,
                  rows: np.ndarray, size=CROP_SIZE, zoom: float = 1.0):
-        self.cache = LunaCache(cache_dir)
+        self.cache = cache
         self.uids, self.centers, self.labels = uids, centers_xyz, labels
         self.rows, self.size, self.zoom = np.asarray(rows), tuple(size), zoom
 
@@ -76,9 +75,9 @@ class SliceDataset(Dataset):
     else around a random nodule pixel of the slice; without, the whole slice.
     """
 
-    def __init__(self, cache_dir: Path, uids: list[str], samples: np.ndarray, context: int,
+    def __init__(self, cache: LunaCache, uids: list[str], samples: np.ndarray, context: int,
                  patches: Patches | None = None, margin: int = 0, centred: np.ndarray | None = None):
-        self.cache = LunaCache(cache_dir)
+        self.cache = cache
         rows = np.asarray(samples, np.int64)
         rows = rows.reshape(-1, rows.shape[-1] if rows.size else 2)
         self.uids, self.samples = uids, np.pad(rows, ((0, 0), (0, 4 - rows.shape[1])))

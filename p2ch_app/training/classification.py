@@ -54,7 +54,7 @@ class CandidateTask(Task):
         return self.make_model()
 
     def _dataset(self, rows):
-        return CropDataset(self.sampling.cache_dir, self._uids, self.index.center_xyz, self.labels, rows,
+        return CropDataset(self.sampling.cache(), self._uids, self.index.center_xyz, self.labels, rows,
                            self.config.crop_size, self.config.crop_zoom)
 
     def train_dataset(self, epoch: int):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from p2ch_app.checkpoints import load_checkpoint, load_weights, model_entries, save_checkpoint
+from p2ch_app.data.cache import LunaCache
 from p2ch_app.errors import UserError
 from p2ch_app.files import new_run_dir, plain
 from p2ch_app.inference.distributed import Ranks, gather_objects, start_ranks
@@ -56,10 +57,15 @@ class Sampling:
     """What every trainer draws its samples from and with."""
 
     cache_dir: Path
+    data_root: Path  # the cache is read as this root's: records another root built are refused
     val_stride: int = 10  # every Nth series (sorted by UID) validates
     epoch_samples: int = 20000  # training samples per epoch, drawn afresh every epoch
     augmentations: tuple[str, ...] = ()
     seed: int = 0
+
+    def cache(self) -> LunaCache:
+        """The cache as this data root sees it (its own records only)."""
+        return LunaCache(self.cache_dir, self.data_root)
 
 
 @dataclass(frozen=True)

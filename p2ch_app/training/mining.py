@@ -52,6 +52,7 @@ def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val
                 seg_checkpoint: Path) -> str:
     """A digest of everything mining depends on: the checkpoint's bytes, the training series and their nodules."""
     key = hashlib.sha256(Path(seg_checkpoint).read_bytes())
+    key.update(cache.root.encode())  # another data root's series are other CTs, even where their files match
     for code in train_codes:
         uid = index.series_uids[code]
         key.update(f"{uid} {cache.record(uid).fingerprint}".encode())
@@ -62,13 +63,12 @@ def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val
     return key.hexdigest()[:24]
 
 
-def with_mined(cache_dir: Path, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
+def with_mined(cache: LunaCache, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
                device: torch.device) -> tuple[LunaIndex, bool]:
     """(the index plus the look-alikes and hits this U-Net proposes in the training series, whether they
     were found in the cache). Validation series are left as they are. Mining runs the U-Net over every
     training CT, so its result is kept in the cache: a resumed or repeated run does not mine again."""
     segmenter = load_segmenter(seg_checkpoint, device)  # first: a bad file fails with its own message
-    cache = LunaCache(cache_dir)
     train_codes = np.flatnonzero(~index.validation_series(val_stride))
     path = cache.dir / "mined" / f"{_mining_key(cache, index, train_codes, val_stride, seg_checkpoint)}.npz"
     if path.is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,11 +71,11 @@ class SegmentationTask(Task):
         rng = np.random.default_rng([sampling.seed, epoch])
         picks = interleave(self.draws.groups, self.draws.pattern, sampling.epoch_samples, rng, self.draws.weights)
         patches = Patches(self.settings.crop, self.settings.window, sampling.seed, epoch)
-        return SliceDataset(sampling.cache_dir, self.uids, self.train_samples[picks], self.context, patches,
+        return SliceDataset(sampling.cache(), self.uids, self.train_samples[picks], self.context, patches,
                             self.settings.label_margin, self.centred[picks])
 
     def val_dataset(self):
-        return SliceDataset(self.settings.sampling.cache_dir, self.uids, self.draws.val_rows, self.context,
+        return SliceDataset(self.settings.sampling.cache(), self.uids, self.draws.val_rows, self.context,
                             margin=self.settings.label_margin)
 
     def _loss(self, pred: torch.Tensor, target: torch.Tensor, device: torch.device):
@@ -131,16 +130,15 @@ class SegmentationTask(Task):
         writer.add_images("val/slices_red_predicted_green_label", rgb, step)
 
 
-def nodule_slices(cache_dir: Path, index: LunaIndex, series_codes, margin: int = 0) -> np.ndarray:
+def nodule_slices(cache: LunaCache, index: LunaIndex, series_codes, margin: int = 0) -> np.ndarray:
     """(uid code, slice) for every slice holding nodule label voxels (grown by margin) in the given series."""
-    cache = LunaCache(cache_dir)
     rows = [(code, k) for code in series_codes for k in cache.record(index.series_uids[code]).label_slices(margin)]
     return np.array(rows, np.int64).reshape(-1, 2)
 
 
-def lookalike_pixels(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndarray:
+def lookalike_pixels(cache: LunaCache, index: LunaIndex, series_codes) -> np.ndarray:
     """(uid code, slice, row, col) of every non-nodule candidate of the given series inside its CT."""
-    cache, rows = LunaCache(cache_dir), []
+    rows = []
     for code in series_codes:
         record = cache.record(index.series_uids[code])
         irc = nearest_voxels(index.center_xyz[(index.series_code == code) & ~index.is_nodule], record.geometry,
@@ -149,13 +147,13 @@ def lookalike_pixels(cache_dir: Path, index: LunaIndex, series_codes) -> np.ndar
     return np.concatenate(rows).reshape(-1, 4) if rows else np.zeros((0, 4), np.int64)
 
 
-def per_nodule_weights(cache_dir: Path, index: LunaIndex, samples: np.ndarray, margin: int = 0) -> np.ndarray:
+def per_nodule_weights(cache: LunaCache, index: LunaIndex, samples: np.ndarray, margin: int = 0) -> np.ndarray:
     """A weight per (uid code, slice) sample: the sum, over the nodules the slice shows (grown by
     margin), of 1 / that nodule's slice count. Drawn by these weights, every nodule is trained on
     equally often: drawn by slice, a 10 mm nodule at 1.5 mm slices shows up three times as often as
     a 3 mm one, and small nodules are the ones the U-Net misses. A nodule is the label component
     holding its centre; label fragments off every centre weigh nothing."""
-    cache, weights = LunaCache(cache_dir), np.zeros(len(samples))
+    weights = np.zeros(len(samples))
     for code in np.unique(samples[:, 0]):
         record = cache.record(index.series_uids[code])
         labels, _ = ndimage.label(record.mask())
@@ -172,10 +170,10 @@ def per_nodule_weights(cache_dir: Path, index: LunaIndex, samples: np.ndarray, m
     return weights
 
 
-def _with_empty_slices(cache_dir: Path, index: LunaIndex, val: np.ndarray, codes: np.ndarray,
+def _with_empty_slices(cache: LunaCache, index: LunaIndex, val: np.ndarray, codes: np.ndarray,
                        margin: int) -> np.ndarray:
     """The nodule slices `val` of these series plus as many of their nodule-free slices, evenly spaced."""
-    cache, empty = LunaCache(cache_dir), []
+    empty = []
     for code in codes:
         record = cache.record(index.series_uids[code])
         free = np.setdiff1d(np.arange(record.shape[0]), record.label_slices(margin))
@@ -189,20 +187,20 @@ def segmentation_task(index: LunaIndex, settings: SegmentationSettings) -> Segme
     lookalike_share that share of patches centred on a non-nodule candidate instead (vessels and
     other look-alikes the U-Net should leave unmarked). Validation: the whole nodule slices of the
     validation series plus as many nodule-free slices, evenly spaced."""
-    cache_dir, margin = settings.sampling.cache_dir, settings.label_margin
+    cache, margin = settings.sampling.cache(), settings.label_margin
     codes = np.arange(len(index.series_uids))
     is_val = index.validation_series(settings.sampling.val_stride)
-    train = nodule_slices(cache_dir, index, codes[~is_val], margin)
-    val = nodule_slices(cache_dir, index, codes[is_val], margin)
+    train = nodule_slices(cache, index, codes[~is_val], margin)
+    val = nodule_slices(cache, index, codes[is_val], margin)
     if len(train) == 0 or len(val) == 0:
         raise UserError("segmentation needs nodules in both the training and the validation series; "
                         "add series or change --val-stride")
-    val = _with_empty_slices(cache_dir, index, val, codes[is_val], margin)
-    weights = [per_nodule_weights(cache_dir, index, train, margin) if settings.per_nodule else None]
+    val = _with_empty_slices(cache, index, val, codes[is_val], margin)
+    weights = [per_nodule_weights(cache, index, train, margin) if settings.per_nodule else None]
     train = np.pad(train, ((0, 0), (0, 2)))
     groups, pattern, centred = [np.arange(len(train))], [0], np.zeros(len(train), bool)
     if settings.lookalike_share > 0:
-        lookalikes = lookalike_pixels(cache_dir, index, codes[~is_val])
+        lookalikes = lookalike_pixels(cache, index, codes[~is_val])
         if len(lookalikes) == 0:
             raise UserError("the training series hold no non-nodule candidates to learn look-alikes from; "
                             "use --lookalike-share 0")

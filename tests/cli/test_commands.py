@@ -71,7 +71,7 @@ def test_prep_into_another_cache_dir(tiny_root, tmp_path):
     assert result.exit_code == 0, result.output
     from p2ch_app.data.cache import LunaCache
 
-    assert len(LunaCache(tmp_path / "c").cached_uids()) == 3 and not (tiny_root.root / "cache").exists()
+    assert len(LunaCache(tmp_path / "c", tiny_root.root).cached_uids()) == 3 and not (tiny_root.root / "cache").exists()
 
 
 def test_prep_reports_what_it_built(tiny_root):
@@ -382,7 +382,7 @@ def test_ctrl_c_during_a_parallel_prep_is_one_line_and_exit_130(tmp_path):
     lines = [line for line in err.splitlines() if line.strip() and not re.match(r"luna-prep:\s+\d+%\|", line)]
     assert lines == ["luna-prep: interrupted; finished work is kept, rerun to continue"], err
     assert err.rstrip("\n").endswith(lines[0])  # no bar drawn after it
-    cache = LunaCache(tiny.root / "cache")
+    cache = LunaCache(tiny.root / "cache", tiny.root)
     assert not list((tiny.root / "cache" / "volumes").glob("*.tmp.npy"))
     for uid in cache.cached_uids():  # what looks cached is whole
         assert (cache.volume(uid) == load_series(tiny.root, uid).hu).all()

@@ -52,15 +52,18 @@ def test_mask_slice_with_margin_is_the_3d_grown_label(margin):
 
 def test_build_then_read(tiny_root, tmp_path):
     index = build_index(tiny_root.root)
-    cache = LunaCache(tmp_path / "cache")
-    done = cache.build(tiny_root.root, index, progress=False)
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    done = cache.build(index, progress=False)
     assert done["built"] == 3 and done["skipped"] == 0 and done["series"] == 3 and done["bytes"] > 0
     for series in tiny_root.series:
         ct = load_series(tiny_root.root, series.uid)
         volume = cache.volume(series.uid)
         assert np.array_equal(volume, ct.hu)
         record = cache.record(series.uid)
-        assert record.source.path == str(series.mhd.with_suffix(".raw").resolve()) and record.source.offset == 0
+        raw = series.mhd.with_suffix(".raw")
+        assert record.source.path == raw.relative_to(tiny_root.root).as_posix() and record.source.offset == 0
+        assert record.source.file(cache.root) == raw.resolve()  # named under the root it was built from
+        assert (record.source.device, record.source.inode) == (raw.stat().st_dev, raw.stat().st_ino)
         assert record.shape == ct.hu.shape
         assert np.allclose(record.geometry.spacing, ct.geometry.spacing)
         mask = record.mask()
@@ -77,50 +80,50 @@ def test_build_then_read(tiny_root, tmp_path):
 
 
 def test_second_build_skips_and_changed_annotations_rebuild_one_series(tiny_root, tmp_path):
-    cache = LunaCache(tmp_path / "cache")
-    cache.build(tiny_root.root, build_index(tiny_root.root), progress=False)
-    again = LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    cache.build(build_index(tiny_root.root), progress=False)
+    again = LunaCache(tmp_path / "cache", tiny_root.root).build(build_index(tiny_root.root), progress=False)
     assert again["built"] == 0 and again["skipped"] == 3
     ann = tiny_root.root / "annotations.csv"
     lines = ann.read_text().splitlines()
     ann.write_text("\n".join(lines[:-1]) + "\n")  # drop the last series' last nodule
     index = build_index(tiny_root.root)
-    redone = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    redone = LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)
     assert redone["built"] == 1 and redone["skipped"] == 2
     raw = tiny_root.series[0].mhd.with_suffix(".raw")
     data = bytearray(raw.read_bytes())
     data[:2] = (123).to_bytes(2, "little", signed=True)
     raw.write_bytes(bytes(data))  # a rewritten CT is cached again, with its new values
-    cache = LunaCache(tmp_path / "cache")
-    assert cache.build(tiny_root.root, index, progress=False)["built"] == 1
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    assert cache.build(index, progress=False)["built"] == 1
     assert cache.volume(tiny_root.series[0].uid)[0, 0, 0] == 123
 
 
 def test_parallel_build_matches_serial(tiny_root, tmp_path):
     index = build_index(tiny_root.root)
-    serial, parallel = LunaCache(tmp_path / "a"), LunaCache(tmp_path / "b")
-    serial.build(tiny_root.root, index, progress=False)
-    assert parallel.build(tiny_root.root, index, workers=2, progress=False)["built"] == 3
+    serial, parallel = LunaCache(tmp_path / "a", tiny_root.root), LunaCache(tmp_path / "b", tiny_root.root)
+    serial.build(index, progress=False)
+    assert parallel.build(index, workers=2, progress=False)["built"] == 3
     for uid in index.series_uids:
         assert np.array_equal(serial.volume(uid), parallel.volume(uid))
         assert np.array_equal(serial.record(uid).mask_voxels, parallel.record(uid).mask_voxels)
 
 
 def test_annotation_outside_its_ct_is_refused_and_the_cache_is_kept(tiny_root, tmp_path):
-    cache = LunaCache(tmp_path / "cache")
-    cache.build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    cache.build(build_index(tiny_root.root), progress=False)
     before = snapshot(tmp_path / "cache")
     ann = tiny_root.root / "annotations.csv"
     ann.write_text(ann.read_text() + "1.2.840.99.2,900.0,0.0,0.0,5.0\n")
     outside = r"annotations.csv:7: nodule at \[900.0, 0.0, 0.0\] mm lies outside CT 1.2.840.99.2"
     with pytest.raises(UserError, match=outside):
-        LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+        LunaCache(tmp_path / "cache", tiny_root.root).build(build_index(tiny_root.root), progress=False)
     assert snapshot(tmp_path / "cache") == before
 
 
 def test_reading_an_uncached_series_says_to_run_prep(tmp_path):
-    with pytest.raises(UserError, match="run luna-prep first"):
-        LunaCache(tmp_path / "cache").volume("1.2.3")
+    with pytest.raises(UserError, match=f"run luna-prep --data-root {tmp_path} first"):
+        LunaCache(tmp_path / "cache", tmp_path).volume("1.2.3")
 
 
 SLOW_PREP = """
@@ -133,7 +136,7 @@ def slow(job):
     time.sleep(0.3)
     return record
 cache._build_series = slow
-cache.LunaCache(sys.argv[2]).build(sys.argv[1], build_index(sys.argv[1]), progress=False)
+cache.LunaCache(sys.argv[2], sys.argv[1]).build(build_index(sys.argv[1]), progress=False)
 """
 
 
@@ -148,12 +151,12 @@ def test_killed_run_leaves_no_corrupt_entry_and_resume_builds_only_the_rest(tmp_
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    cache = LunaCache(cache_dir)
+    cache = LunaCache(cache_dir, tiny.root)
     survivors = cache.cached_uids()
     assert 2 <= len(survivors) < 6
     for uid in survivors:  # whatever looks cached is whole
         assert np.array_equal(cache.volume(uid), load_series(tiny.root, uid).hu)
-    done = LunaCache(cache_dir).build(tiny.root, build_index(tiny.root), progress=False)
+    done = LunaCache(cache_dir, tiny.root).build(build_index(tiny.root), progress=False)
     assert done["built"] == 6 - len(survivors) and done["series"] == 6
     assert not list((cache_dir / "volumes").glob("*.tmp.npy"))
 
@@ -162,34 +165,34 @@ def test_a_truncated_or_replaced_volume_is_not_current_and_is_rebuilt(tiny_root,
     from p2ch_app.data.cache import require_cached
 
     index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
-    first, second = (LunaCache(tmp_path / "cache").volume_path(s.uid) for s in tiny_root.series[:2])
+    LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False, copy_volumes=True)
+    first, second = (LunaCache(tmp_path / "cache", tiny_root.root).volume_path(s.uid) for s in tiny_root.series[:2])
     first.write_bytes(first.read_bytes()[:-100])  # cut off, as by a full disk or a copy that stopped
     np.save(second, np.zeros((2, 2, 2), np.int16))  # a whole .npy, of the wrong shape
-    cache = LunaCache(tmp_path / "cache")
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
     assert cache.cached_uids() == [tiny_root.series[2].uid]
     with pytest.raises(UserError, match=f"the cached volume {first} does not match its record .*run luna-prep again"):
         cache.volume(tiny_root.series[0].uid)
     with pytest.raises(UserError, match="2 series .* are not in the cache .*or damaged"):
         require_cached(tmp_path / "cache", index, tiny_root.root)
-    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
+    done = LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False, copy_volumes=True)
     assert done["built"] == 2 and done["series"] == 3
-    rebuilt = LunaCache(tmp_path / "cache")
+    rebuilt = LunaCache(tmp_path / "cache", tiny_root.root)
     for series in tiny_root.series:
         assert np.array_equal(rebuilt.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
 
 @pytest.mark.parametrize("damage", ["junk", "torn"])
 def test_a_damaged_cache_database_says_how_to_rebuild(tiny_root, tmp_path, damage):
-    LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    LunaCache(tmp_path / "cache", tiny_root.root).build(build_index(tiny_root.root), progress=False)
     db = tmp_path / "cache" / "meta" / "cache.db"
     data = db.read_bytes()
     db.write_bytes(bytes(range(256)) * 20 if damage == "junk" else data[:200] + bytes(len(data) - 200))
     rebuild = f"the cache database {tmp_path / 'cache' / 'meta'} is damaged .*; delete .*meta .*run luna-prep again"
     with pytest.raises(UserError, match=rebuild):
-        LunaCache(tmp_path / "cache").build(tiny_root.root, build_index(tiny_root.root), progress=False)
+        LunaCache(tmp_path / "cache", tiny_root.root).build(build_index(tiny_root.root), progress=False)
     with pytest.raises(UserError, match=rebuild):
-        LunaCache(tmp_path / "cache").volume(tiny_root.series[0].uid)
+        LunaCache(tmp_path / "cache", tiny_root.root).volume(tiny_root.series[0].uid)
 
 
 def test_a_full_disk_during_prep_is_one_line_and_leaves_no_temporary_file(tiny_root, tmp_path, monkeypatch):
@@ -212,10 +215,11 @@ def test_a_full_disk_during_prep_is_one_line_and_leaves_no_temporary_file(tiny_r
     monkeypatch.setattr(np, "save", save_half)
     result = run(prep, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    volume = LunaCache(tmp_path / "cache").volume_path(tiny_root.series[1].uid)
+    volume = LunaCache(tmp_path / "cache", tiny_root.root).volume_path(tiny_root.series[1].uid)
     assert result.stderr.splitlines()[-1] == (f"luna-prep: error: cannot write {volume}: disk full (no space left on "
                                               "device); free space or choose another disk")
-    assert sorted(p.name for p in (tmp_path / "cache" / "volumes").iterdir()) == [f"{tiny_root.series[0].uid}.npy"]
+    first = LunaCache(tmp_path / "cache", tiny_root.root).volume_path(tiny_root.series[0].uid)
+    assert sorted(p.name for p in (tmp_path / "cache" / "volumes").iterdir()) == [first.name]
     assert snapshot(tmp_path / "cache") == before
 
 
@@ -244,7 +248,7 @@ def test_concurrent_preps_wait_for_each_other_and_keep_each_others_temporary_fil
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "Traceback" not in err, err
         assert proc.first_line == f"luna-prep: waiting for another luna-prep to finish building {cache_dir}\n"
-    cache = LunaCache(cache_dir)
+    cache = LunaCache(cache_dir, tiny.root)
     assert cache.cached_uids() == sorted(s.uid for s in tiny.series)
     for series in tiny.series:
         assert np.array_equal(cache.volume(series.uid), load_series(tiny.root, series.uid).hu)
@@ -293,9 +297,9 @@ def assert_same_reads(mapped: LunaCache, copied: LunaCache, uid: str, centers_xy
 
 def test_mapped_raw_files_read_bit_for_bit_as_the_copied_volumes(tiny_root, tmp_path):
     index = build_index(tiny_root.root)
-    mapped, copied = LunaCache(tmp_path / "mapped"), LunaCache(tmp_path / "copied")
-    mapped.build(tiny_root.root, index, progress=False)
-    copied.build(tiny_root.root, index, progress=False, copy_volumes=True)
+    mapped, copied = LunaCache(tmp_path / "mapped", tiny_root.root), LunaCache(tmp_path / "copied", tiny_root.root)
+    mapped.build(index, progress=False)
+    copied.build(index, progress=False, copy_volumes=True)
     assert not list((tmp_path / "mapped" / "volumes").iterdir())
     assert len(list((tmp_path / "copied" / "volumes").glob("*.npy"))) == 3
     raw_bytes = sum(s.mhd.with_suffix(".raw").stat().st_size for s in tiny_root.series)
@@ -309,9 +313,9 @@ def test_mapped_raw_files_read_bit_for_bit_as_the_copied_volumes(tiny_root, tmp_
 
 def test_synthetic_series_read_bit_for_bit_as_their_copies(prepared_synth, tmp_path):
     index = build_index(prepared_synth)
-    mapped = LunaCache(prepared_synth / "cache")  # the fixture's own luna-prep build
-    copied = LunaCache(tmp_path / "copied")
-    copied.build(prepared_synth, index, progress=False, copy_volumes=True)
+    mapped = LunaCache(prepared_synth / "cache", prepared_synth)  # the fixture's own luna-prep build
+    copied = LunaCache(tmp_path / "copied", prepared_synth)
+    copied.build(index, progress=False, copy_volumes=True)
     for uid in index.series_uids:
         assert mapped.record(uid).source is not None and not mapped.volume_path(uid).exists()
         assert_same_reads(mapped, copied, uid, index.for_series(uid).center_xyz[:12])
@@ -360,8 +364,8 @@ def test_each_layout_reads_as_load_ct_and_only_plain_little_endian_int16_is_read
         f"{LAYOUT_UID},{x},{y},{z},0\n" for x, y, z in centers))
     (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n"
                                           f"{LAYOUT_UID},{centers[1, 0]},{centers[1, 1]},{centers[1, 2]},3.0\n")
-    cache = LunaCache(tmp_path / "cache")
-    cache.build(root, build_index(root), progress=False)
+    cache = LunaCache(tmp_path / "cache", root)
+    cache.build(build_index(root), progress=False)
     ct = load_series(root, LAYOUT_UID)
     assert np.array_equal(ct.hu, np.clip(hu, -1000, 1000))
     record = cache.record(LAYOUT_UID)
@@ -383,17 +387,31 @@ def test_a_layout_that_does_not_read_as_load_ct_is_copied_instead(tiny_root, tmp
     others = {s.mhd: tiny_root.series[(k + 1) % 3].mhd.with_suffix(".raw") for k, s in enumerate(tiny_root.series)}
     # a header that would map another CT's voxels (same shape, other values): luna-prep compares and copies
     monkeypatch.setattr(cache_module, "raw_int16_layout", lambda mhd: replace(header_layout(mhd), file=others[mhd]))
-    cache = LunaCache(tmp_path / "cache")
-    cache.build(tiny_root.root, build_index(tiny_root.root), progress=False)
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    cache.build(build_index(tiny_root.root), progress=False)
     for series in tiny_root.series:
         assert cache.record(series.uid).source is None and cache.volume_path(series.uid).exists()
         assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
 
+def test_a_data_file_outside_the_data_root_is_copied_not_read_in_place(tiny_root, tmp_path):
+    series = tiny_root.series[0]
+    raw = series.mhd.with_suffix(".raw")
+    elsewhere = raw.rename(tmp_path / "elsewhere.raw")  # the header names a file beside the data root
+    series.mhd.write_text(series.mhd.read_text().replace(f"= {raw.name}", "= ../../elsewhere.raw"))
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    cache.build(build_index(tiny_root.root), progress=False)
+    assert cache.record(series.uid).source is None and cache.volume_path(series.uid).exists()
+    assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+    elsewhere.unlink()  # the copy does not depend on it
+    assert np.array_equal(LunaCache(tmp_path / "cache", tiny_root.root).volume(series.uid), cache.volume(series.uid))
+    assert all(cache.record(s.uid).source is not None for s in tiny_root.series[1:])
+
+
 def prepared_raw(tiny_root, tmp_path, k: int):
     """(index, series k, its .raw) once the tiny root is cached in tmp_path/cache."""
     index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)
     return index, tiny_root.series[k], tiny_root.series[k].mhd.with_suffix(".raw")
 
 
@@ -404,7 +422,7 @@ def test_a_raw_file_changed_after_prep_is_refused_by_readers_and_rebuilt_by_prep
     data = bytearray(raw.read_bytes())
     data[:2] = (123).to_bytes(2, "little", signed=True)
     raw.write_bytes(bytes(data))  # same size, new contents and time
-    cache = LunaCache(tmp_path / "cache")
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
     assert cache.cached_uids() == [s.uid for s in tiny_root.series[1:]]
     changed = (f"{raw.resolve()}, the CT file of series {series.uid}, was changed or removed after luna-prep read "
                "it; run luna-prep again to update the cache")
@@ -416,9 +434,9 @@ def test_a_raw_file_changed_after_prep_is_refused_by_readers_and_rebuilt_by_prep
     assert str(refused.value) == changed
     with pytest.raises(UserError, match="1 series .* are not in the cache .*run luna-prep"):
         require_cached(tmp_path / "cache", index, tiny_root.root)
-    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+    done = LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)
     assert done["built"] == 1 and done["skipped"] == 2 and done["series"] == 3
-    rebuilt = LunaCache(tmp_path / "cache")
+    rebuilt = LunaCache(tmp_path / "cache", tiny_root.root)
     assert rebuilt.volume(series.uid)[0, 0, 0] == 123
     assert np.array_equal(rebuilt.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
@@ -427,37 +445,43 @@ def test_a_raw_file_removed_after_prep_is_refused_by_readers_and_named_by_prep(t
     index, series, raw = prepared_raw(tiny_root, tmp_path, 1)
     data = raw.read_bytes()
     raw.unlink()
-    cache = LunaCache(tmp_path / "cache")
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
     assert series.uid not in cache.cached_uids() and len(cache.cached_uids()) == 2
     with pytest.raises(UserError) as refused:
         cache.volume(series.uid)
     assert str(refused.value) == (f"{raw.resolve()}, the CT file of series {series.uid}, was changed or removed "
                                   "after luna-prep read it; run luna-prep again to update the cache")
     with pytest.raises(UserError, match=f"names data file {raw.name}, which is missing; copy the .raw"):
-        LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)
+        LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)
     raw.write_bytes(data)  # back, with a new time: read again, then trusted
-    assert LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)["built"] == 1
-    assert np.array_equal(LunaCache(tmp_path / "cache").volume(series.uid), load_series(tiny_root.root, series.uid).hu)
+    assert LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)["built"] == 1
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
+    assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)
 
 
 def test_an_old_format_or_copied_cache_is_rebuilt_in_place_and_its_copies_deleted(tiny_root, tmp_path):
     index = build_index(tiny_root.root)
-    LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)
+    LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False, copy_volumes=True)
     volumes = tmp_path / "cache" / "volumes"
     with diskcache.Cache(str(tmp_path / "cache" / "meta")) as store:
-        for uid in list(store):  # the records as FORMAT_VERSION 1 wrote them, beside their whole .npy copies
-            old = store[uid]
+        for root, uid in list(store):  # the records as FORMAT_VERSION 1 wrote them: keyed by uid, copies <uid>.npy
+            old = store.pop((root, uid))
             old["version"] = 1
             del old["source"]
             store[uid] = old
-    cache = LunaCache(tmp_path / "cache")
+    for copy in volumes.glob("*.npy"):
+        copy.rename(volumes / f"{copy.name.split('-')[0]}.npy")
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
     assert cache.cached_uids() == [] and len(list(volumes.glob("*.npy"))) == 3
-    with pytest.raises(UserError, match="is not in the cache .*; run luna-prep first"):
+    with pytest.raises(UserError, match=f"not in the cache .*; run luna-prep --data-root {tiny_root.root} first"):
         cache.volume(tiny_root.series[0].uid)
-    assert LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False, copy_volumes=True)["built"] == 3
-    done = LunaCache(tmp_path / "cache").build(tiny_root.root, index, progress=False)  # read in place from now on
+    assert LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False, copy_volumes=True)["built"] == 3
+    with diskcache.Cache(str(tmp_path / "cache" / "meta")) as store:
+        assert sorted(store) == [(cache.root, s.uid) for s in tiny_root.series]  # the old records are gone
+    assert sorted(p.name for p in volumes.iterdir()) == [cache.volume_path(s.uid).name for s in tiny_root.series]
+    done = LunaCache(tmp_path / "cache", tiny_root.root).build(index, progress=False)  # read in place from now on
     assert done["built"] == 3 and done["series"] == 3 and not list(volumes.iterdir())
-    cache = LunaCache(tmp_path / "cache")
+    cache = LunaCache(tmp_path / "cache", tiny_root.root)
     for series in tiny_root.series:
         assert cache.record(series.uid).source is not None
         assert np.array_equal(cache.volume(series.uid), load_series(tiny_root.root, series.uid).hu)

@@ -31,10 +31,12 @@ def test_balance_option_sets_the_ratio_and_zero_is_natural(prepared_synth, tmp_p
     index = build_index(prepared_synth)
     is_val = index.is_validation(3)
     for balance, expected in ((1, 0.5), (3, 0.25)):
-        task = nodule_task(index, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=400), balance))
+        sampling = Sampling(tmp_path, prepared_synth, val_stride=3, epoch_samples=400)
+        task = nodule_task(index, NoduleSettings(sampling, balance))
         labels = task.labels[task.train_dataset(1).rows]
         assert labels.mean() == pytest.approx(expected, abs=0.01)
-    natural = nodule_task(index, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=400), balance=0))
+    sampling = Sampling(tmp_path, prepared_synth, val_stride=3, epoch_samples=400)
+    natural = nodule_task(index, NoduleSettings(sampling, balance=0))
     labels = natural.labels[natural.train_dataset(1).rows]
     assert labels.mean() < 0.15  # nodules are rare among candidates
     assert not np.array_equal(natural.train_dataset(1).rows, natural.train_dataset(2).rows)
@@ -61,10 +63,10 @@ def test_finetune_malignancy_from_our_classifier(cls_run, prepared_synth, tmp_pa
 
 def test_crop_zoom_is_trained_saved_and_kept_by_the_malignancy_model(prepared_synth, tmp_path):
     cache_dir = default_cache_dir(prepared_synth)
-    settings = NoduleSettings(Sampling(cache_dir, val_stride=3, epoch_samples=8), crop_zoom=2)
+    settings = NoduleSettings(Sampling(cache_dir, prepared_synth, val_stride=3, epoch_samples=8), crop_zoom=2)
     task = nodule_task(build_index(prepared_synth), settings)
     crop, _, row = task.val_dataset()[0]
-    zoomed, _ = LunaCache(cache_dir).crop(task.index.uids()[row], task.index.center_xyz[row], zoom=2)
+    zoomed, _ = LunaCache(cache_dir, prepared_synth).crop(task.index.uids()[row], task.index.center_xyz[row], zoom=2)
     assert crop.dtype == torch.float32 and np.array_equal(crop[0].numpy(), zoomed)
     assert task.model().config.crop_zoom == 2
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,

@@ -84,7 +84,8 @@ def _ddp_rank(rank: int, world: int, port: int, data_root: Path, out: Path) -> N
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     index = build_index(data_root)
-    sampling = Sampling(data_root / "cache", val_stride=3, epoch_samples=32, augmentations=("flip", "noise"), seed=3)
+    sampling = Sampling(data_root / "cache", data_root, val_stride=3, epoch_samples=32, augmentations=("flip", "noise"),
+                        seed=3)
     task = nodule_task(index, NoduleSettings(sampling))
     cfg = TrainConfig(command="ddp", epochs=2, batch_size=8, workers=0, device="cpu", runs_dir=out / "runs")
     model, _ = fit(task, cfg, progress=False)
@@ -161,7 +162,8 @@ def test_training_needs_the_cache(tiny_root, tmp_path):
 def test_a_run_whose_metric_is_undefined_still_has_a_best_checkpoint(prepared_synth, tmp_path):
     # one epoch on a validation set of a single class: AUC is NaN, yet best.pt must exist
     index = build_index(prepared_synth)
-    task = nodule_task(index, NoduleSettings(Sampling(prepared_synth / "cache", val_stride=3, epoch_samples=16)))
+    sampling = Sampling(prepared_synth / "cache", prepared_synth, val_stride=3, epoch_samples=16)
+    task = nodule_task(index, NoduleSettings(sampling))
     task.best_metric = "auc"
     val_rows = task.draws.val_rows
     task.draws = replace(task.draws, val_rows=val_rows[task.labels[val_rows] == 0][:8])

@@ -22,7 +22,7 @@ def test_mined_are_in_body_candidates_away_from_every_nodule_or_within_ones_radi
     from p2ch_app.data.index import build_index
 
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache")
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
     row = int(np.flatnonzero(index.has_annotation)[0])
     code, nodule = int(index.series_code[row]), index.center_xyz[row]
     clearance = max(index.diameter_mm[row], mining.MINED_CLEARANCE_MM)
@@ -45,7 +45,7 @@ def test_mined_lookalikes_are_half_the_negatives_however_many(prepared_synth, tm
     for copies in (1, 10):  # few or many mined rows: the same share
         rows = np.tile(train, copies)
         grown = index.with_mined(index.series_code[rows], index.center_xyz[rows] + 0.5)
-        task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=800)))
+        task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, prepared_synth, val_stride=3, epoch_samples=800)))
         drawn = task.train_dataset(1).rows
         mined = drawn >= len(index)
         assert task.labels[drawn].mean() == pytest.approx(0.5, abs=0.01)
@@ -61,7 +61,7 @@ def test_mined_hits_are_half_the_positives_and_lookalikes_half_the_negatives(pre
     is_hit = np.arange(len(rows)) < 7 * len(nodules)
     grown = index.with_mined(index.series_code[rows], index.center_xyz[rows] + 0.5, is_hit)
     assert np.all(grown.malignancy[len(index):][is_hit] == UNKNOWN_MALIGNANCY)
-    task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, val_stride=3, epoch_samples=800)))
+    task = nodule_task(grown, NoduleSettings(Sampling(tmp_path, prepared_synth, val_stride=3, epoch_samples=800)))
     drawn = task.train_dataset(1).rows
     mined, labels = drawn >= len(index), task.labels[drawn]
     assert labels.mean() == pytest.approx(0.5, abs=0.01)
@@ -83,7 +83,7 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     index = build_index(prepared_synth)
     segmenter = load_segmenter(tmp_path / "seg.pt", torch.device("cpu"))
     train_codes = np.flatnonzero(~index.validation_series(3))
-    codes, _, hits = mine_candidates(LunaCache(prepared_synth / "cache"), index, train_codes, segmenter,
+    codes, _, hits = mine_candidates(LunaCache(prepared_synth / "cache", prepared_synth), index, train_codes, segmenter,
                                      torch.device("cpu"))
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
                              "--mine-with", tmp_path / "seg.pt"])

@@ -27,7 +27,7 @@ BOOK, SMALL = SegmenterConfig(), SegmenterConfig(depth=2, width_factor=3)
 
 def seg_settings(root, architecture, crop, window, epoch_samples, **given) -> SegmentationSettings:
     """Segmentation settings over the prepared data, validating every third series, unaugmented."""
-    sampling = Sampling(root / "cache", val_stride=3, epoch_samples=epoch_samples)
+    sampling = Sampling(root / "cache", root, val_stride=3, epoch_samples=epoch_samples)
     return SegmentationSettings(sampling, architecture, crop, window, label_margin=given.pop("label_margin", 0),
                                 **given)
 
@@ -60,18 +60,18 @@ def test_missed_pixels_cost_more_than_extra_ones_with_fn_weight():
 
 def test_slice_stacks_repeat_edges_and_crop_around_a_nodule(prepared_synth):
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache")
-    samples = nodule_slices(prepared_synth / "cache", index, range(len(index.series_uids)))
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
+    samples = nodule_slices(cache, index, range(len(index.series_uids)))
     assert len(samples) > 0
     code, k = samples[0]
     record = cache.record(index.series_uids[code])
     assert np.array_equal(record.mask_slice(k), record.mask()[k])
-    cropped = SliceDataset(prepared_synth / "cache", index.series_uids, samples, context=3,
+    cropped = SliceDataset(cache, index.series_uids, samples, context=3,
                            patches=Patches(crop=32, window=48))
     for i in range(len(samples)):
         stack, mask = cropped[i]
         assert stack.shape == (7, 32, 32) and mask.shape == (1, 32, 32) and mask.any()
-    whole = SliceDataset(prepared_synth / "cache", index.series_uids, [(code, 0)], context=3)
+    whole = SliceDataset(cache, index.series_uids, [(code, 0)], context=3)
     stack, mask = whole[0]
     volume = cache.volume(index.series_uids[code])
     assert stack.shape == (7, *volume.shape[1:])
@@ -145,7 +145,7 @@ def test_label_margin_grows_the_task_labels_in_3d(prepared_synth):
     from scipy import ndimage
 
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache")
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
     plain = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 8))
     grown = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 8, label_margin=1))
     assert len(grown.train_samples) > len(plain.train_samples)  # the slices next to each nodule join
@@ -160,10 +160,10 @@ def test_lookalike_share_centres_that_share_of_crops_on_non_nodule_candidates(pr
     from p2ch_app.data.ct import xyz_to_irc
 
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache")
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
     task = segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 40, lookalike_share=0.25))
     is_val = index.validation_series(3)
-    lookalikes = lookalike_pixels(prepared_synth / "cache", index, np.flatnonzero(~is_val))
+    lookalikes = lookalike_pixels(cache, index, np.flatnonzero(~is_val))
     expected = sum(int(np.sum((index.series_code == c) & ~index.is_nodule)) for c in np.flatnonzero(~is_val))
     assert len(lookalikes) == expected > 0  # every look-alike of the synthetic series lies inside its CT
     code, *irc = lookalikes[0]
@@ -192,7 +192,7 @@ def test_per_nodule_draws_every_nodule_equally_often(prepared_synth):
     from p2ch_app.data.ct import xyz_to_irc
 
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache")
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
     make = lambda per_nodule: segmentation_task(index, seg_settings(prepared_synth, SMALL, 32, 48, 30000,
                                                                     per_nodule=per_nodule))
     slices = []  # (uid code, first, last slice) of each nodule's label component
