@@ -145,7 +145,7 @@ def choose_series(client: DICOMwebClient, study: str, series: str | None) -> Ser
             raise UserError(f"series {series} is {chosen[0].modality or 'of no modality'}, not CT; pass a CT series "
                             "with --series")
         return chosen[0]
-    cts = [s for s in listed if s.modality == "CT"]
+    cts = sorted((s for s in listed if s.modality == "CT"), key=lambda s: s.uid)
     if not cts:
         raise UserError(f"study {study} holds no CT series (only {', '.join(sorted({s.modality for s in listed}))}); "
                         "pass a study with a CT")
@@ -175,6 +175,15 @@ def fetched_series(client: DICOMwebClient, study: str, series: SeriesInfo) -> It
         yield folder
 
 
+def _holds(client: DICOMwebClient, ds) -> bool:
+    """Whether the PACS lists the instance (QIDO-RS): a PACS may answer a STOW-RS with success yet
+    drop the object (Orthanc does when a filter refuses it)."""
+    with _answers(client, f"checking that it holds {ds.SOPInstanceUID}"):
+        found = client.search_for_instances(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                            search_filters={"SOPInstanceUID": ds.SOPInstanceUID})
+    return len(found) == 1
+
+
 def store(client: DICOMwebClient, objects: DicomObjects) -> list[str]:
     """STOW-RS of the SEG then the SR, one request each; returns what was stored. A failure names the
     objects already stored (a rerun stores them again under the same UIDs)."""
@@ -189,7 +198,8 @@ def store(client: DICOMwebClient, objects: DicomObjects) -> list[str]:
             problem = str(err).rsplit("; ", 1)[0]
             raise UserError(f"{problem} ({done}); fix that and run again: the same objects are stored under the "
                             "same UIDs, with no duplicates") from None
-        if "FailedSOPSequence" in answer:
+        accepted = {item.ReferencedSOPInstanceUID for item in answer.get("ReferencedSOPSequence", [])}
+        if answer.get("FailedSOPSequence") or ds.SOPInstanceUID not in accepted or not _holds(client, ds):
             raise UserError(f"the PACS at {client.base_url} refused {what} ({done}); see the PACS's log, then run "
                             "again: the same objects are stored under the same UIDs, with no duplicates")
         stored.append(what)
