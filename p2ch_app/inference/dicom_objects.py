@@ -11,11 +11,13 @@ and duplicates nothing in a PACS.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -84,6 +86,15 @@ def read_source_headers(files: list[Path], ct: CtVolume) -> list[Dataset]:
     return [headers[k] for k in np.argsort(slices)]
 
 
+@contextlib.contextmanager
+def _names_as_written() -> Iterator[None]:
+    """highdicom warns of a one-part patient name (e.g. an ID, as anonymisers write); it is the scan's
+    own and copied as it is, so the user has nothing to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The string .* is unlikely to represent the intended person name")
+        yield
+
+
 def _algorithm():
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -100,6 +111,8 @@ def build_seg(sources: list[Dataset], ct: CtVolume, detections: list[Detection],
 
     if not detections:
         return None
+    # the label map itself, segment number = rank: segments cannot overlap in it, and highdicom reads it
+    # frame by frame, where one boolean mask per detection would take depth x rows x columns bytes each
     labels = label_volume(ct, detections)
     descriptions = [hd.seg.SegmentDescription(
         segment_number=rank, segment_label=f"nodule {point_label(rank, det)}",
@@ -107,14 +120,14 @@ def build_seg(sources: list[Dataset], ct: CtVolume, detections: list[Detection],
         segmented_property_type=codes.SCT.Nodule, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm(), tracking_uid=derived_uid(key, f"finding-{rank}"),
         tracking_id=f"nodule {rank}") for rank, det in enumerate(detections, 1)]
-    masks = np.stack([labels == rank for rank in range(1, len(detections) + 1)], axis=-1)
-    return hd.seg.Segmentation(
-        source_images=sources, pixel_array=masks, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=derived_uid(key, "seg-series"),
-        series_number=SEG_SERIES_NUMBER, sop_instance_uid=derived_uid(key, "seg-instance"), instance_number=1,
-        manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME, software_versions=p2ch_app.__version__,
-        device_serial_number="1", series_description="nodule-analyze nodules (SEG)",
-        content_label="NODULES", content_description="Nodule candidates, one segment per reported detection")
+    with _names_as_written():
+        return hd.seg.Segmentation(
+            source_images=sources, pixel_array=labels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=derived_uid(key, "seg-series"),
+            series_number=SEG_SERIES_NUMBER, sop_instance_uid=derived_uid(key, "seg-instance"), instance_number=1,
+            manufacturer=MANUFACTURER, manufacturer_model_name=MODEL_NAME, software_versions=p2ch_app.__version__,
+            device_serial_number="1", series_description="nodule-analyze nodules (SEG)",
+            content_label="NODULES", content_description="Nodule candidates, one segment per reported detection")
 
 
 def _measurement(name, value: float, unit):
@@ -174,11 +187,12 @@ def build_sr(sources: list[Dataset], seg: Dataset | None, detections: list[Detec
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=hd.sr.CodedConcept("24627-2", "LN", "CT Chest"), imaging_measurements=groups)
-    return hd.sr.Comprehensive3DSR(
-        evidence=[*sources, *([seg] if seg is not None else [])], content=report[0],
-        series_instance_uid=derived_uid(key, "sr-series"), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(key, "sr-instance"), instance_number=1, manufacturer=MANUFACTURER,
-        is_complete=True, series_description="nodule-analyze nodules (SR)")
+    with _names_as_written():
+        return hd.sr.Comprehensive3DSR(
+            evidence=[*sources, *([seg] if seg is not None else [])], content=report[0],
+            series_instance_uid=derived_uid(key, "sr-series"), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=derived_uid(key, "sr-instance"), instance_number=1, manufacturer=MANUFACTURER,
+            is_complete=True, series_description="nodule-analyze nodules (SR)")
 
 
 def build_objects(sources: list[Dataset], ct: CtVolume, detections: list[Detection], key: str) -> DicomObjects:

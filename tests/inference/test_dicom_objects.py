@@ -76,13 +76,14 @@ def record(det: Detection) -> dict:
 
 
 def hand_detections(ct) -> list[Detection]:
-    """Two detections of the hand-made CT's nodule: a sphere, and a piece inside it (the better rank
-    keeps the shared voxels, as --split pieces do)."""
+    """Three detections of the hand-made CT's nodule: a sphere, a piece partly inside it and one wholly
+    inside it (the better rank keeps the shared voxels, as with --split pieces: the last one's segment is empty)."""
     z, y, x = np.indices(ct.hu.shape)
     sphere = np.flatnonzero(((z - 18) ** 2 + (y - 40) ** 2 + (x - 28) ** 2 <= 4).ravel())
     piece = np.concatenate([sphere[:3], [10 * 80 * 80 + 40 * 80 + 28]])
     return [Detection((-12.0, 0.0, -64.0), (18.0, 40.0, 28.0), 0.93, 0.61, 3.4, len(sphere), True, sphere),
-            Detection((-12.5, 0.25, -80.0), (10.0, 40.25, 27.5), 0.71, None, 1.2, len(piece), True, piece)]
+            Detection((-12.5, 0.25, -80.0), (10.0, 40.25, 27.5), 0.71, None, 1.2, len(piece), True, piece),
+            Detection((-12.0, 0.0, -64.0), (18.0, 40.0, 28.0), 0.52, 0.2, 1.0, 2, True, sphere[:2])]
 
 
 @pytest.fixture
@@ -102,7 +103,8 @@ def test_seg_and_sr_are_valid_and_hold_the_detections(hand_series, tmp_path):
     assert write_objects(out, objects) == [out / SEG_FILE, out / SR_FILE]
     for name in (SEG_FILE, SR_FILE):
         assert_valid_dicom(out / name)
-    assert (label_volume(ct, detections) == 2).sum() == 1  # the piece lost its shared voxels to rank 1
+    labels = label_volume(ct, detections)
+    assert (labels == 2).sum() == 1 and (labels == 3).sum() == 0  # shared voxels went to rank 1
     assert_objects_match(out / SEG_FILE, out / SR_FILE, folder, out / "candidates.nii.gz",
                          [record(d) for d in detections])
 
