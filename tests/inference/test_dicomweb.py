@@ -131,6 +131,7 @@ def test_fetch_analyse_store_and_read_back(orthanc, tmp_path):
 
     source = series_folder(tmp_path, "ct")
     orthanc.upload(source)
+    orthanc.upload(series_folder(tmp_path, "mr", series_uid=f"{SERIES}.3", modality="MR"))  # not a candidate
     report = tmp_path / "report"
     result = run(analyze, pacs_args(orthanc, tmp_path, "--store", "--report", report, "--output", tmp_path / "o.json"))
     assert result.exit_code == 0, result.output
