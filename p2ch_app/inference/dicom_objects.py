@@ -53,14 +53,16 @@ class DicomObjects:
 
 def derivation_key(series_uid: str, model_paths: dict, settings: AnalysisSettings) -> str:
     """What the objects follow from: the source series, the models' bytes (not their paths: the same
-    model copied elsewhere gives the same objects) and every analysis setting."""
+    model copied elsewhere gives the same objects) and the analysis settings that decide the findings
+    (not batch_size, which only sets how many crops run at once)."""
     digest = hashlib.sha256(series_uid.encode())
     for role in sorted(model_paths):
         path = model_paths[role]
         digest.update(f"|{role}=".encode())
         if path is not None:
             digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    digest.update(repr(sorted(asdict(settings).items())).encode())
+    decisive = {name: value for name, value in asdict(settings).items() if name != "batch_size"}
+    digest.update(repr(sorted(decisive.items())).encode())
     return digest.hexdigest()
 
 
@@ -137,7 +139,8 @@ def _measurement(name, value: float, unit):
 
 
 def _finding_group(sources: list[Dataset], det: Detection, rank: int, key: str):
-    """TID 1411 for one detection: its centre as a SCOORD3D point, diameter and probabilities."""
+    """TID 1411 for one detection: its centre as a SCOORD3D point, diameter and probabilities. Its
+    tracking UID is that of the detection's segment in the SEG, which pairs the two for a viewer."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 

@@ -53,10 +53,13 @@ def assert_objects_match(seg_path: Path | None, sr_path: Path, series_folder: Pa
         for rank in range(1, len(detections) + 1):
             assert np.array_equal(pixels[..., rank - 1] > 0, labels == rank), f"segment {rank}"
             assert seg.get_segment_description(rank).segment_label.startswith(f"nodule {rank} p=")
+        tracking = [seg.get_segment_description(rank).tracking_uid for rank in range(1, len(detections) + 1)]
     (summary,) = sr.content.get_image_measurement_groups()
     assert [(m.name, m.value) for m in summary.get_measurements()] == [(codes.SCT.NumberOfLesions, len(detections))]
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(detections)
+    if seg_path is not None:
+        assert [group.tracking_uid for group in groups] == tracking  # each finding paired with its segment
     for group, det in zip(groups, detections):
         assert np.abs(group.roi[0].value - [det["x_mm"], det["y_mm"], det["z_mm"]]).max() <= 0.01
         values = {m.name: m.value for m in group.get_measurements()}
@@ -119,7 +122,7 @@ def test_uids_follow_the_series_models_and_settings(hand_series, tmp_path):
     assert uids(objects_for_series(folder, ct, detections, {"seg": model}, AnalysisSettings())) == first
     moved = tmp_path / "elsewhere.pt"
     shutil.copy(model, moved)
-    assert uids(objects_for_series(folder, ct, detections, {"seg": moved}, AnalysisSettings())) == first
+    assert uids(objects_for_series(folder, ct, detections, {"seg": moved}, AnalysisSettings(batch_size=2))) == first
     other = [uids(objects_for_series(folder, ct, detections, {"seg": model}, AnalysisSettings(threshold=0.6)))]
     model.write_bytes(b"other weights")
     other.append(uids(objects_for_series(folder, ct, detections, {"seg": model}, AnalysisSettings())))
