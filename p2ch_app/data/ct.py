@@ -118,15 +118,16 @@ def nearest_voxels(centers_xyz, geometry: Geometry, shape) -> np.ndarray:
     return np.rint(irc[inside(shape, irc)]).astype(np.int64)
 
 
-def check_uid(uid: str) -> str:
-    """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob."""
+def check_uid(uid: str, what: str = "series") -> str:
+    """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob. what: the
+    kind of UID expected (series, study), as the message names it."""
     uid = uid or ""
     if not _is_uid(uid):
         too_long = len(uid) > UID_MAX_CHARS
         shown = f"{uid[:24]!r}... ({len(uid):,} characters)" if too_long else repr(uid)
         rule = f"DICOM UIDs are at most {UID_MAX_CHARS} characters" if too_long else "UIDs hold only digits and dots"
-        raise UserError(f"{shown} is not a series UID: {rule} (e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); "
-                        "pass a series UID")
+        raise UserError(f"{shown} is not a {what} UID: {rule} (e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); "
+                        f"pass a {what} UID")
     return uid
 
 

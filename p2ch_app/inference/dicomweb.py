@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from p2ch_app.data.ct import check_uid, slice_depths
 from p2ch_app.errors import UserError, brief
+from p2ch_app.files import os_error
 
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
@@ -110,7 +111,7 @@ def _tag(item: dict, tag: str, default=""):
 def study_series(client: DICOMwebClient, study: str) -> list[SeriesInfo]:
     """Every series of the study, as the PACS lists them (QIDO-RS)."""
     with _answers(client, f"listing study {study}"):
-        found = client.search_for_series(study_instance_uid=check_uid(study),
+        found = client.search_for_series(study_instance_uid=check_uid(study, "study"),
                                          fields=["SeriesDescription", "NumberOfSeriesRelatedInstances"])
     return [SeriesInfo(str(_tag(s, "0020000E")), str(_tag(s, "00080060")), str(_tag(s, "0008103E")),
                        int(_tag(s, "00201209", 0))) for s in found]
@@ -167,7 +168,11 @@ def fetched_series(client: DICOMwebClient, study: str, series: SeriesInfo) -> It
         with _answers(client, f"fetching series {series.uid}"):
             instances = client.iter_series(study, series.uid)
             for ds in tqdm(instances, total=series.instances or None, desc="fetch", unit="instance"):
-                ds.save_as(folder / f"{count:06d}.dcm", enforce_file_format=True)
+                path = folder / f"{count:06d}.dcm"
+                try:
+                    ds.save_as(path, enforce_file_format=True)
+                except OSError as err:  # a full disk, say: named, in one line
+                    raise os_error(err, path, f"fetching series {series.uid} into") from None
                 count += 1
         if count < series.instances:
             raise UserError(f"the PACS at {client.base_url} gave {count} of the {series.instances} instances of "

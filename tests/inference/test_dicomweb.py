@@ -215,6 +215,9 @@ def test_credentials(orthanc, tmp_path):
     assert_one_line_error(run(analyze, [*base, "--dicomweb-token-file", tmp_path / "token"]), refused)
     assert_one_line_error(run(analyze, [*base, "--dicomweb-user", "alice"]), "needs --dicomweb-password-file")
     assert_one_line_error(run(analyze, [*base[:1], "localhost:8042", *base[2:]]), "is not an http(s) URL")
+    assert_one_line_error(run(analyze, [*base[:3], "1.2/../3", *base[4:], "--dicomweb-user", "alice",
+                                        "--dicomweb-password-file", tmp_path / "right"]),
+                          "'1.2/../3' is not a study UID")
     assert_one_line_error(run(analyze, [*base, "--dicomweb-token-file", tmp_path / "none"]),
                           f"--dicomweb-token-file {tmp_path / 'none'}: No such file or directory")
     # signed in, the PACS answers: the study is not there
