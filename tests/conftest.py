@@ -178,3 +178,66 @@ def tensorboard_tags(run_dir: Path) -> dict:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     events.Reload()
     return events.Tags()
+
+
+def write_ct_dicom(folder: Path, hu: np.ndarray, geometry, series_uid: str = "1.2.826.0.1.3680043.8.498.1001",
+                   study_uid: str = "1.2.826.0.1.3680043.8.498.1000", modality: str = "CT") -> list[Path]:
+    """A CT (index, row, col) HU array as one DICOM file per slice, with the tags a CT scanner writes
+    (CT Image Storage, patient, study, series, frame of reference, equipment, geometry, rescale), so
+    DICOM objects derived from it can be validated. The geometry's direction must be axis-aligned
+    in-plane rows and columns (any direction matrix whose first two columns are the row and column)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    direction = np.asarray(geometry.direction, float)
+    frame_uid = f"{series_uid}.9"
+    paths = []
+    for k in range(hu.shape[0]):
+        position = np.asarray(geometry.origin) + k * geometry.spacing[2] * direction[:, 2]
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, f"{series_uid}.{k + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "Synthetic", "Phantom 1"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "P2CH-0001", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", "A1"
+        ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 1, k + 1
+        ds.SeriesDescription, ds.BodyPartExamined, ds.KVP = "Chest 1.0 B70f", "CHEST", 120
+        ds.PositionReferenceIndicator, ds.PatientPosition = "", "FFS"
+        ds.ContentDate, ds.ContentTime, ds.AcquisitionNumber = "20240101", "120000", 1
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing = [f"{geometry.spacing[1]:g}", f"{geometry.spacing[0]:g}"]
+        ds.SliceThickness = f"{geometry.spacing[2]:g}"
+        ds.SliceLocation = f"{position[2]:.4f}"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+        ds.PixelData = np.ascontiguousarray(hu[k], "<i2").tobytes()
+        path = folder / f"{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def require_program(name: str, package: str) -> str:
+    """The path of a program a test needs: skipped with the reason where it is missing, but failed
+    under CI=true, where .ci/run installs it."""
+    import os
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        reason = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found

@@ -59,13 +59,25 @@ from p2ch_app.files import check_writable
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write a PNG (axial, coronal, sagittal views) per reported nodule, an index.html, a 3D Slicer "
                    "point list (detections.mrk.json) and a label map of their voxels (candidates.nii.gz) to DIR.")
+@click.option("--dicomweb", metavar="URL", default=None,
+              help="Fetch the CT from this DICOMweb server (a PACS; e.g. http://localhost:8042/dicom-web) instead.")
+@click.option("--study", metavar="UID", default=None, help="With --dicomweb: the study to analyse.")
+@click.option("--series", metavar="UID", default=None,
+              help="With --dicomweb: the CT series, when the study holds several.")
+@click.option("--store", is_flag=True, help="With --dicomweb: store the SEG and SR back (STOW-RS).")
+@click.option("--dicomweb-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --dicomweb: a file holding a bearer token to sign in with.")
+@click.option("--dicomweb-user", default=None, help="With --dicomweb: the user name to sign in with.")
+@click.option("--dicomweb-password-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --dicomweb-user: a file holding the password.")
 @device_option
 @runs_dir_option
 @comment_option
 def analyze(**opts):
     """Find nodules in a CT: segment, group voxels into candidates, classify, score malignancy.
 
-    Give a LUNA series UID (looked up under --data-root), --ct PATH, or --validation to run every
+    Give a LUNA series UID (looked up under --data-root), --ct PATH, --dicomweb URL --study UID (a
+    series fetched from a PACS; --store sends the SEG and SR back), or --validation to run every
     validation series and print the confusion table and the LUNA16 FROC/CPM (results, FROC curve
     and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
     table, cables) are dropped unless --keep-outside.
@@ -106,8 +118,15 @@ def _run(opts: dict, ranks, device) -> None:
 def _check_analyze_options(opts: dict) -> None:
     from p2ch_app.inference.distributed import launched_world
 
-    if sum((opts["series_uid"] is not None, opts["ct_path"] is not None, opts["validation"])) != 1:
-        raise UserError("give either a SERIES_UID, --ct PATH or --validation (exactly one)")
+    if sum((opts["series_uid"] is not None, opts["ct_path"] is not None, opts["validation"],
+            opts["dicomweb"] is not None)) != 1:
+        raise UserError("give either a SERIES_UID, --ct PATH, --dicomweb URL or --validation (exactly one)")
+    if (opts["dicomweb"] is None) != (opts["study"] is None):
+        raise UserError("--dicomweb and --study go together; give both")
+    pacs_only = ("series", "store", "dicomweb_token_file", "dicomweb_user", "dicomweb_password_file")
+    given = [name for name in pacs_only if opts[name] not in (None, False)]
+    if given and opts["dicomweb"] is None:
+        raise UserError(f"--{given[0].replace('_', '-')} only goes with --dicomweb; give --dicomweb URL --study UID")
     if opts["include_train"] and not opts["validation"]:
         raise UserError("--include-train only goes with --validation")
     output, submission = opts["output"], opts["submission"]
@@ -137,15 +156,38 @@ def _check_outputs(opts: dict) -> None:
 
 def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     from p2ch_app.data.ct import load_ct, load_series
+
+    if opts["dicomweb"] is not None:
+        _from_pacs(opts, paths, settings, device)
+    elif opts["ct_path"] is not None:
+        ct = load_ct(opts["ct_path"])
+        _analyse(opts, ct, opts["ct_path"] if opts["ct_path"].is_dir() else None, paths, settings, device)
+    else:
+        _analyse(opts, load_series(opts["data_root"], opts["series_uid"]), None, paths, settings, device)
+
+
+def _from_pacs(opts: dict, paths: dict, settings, device) -> None:
+    """Fetch the series, analyse it, store the SEG and SR back with --store."""
+    from p2ch_app.inference.dicomweb import Pacs, choose_series, connect, fetched_series, read_fetched, store
+
+    client = connect(Pacs(opts["dicomweb"], opts["dicomweb_token_file"], opts["dicomweb_user"],
+                          opts["dicomweb_password_file"]))
+    series = choose_series(client, opts["study"], opts["series"])
+    with fetched_series(client, opts["study"], series) as folder:
+        objects = _analyse(opts, read_fetched(folder, series, client), folder, paths, settings, device)
+    if opts["store"]:
+        for what in store(client, objects):
+            click.echo(f"stored {what} in {client.base_url}")
+
+
+def _analyse(opts: dict, ct, dicom_folder: Path | None, paths: dict, settings, device):
+    """Analyse one CT and write what the options ask for; for a DICOM series (dicom_folder) whose SEG
+    and SR are wanted (--report, --store), returns them."""
     from p2ch_app.inference.outputs import detection_table, write_detections, write_submission
     from p2ch_app.inference.pipeline import analyze as run_analysis
     from p2ch_app.inference.pipeline import load_models
     from p2ch_app.inference.summary import summarize
 
-    if opts["ct_path"] is not None:
-        ct = load_ct(opts["ct_path"])
-    else:
-        ct = load_series(opts["data_root"], opts["series_uid"])
     models = load_models(paths["seg"], paths["cls"], paths["mal"], device)
     found = run_analysis(ct, models, settings, device, progress=True)
     rows = [d for d in found if d.nodule_prob >= settings.threshold]
@@ -159,11 +201,21 @@ def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     if opts["submission"] is not None:
         write_submission(opts["submission"], [(ct.series_uid, d) for d in found])
         click.echo(f"wrote {opts['submission']} ({len(found)} candidates)")
+    objects = None
+    if dicom_folder is not None and (opts["report_dir"] is not None or opts["store"]):
+        from p2ch_app.inference.dicom_objects import objects_for_series
+
+        objects = objects_for_series(dicom_folder, ct, rows, summary, models.paths, settings)
     if opts["report_dir"] is not None:
         from p2ch_app.inference.report import write_report  # matplotlib: imported only when needed
 
         title = f"nodule-analyze {ct.series_uid}"
         click.echo(f"wrote {write_report(opts['report_dir'], ct, rows, summary, title=title)}")
+        if objects is not None:
+            from p2ch_app.inference.dicom_objects import write_objects
+
+            click.echo(f"wrote {', '.join(str(p) for p in write_objects(opts['report_dir'], objects))}")
+    return objects
 
 
 def _validation(opts: dict, models, settings, device, ranks) -> None:

@@ -118,15 +118,16 @@ def nearest_voxels(centers_xyz, geometry: Geometry, shape) -> np.ndarray:
     return np.rint(irc[inside(shape, irc)]).astype(np.int64)
 
 
-def check_uid(uid: str) -> str:
-    """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob."""
+def check_uid(uid: str, what: str = "series") -> str:
+    """Refuse anything but a DICOM-style UID, so a UID can never act as a path or a glob. what: the
+    kind of UID expected (series, study), as the message names it."""
     uid = uid or ""
     if not _is_uid(uid):
         too_long = len(uid) > UID_MAX_CHARS
         shown = f"{uid[:24]!r}... ({len(uid):,} characters)" if too_long else repr(uid)
         rule = f"DICOM UIDs are at most {UID_MAX_CHARS} characters" if too_long else "UIDs hold only digits and dots"
-        raise UserError(f"{shown} is not a series UID: {rule} (e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); "
-                        "pass a series UID")
+        raise UserError(f"{shown} is not a {what} UID: {rule} (e.g. 1.3.6.1.4.1.14519.5.2.1.6279.6001.1001); "
+                        f"pass a {what} UID")
     return uid
 
 
@@ -396,16 +397,24 @@ def _check_length(data: Path, actual: int, expected: int, complete: bool = True,
         raise UserError(f"{data} is truncated ({actual:,} of {expected:,} bytes{unit}); copy or download it again")
 
 
+def dicom_series_files(folder: Path) -> tuple[list[str], str]:
+    """The slice files of the one DICOM series in folder, sorted by position, and its series ID; a
+    folder holding no series, several, or a DICOM file that is not a readable slice is refused."""
+    with _itk_warnings_off():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if not series_ids:
+            _check_unlisted_dicom(folder, [])
+            raise UserError(f"no DICOM images in {folder}; pass a folder holding one series' .dcm files")
+        if len(series_ids) > 1:
+            raise UserError(f"{folder} holds {len(series_ids)} DICOM series; put each series in its own folder")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])  # sorted by position
+    _check_unlisted_dicom(folder, files)
+    return list(files), series_ids[0]
+
+
 def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     """One series, every slice of it read, its size checked before reading and its layout after."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        _check_unlisted_dicom(folder, [])
-        raise UserError(f"no DICOM images in {folder}; pass a folder holding one series' .dcm files")
-    if len(series_ids) > 1:
-        raise UserError(f"{folder} holds {len(series_ids)} DICOM series; put each series in its own folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])  # sorted by position
-    _check_unlisted_dicom(folder, files)
+    files, series_id = dicom_series_files(folder)
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     _sitk_read(first.ReadImageInformation, Path(files[0]))
@@ -418,7 +427,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, str]:
     image = _sitk_read(reader.Execute, folder)
     _check_pixel_data(reader, files)
     _check_slice_positions(folder, reader, files)
-    return image, series_ids[0]
+    return image, series_id
 
 
 @contextmanager
@@ -457,7 +466,7 @@ def _check_slice_positions(folder: Path, reader: sitk.ImageSeriesReader, files) 
     if len(turned):
         raise UserError(f"DICOM slice {names[turned[0]]} in {folder} is oriented unlike {names[0]}; a CT series "
                         "has one orientation, so pass a folder holding only that series' slices")
-    depth = positions @ np.cross(orientations[0, :3], orientations[0, 3:])
+    depth = slice_depths(positions, orientations[0])
     at = lambda k: f"{names[k]} ({depth[k]:.2f} mm)"
     order = np.argsort(depth, kind="stable")
     same = np.flatnonzero(np.diff(depth[order]) <= _SAME_POSITION_MM)
@@ -473,6 +482,13 @@ def _check_slice_positions(folder: Path, reader: sitk.ImageSeriesReader, files) 
         raise UserError(f"DICOM series in {folder} is unevenly spaced: {steps[k]:.2f} mm between {at(k)} and "
                         f"{at(k + 1)}, where the slices are {step:.2f} mm apart; a slice is missing or out of "
                         "place, so pass the complete series")
+
+
+def slice_depths(positions, orientation) -> np.ndarray:
+    """Each slice's distance (mm) along the normal of its ImageOrientationPatient (6 direction cosines),
+    from its ImagePositionPatient (N, 3): what orders a series' slices and measures their spacing."""
+    orientation = np.asarray(orientation, float)
+    return np.asarray(positions, float) @ np.cross(orientation[:3], orientation[3:])
 
 
 def _check_pixel_data(reader: sitk.ImageSeriesReader, files) -> None:

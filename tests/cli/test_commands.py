@@ -112,7 +112,13 @@ def test_synth_rejects_an_empty_spacing_range(tmp_path):
 def test_analyze_needs_exactly_one_input_and_trained_models(tmp_path, tiny_root):
     from p2ch_app.cli import analyze
 
-    assert_one_line_error(run(analyze, ["--runs-dir", tmp_path]), "give either a SERIES_UID, --ct PATH or --validation")
+    assert_one_line_error(run(analyze, ["--runs-dir", tmp_path]),
+                          "give either a SERIES_UID, --ct PATH, --dicomweb URL or --validation")
+    assert_one_line_error(run(analyze, ["--dicomweb", "http://localhost:8042/dicom-web"]),
+                          "--dicomweb and --study go together")
+    assert_one_line_error(run(analyze, ["1.2.3", "--store"]), "--store only goes with --dicomweb")
+    assert_one_line_error(run(analyze, ["--dicomweb", "localhost:8042", "--study", "1.2", "--runs-dir", tmp_path]),
+                          "no trained model")  # the models are found first; then the URL is refused (test_dicomweb)
     assert_one_line_error(run(analyze, ["1.2.3", "--ct", tiny_root.series[0].mhd]), "exactly one")
     assert_one_line_error(run(analyze, ["--ct", tiny_root.series[0].mhd, "--runs-dir", tmp_path]),
                           "train one with luna-train-seg")
