@@ -34,3 +34,8 @@ def test_functions_are_short_and_take_few_parameters(limit):
         over = [f"{path}:{n.lineno} {n.name} ({parameters(n)} parameters)" for path, n in found
                 if parameters(n) > MAX_PARAMS]
     assert not over, "split these or pass a settings dataclass: " + "; ".join(over)
+
+
+def test_the_readme_stays_a_short_manual():
+    lines = (PROJECT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
