@@ -1,0 +1,87 @@
+"""A small nodule-serve client on the standard library alone: for notebooks, scripts, the tests and the bench.
+
+It speaks the book's chapter-15 protocol (a multipart form: `meta`, the JSON shape, and `blob`, the
+crop's float32 bytes) and the /analyze jobs, over one keep-alive connection per client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import secrets
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its content type: text fields, and files as (file name, bytes)."""
+    boundary = secrets.token_hex(16)
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in files.items():
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n")
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Client:
+    """One keep-alive connection to a nodule-serve at url (e.g. http://127.0.0.1:8000)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0):
+        parts = urlsplit(url)
+        self.host, self.port, self.timeout = parts.hostname, parts.port or 80, timeout
+        self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        self._connection: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, dict, bytes]:
+        """(status, headers, body); reconnects once when the server closed the kept-alive connection."""
+        for attempt in (0, 1):
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._connection.request(method, path, body, {**self.headers, **(headers or {})})
+                response = self._connection.getresponse()
+                return response.status, dict(response.getheaders()), response.read()
+            except (ConnectionError, http.client.BadStatusLine):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+        status, _, data = self.request(method, path, body, headers)
+        return status, json.loads(data)
+
+    def predict(self, crop: np.ndarray) -> tuple[int, dict]:
+        """The book's request: meta {"shape": ...} and blob, the crop's float32 bytes, both as form files."""
+        crop = np.ascontiguousarray(crop, dtype="<f4")
+        body, content_type = multipart({}, {"meta": ("meta.json", json.dumps({"shape": list(crop.shape)}).encode()),
+                                            "blob": ("blob", crop.tobytes())})
+        return self.json("POST", "/predict", body, {"Content-Type": content_type})
+
+    def submit(self, path: Path, options: dict | None = None) -> tuple[int, dict]:
+        """POST /analyze with a CT file and nodule-analyze's options as fields."""
+        fields = {name: str(value).lower() for name, value in (options or {}).items()}
+        body, content_type = multipart(fields, {"file": (Path(path).name, Path(path).read_bytes())})
+        return self.json("POST", "/analyze", body, {"Content-Type": content_type})
+
+    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.2) -> dict:
+        """The job's status once it is done or failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, job = self.json("GET", f"/jobs/{job_id}")
+            if job.get("state") in ("done", "failed"):
+                return job
+            time.sleep(poll_s)
+        raise TimeoutError(f"job {job_id} still not finished after {timeout} s")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
