@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from p2ch_app.errors import UserError, brief
 from p2ch_app.inference.pipeline import Models
@@ -146,6 +147,8 @@ def _guard(service: Service):
                 response = error(413, str(err))
             except UserError as err:
                 response = error(400, str(err))
+            except ClientDisconnect:
+                response = error(400, "the client disconnected before the request was complete; send it again")
             except Exception:  # a bug: the client gets an id, the log the traceback
                 error_id = secrets.token_hex(4)
                 log.exception("error id %s on %s %s", error_id, request.method, request.url.path)

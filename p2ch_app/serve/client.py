@@ -38,14 +38,16 @@ class Client:
         self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         self._connection: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, body: bytes | None = None,
+    def request(self, method: str, path: str, body=None,
                 headers: dict | None = None) -> tuple[int, dict, bytes]:
-        """(status, headers, body); reconnects once when the server closed the kept-alive connection."""
+        """(status, headers, body); a body that is an iterable of bytes goes chunked. Reconnects once when
+        the server closed the kept-alive connection."""
         for attempt in (0, 1):
             if self._connection is None:
                 self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self._connection.request(method, path, body, {**self.headers, **(headers or {})})
+                self._connection.request(method, path, body, {**self.headers, **(headers or {})},
+                                         encode_chunked=body is not None and not isinstance(body, bytes))
                 response = self._connection.getresponse()
                 return response.status, dict(response.getheaders()), response.read()
             except (ConnectionError, http.client.BadStatusLine):
@@ -75,8 +77,10 @@ class Client:
         """The job's status once it is done or failed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            _, job = self.json("GET", f"/jobs/{job_id}")
-            if job.get("state") in ("done", "failed"):
+            status, job = self.json("GET", f"/jobs/{job_id}")
+            if status != 200:
+                raise RuntimeError(f"GET /jobs/{job_id}: {status} {job.get('error')}")
+            if job["state"] in ("done", "failed"):
                 return job
             time.sleep(poll_s)
         raise TimeoutError(f"job {job_id} still not finished after {timeout} s")

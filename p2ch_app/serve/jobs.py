@@ -107,8 +107,9 @@ class JobRunner:
             (self.settings.results_dir / job_id).mkdir()
             self._jobs[job_id] = job
             self._save(job)
+            snapshot = dict(job)  # the worker may start it as soon as the lock is free
         self.on_change(self.counts())
-        return dict(job)
+        return snapshot
 
     def status(self, job_id: str) -> dict:
         """The job's record; when done, with the detections JSON and its files."""

@@ -1,0 +1,184 @@
+import json
+import os
+import stat
+import time
+import zipfile
+
+import pytest
+import torch
+
+from p2ch_app.data.ct import load_ct
+from p2ch_app.inference.outputs import write_detections
+from p2ch_app.inference.pipeline import AnalysisSettings, analyze
+from p2ch_app.serve.client import Client, multipart
+from tests.serve.conftest import running, settings_for
+
+
+def leftover_uploads(tmp) -> list:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("nodule-serve-"))
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The server's private upload folders go here, where the test can see what is left."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def expected_json(tmp_path, ct_path, models, settings: AnalysisSettings, series_uid=None) -> dict:
+    """What nodule-analyze --ct CT --output x.json writes for the same CT, models and options."""
+    ct = load_ct(ct_path, series_uid)
+    rows = [d for d in analyze(ct, models, settings) if d.nodule_prob >= settings.threshold]
+    write_detections(tmp_path / "x.json", [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
+    return json.loads((tmp_path / "x.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["nii.gz", "zip"])
+def test_a_ct_as_a_job_gives_nodule_analyzes_json_and_the_report_files(server, tmp_path, models, tiny_cts,
+                                                                         private_tmp, kind):
+    url, _ = server
+    client = Client(url)
+    status, job = client.submit(tiny_cts[kind], {"threshold": 0.1, "keep_outside": True})
+    assert status == 202 and job["state"] == "queued" and job["status_url"] == f"/jobs/{job['id']}"
+    done = client.wait(job["id"])
+    assert done["state"] == "done", done
+    settings = AnalysisSettings(threshold=0.1, keep_outside=True)
+    source = tiny_cts["mhd"] if kind == "zip" else tiny_cts[kind]  # NIfTI stores the spacing as float32
+    assert done["result"] == expected_json(tmp_path, source, models, settings, "tiny")
+    names = set(done["links"])
+    assert {"detections.json", "submission.csv", "index.html", "detections.mrk.json", "candidates.nii.gz"} <= names
+    assert len([n for n in names if n.endswith(".png")]) == len(done["result"]["detections"])
+    status, headers, page = client.request("GET", done["links"]["index.html"])
+    assert status == 200 and b"nodule-serve tiny" in page
+    for name in ("job.json", "..%2Fjob.json", "..%2F..%2Fetc%2Fpasswd"):  # only the listed files are served
+        status, answer = client.json("GET", f"/jobs/{job['id']}/files/{name}")
+        assert status == 404 and list(answer) == ["error"]
+    assert client.json("GET", "/jobs/0123456789abcdef")[0] == 404
+    assert leftover_uploads(private_tmp) == []
+
+
+def test_a_bad_ct_fails_the_job_with_the_clis_message(server, tmp_path, private_tmp):
+    url, _ = server
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti at all")
+    client = Client(url)
+    status, job = client.submit(bad)
+    assert status == 202
+    failed = client.wait(job["id"])
+    assert failed["state"] == "failed" and "cannot read CT upload" in failed["error"]
+    assert str(private_tmp) not in failed["error"] and leftover_uploads(private_tmp) == []
+
+
+def zipped(tmp_path, entries: dict, symlink: str | None = None):
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+        if symlink is not None:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return path
+
+
+@pytest.mark.parametrize("entries, symlink, message", [
+    ({"../escape.dcm": b"x"}, None, "points outside the archive"),
+    ({"/abs/slice.dcm": b"x"}, None, "points outside the archive"),
+    ({"a.dcm": b"x"}, "link.dcm", "is a symbolic link"),
+    ({f"{k}.dcm": b"x" for k in range(6)}, None, "entries, over the limit of 5"),
+    ({"big.dcm": bytes(3 << 20)}, None, "over the limit of 2 MB"),
+    ({"a.mhd": b"NDims = 3\nElementDataFile = gone.raw\n"}, None, "which the zip lacks"),
+])
+def test_unsafe_zips_are_refused_before_extraction(tmp_path, models, private_tmp, entries, symlink, message):
+    from p2ch_app.serve.app import create_app
+
+    app = create_app(settings_for(tmp_path / "results", max_upload_mb=2, max_zip_entries=5), models,
+                     torch.device("cpu"))
+    with running(app) as url:
+        status, answer = Client(url).submit(zipped(tmp_path, entries, symlink))
+    assert status in (400, 413) and message in answer["error"], answer
+    assert leftover_uploads(private_tmp) == [] and list((tmp_path / "results").glob("*/job.json")) == []
+
+
+def test_uploads_are_limited_while_streaming_and_checked(tmp_path, models, private_tmp):
+    from p2ch_app.serve.app import create_app
+
+    app = create_app(settings_for(tmp_path / "results", max_upload_mb=1), models, torch.device("cpu"))
+    with running(app) as url:
+        client = Client(url)
+        body, content_type = multipart({}, {"file": ("big.nii", bytes(2 << 20))})
+        # no Content-Length: the body is sent in chunks, so only counting while it streams can stop it
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        status, _, answer = client.request("POST", "/analyze", chunks, {"Content-Type": content_type,
+                                                                        "Transfer-Encoding": "chunked"})
+        assert status == 413 and b"over the limit of 1 MB" in answer
+        client.close()
+        body, content_type = multipart({}, {"file": ("scan.dcm", b"x")})
+        status, answer = client.json("POST", "/analyze", body, {"Content-Type": content_type})
+        assert status == 400 and "unsupported file 'scan.dcm'" in answer["error"]
+        body, content_type = multipart({"threshold": "2"}, {"file": ("a.nii", b"x")})
+        status, answer = client.json("POST", "/analyze", body, {"Content-Type": content_type})
+        assert status == 400 and "threshold '2' is not a number from 0 to 1" in answer["error"]
+        body, content_type = multipart({"colour": "red"}, {"file": ("a.nii", b"x")})
+        assert "unknown field 'colour'" in client.json("POST", "/analyze", body, {"Content-Type": content_type})[1][
+            "error"]
+    assert leftover_uploads(private_tmp) == []
+
+
+def test_private_folders_are_0700():
+    from p2ch_app.serve.uploads import private_folder
+
+    folder = private_folder()
+    try:
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    finally:
+        folder.rmdir()
+
+
+def test_a_restart_keeps_finished_jobs_and_fails_interrupted_ones(tmp_path, models, tiny_cts):
+    from p2ch_app.serve.jobs import RESUBMIT, JobRunner, JobSettings
+
+    results = tmp_path / "results"
+    with running(__import__("p2ch_app.serve.app", fromlist=["create_app"]).create_app(
+            settings_for(results), models, torch.device("cpu"))) as url:
+        client = Client(url)
+        done = client.wait(client.submit(tiny_cts["mha"])[1]["id"])
+    assert done["state"] == "done"
+    for n, state in enumerate(("queued", "running")):  # what a killed server leaves behind
+        job_id = f"{n:016x}"
+        (results / job_id).mkdir()
+        (results / job_id / "job.json").write_text(json.dumps({"id": job_id, "state": state, "submitted": n}))
+    runner = JobRunner(JobSettings(results, keep_results=3), models, torch.device("cpu"))
+    runner.start()
+    assert runner.status(done["id"])["result"] == done["result"]
+    assert runner.status(f"{0:016x}") == {"id": f"{0:016x}", "state": "failed", "submitted": 0, "error": RESUBMIT}
+    assert runner.status(f"{1:016x}")["error"] == RESUBMIT
+    runner.stop(1)
+    pruned = JobRunner(JobSettings(results, keep_results=1), models, torch.device("cpu"))
+    pruned.start()  # the oldest two go
+    assert sorted(p.name for p in results.iterdir()) == [done["id"]]
+    pruned.stop(1)
+
+
+def test_the_job_queue_is_bounded(tmp_path, models, tiny_cts, private_tmp):
+    from p2ch_app.serve.app import create_app
+    from p2ch_app.serve.jobs import JobSettings
+
+    app = create_app(settings_for(tmp_path, jobs=JobSettings(tmp_path / "results", max_jobs=1)), models,
+                     torch.device("cpu"))
+    runner = app.state.service.runner
+    analysis = runner._run
+    runner._run = lambda *args: (time.sleep(0.5), analysis(*args))  # a slow analysis, so the queue fills
+    with running(app) as url:
+        client = Client(url)
+        answers = [client.submit(tiny_cts["mha"]) for _ in range(4)]
+        assert [status for status, _ in answers[:2]] == [202, 202]
+        assert answers[3][0] == 503 and "jobs are already waiting" in answers[3][1]["error"]
+        for status, job in answers:
+            if status == 202:
+                assert client.wait(job["id"])["state"] == "done"
+    assert leftover_uploads(private_tmp) == []
