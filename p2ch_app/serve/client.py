@@ -89,3 +89,16 @@ class Client:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def wait_until_up(url: str, timeout: float = 120.0, alive=lambda: True) -> None:
+    """Until GET /healthz answers 200 (open even with a token); alive() false stops the wait early,
+    for a server process that died while starting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if Client(url, timeout=2).json("GET", "/healthz")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nodule-serve at {url} did not come up" + ("" if alive() else " (its process ended)"))

@@ -8,6 +8,7 @@ with 130, as the other commands do on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -61,6 +62,14 @@ class _Server(uvicorn.Server):
                 logging.getLogger("nodule_serve").warning("second Ctrl-C: exiting without draining")
                 os._exit(130)
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn raises the signal again once it has shut down, which would end the process by that
+        signal; a drained server has done what SIGTERM and Ctrl-C ask, so it exits 0 instead."""
+        with super().capture_signals():
+            yield
+            getattr(self, "_captured_signals", []).clear()
 
 
 def serve(app, host: str, port: int, grace_s: float) -> None:

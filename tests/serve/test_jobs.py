@@ -182,3 +182,24 @@ def test_the_job_queue_is_bounded(tmp_path, models, tiny_cts, private_tmp):
             if status == 202:
                 assert client.wait(job["id"])["state"] == "done"
     assert leftover_uploads(private_tmp) == []
+
+
+@pytest.mark.parametrize("grace_s, state", [(5.0, "done"), (0.05, "failed")])
+def test_at_shutdown_the_running_job_gets_its_grace_then_fails(tmp_path, models, tiny_cts, grace_s, state):
+    from p2ch_app.serve.jobs import RESUBMIT, JobRunner, JobSettings, Upload
+    from p2ch_app.serve.uploads import private_folder
+
+    runner = JobRunner(JobSettings(tmp_path / "results"), models, torch.device("cpu"))
+    analysis = runner._run
+    runner._run = lambda *args: (time.sleep(0.5), analysis(*args))
+    runner.start()
+    upload = Upload(private_folder(), tiny_cts["mha"], "tiny")
+    running_job = runner.submit(upload, AnalysisSettings())["id"]
+    queued_job = runner.submit(Upload(private_folder(), tiny_cts["mha"], "tiny"), AnalysisSettings())["id"]
+    while runner.status(running_job)["state"] == "queued":
+        time.sleep(0.01)
+    runner.stop(grace_s)
+    assert runner.status(running_job)["state"] == state
+    assert runner.status(queued_job) | {"finished": 0} == runner.status(queued_job) | {
+        "state": "failed", "error": RESUBMIT, "finished": 0}
+    assert not upload.folder.exists() or state == "failed"  # a job cut off may still hold it until the process ends
