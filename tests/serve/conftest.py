@@ -104,3 +104,15 @@ def server(tmp_path, models):
     app = create_app(settings_for(tmp_path / "results"), models, torch.device("cpu"))
     with running(app) as url:
         yield url, app
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The server's temporary files and private upload folders go here, where the test sees what is left
+    (the machine's own temporary folder is shared with other processes)."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

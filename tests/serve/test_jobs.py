@@ -18,17 +18,6 @@ def leftover_uploads(tmp) -> list:
     return sorted(p.name for p in tmp.iterdir() if p.name.startswith("nodule-serve-"))
 
 
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """The server's private upload folders go here, where the test can see what is left."""
-    import tempfile
-
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
 def expected_json(tmp_path, ct_path, models, settings: AnalysisSettings, series_uid=None) -> dict:
     """What nodule-analyze --ct CT --output x.json writes for the same CT, models and options."""
     ct = load_ct(ct_path, series_uid)

@@ -64,3 +64,17 @@ def test_the_token_guards_every_route_but_health_and_sigterm_drains(tmp_path, mo
     assert process.returncode == 0, stderr
     assert '"GET /readyz" 401' in stderr and '"GET /readyz" 200' in stderr and "a-token-long" not in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_second_ctrl_c_exits_at_once_with_130(monkeypatch):
+    import uvicorn
+
+    from p2ch_app.serve import server as module
+
+    exits = []
+    monkeypatch.setattr(module.os, "_exit", exits.append)
+    server = module._Server(uvicorn.Config(app=None))
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and exits == []  # the first one drains
+    server.handle_exit(signal.SIGINT, None)
+    assert exits == [130]
