@@ -9,6 +9,12 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -102,3 +108,63 @@ def wait_until_up(url: str, timeout: float = 120.0, alive=lambda: True) -> None:
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"nodule-serve at {url} did not come up" + ("" if alive() else " (its process ended)"))
+
+
+def free_port() -> int:
+    """A loopback port no one listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(port: int, args: list[str]):
+    """nodule-serve ARGS on 127.0.0.1:port in a process of its own, up and answering (for the bench and
+    make gpu-check, which time the server as a user runs it)."""
+    command = [sys.executable, "-m", "p2ch_app.cli", "nodule-serve", "--port", str(port), *args]
+    log = tempfile.TemporaryFile("w+")  # a pipe would fill up with the request log and stall the server
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", alive=lambda: process.poll() is None)
+    except RuntimeError as err:
+        process.kill()
+        process.wait()
+        log.seek(0)
+        raise RuntimeError(f"{err}: {log.read()[-500:]}") from None
+    return process
+
+
+def stop(process) -> float:
+    """SIGTERM a launched server; returns its peak resident memory in GiB, read just before."""
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    peak_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    process.log.close()
+    return peak_kib / 2**20
+
+
+def predict_load(url: str, crop: np.ndarray, clients: int, seconds: float) -> dict:
+    """`clients` threads, each sending the book's request back to back for `seconds`: requests/s and the
+    latency percentiles of the answered (200) requests; refusals (503) counted apart."""
+    latencies, refused = [], []
+    stop_at = time.perf_counter() + seconds
+
+    def client():
+        connection = Client(url)
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            status, _ = connection.predict(crop)
+            (latencies if status == 200 else refused).append(time.perf_counter() - start)
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "refused_503": len(refused)}
