@@ -192,3 +192,20 @@ def test_at_shutdown_the_running_job_gets_its_grace_then_fails(tmp_path, models,
     assert runner.status(queued_job) | {"finished": 0} == runner.status(queued_job) | {
         "state": "failed", "error": RESUBMIT, "finished": 0}
     assert not upload.folder.exists() or state == "failed"  # a job cut off may still hold it until the process ends
+
+
+def test_a_zipped_dicom_series_and_the_voxel_limit(server, tmp_path, monkeypatch):
+    from tests.data.test_ct import write_dicom_series
+
+    url, _ = server
+    write_dicom_series(tmp_path / "dcm", "1.2.3.4", range(0, 20, 2), [f"s{k}.dcm" for k in range(10)])
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted((tmp_path / "dcm").iterdir()):
+            zipped.write(path, f"export/{path.name}")
+    client = Client(url)
+    done = client.wait(client.submit(archive)[1]["id"])
+    assert done["state"] == "done" and done["result"]["series_uid"] == "1.2.3.4", done
+    monkeypatch.setenv("P2CH_MAX_CT_VOXELS", "500")  # 8 x 8 x 10 = 640 voxels: refused from the headers
+    failed = client.wait(client.submit(archive)[1]["id"])
+    assert failed["state"] == "failed" and "640 voxels" in failed["error"] and "P2CH_MAX_CT_VOXELS" in failed["error"]
