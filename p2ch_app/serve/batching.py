@@ -68,7 +68,7 @@ class CropBatcher:
         try:
             self._queue.put_nowait((crop, future))
         except asyncio.QueueFull:
-            raise Overloaded(f"{self.settings.max_queue} crops are already waiting") from None
+            raise Overloaded(f"the /predict queue is full ({self.settings.max_queue} waiting)") from None
         return await future
 
     async def _next_batch(self) -> list:

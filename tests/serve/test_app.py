@@ -106,3 +106,29 @@ def test_other_refusals_and_an_unexpected_failure(server, caplog, tiny_cts):
     assert status == 500 and "a bug" not in json.dumps(answer) and "Traceback" not in json.dumps(answer)
     error_id = answer["error"].split("error id ")[1].split(")")[0]
     assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_past_the_queue_the_answer_is_503_with_retry_after(tmp_path, models, tiny_cts):
+    import threading
+    import time
+
+    from p2ch_app.serve.app import create_app
+    from p2ch_app.serve.batching import BatchSettings
+    from tests.serve.conftest import running, settings_for
+
+    app = create_app(settings_for(tmp_path, batching=BatchSettings(max_batch=1, max_wait_ms=0, max_queue=1)), models,
+                     torch.device("cpu"))
+    app.state.service.batcher.forward = lambda x: (time.sleep(1.0), [{"nodule_prob": 0.5}] * len(x))[1]
+    crop = real_crop(tiny_cts)
+    with running(app) as url:
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(Client(url).predict(crop))) for _ in range(2)]
+        for thread in threads:  # one in the pass, one in the queue
+            thread.start()
+            time.sleep(0.3)
+        body, content_type = multipart({"meta": '{"shape": [1, 32, 48, 48]}'}, {"blob": ("b", crop.tobytes())})
+        status, headers, answer = Client(url).request("POST", "/predict", body, {"Content-Type": content_type})
+        for thread in threads:
+            thread.join()
+    assert status == 503 and headers["retry-after"] == "1" and b"the /predict queue is full (1 waiting)" in answer
+    assert sorted(s for s, _ in answers) == [200, 200]

@@ -37,7 +37,7 @@ def test_a_full_queue_refuses_at_once_and_close_answers_what_was_queued(models):
         batcher.start()
         queued = [asyncio.ensure_future(batcher.predict(crop)) for crop in crops(3)]
         await asyncio.sleep(0)  # all three are in the queue; the pass has not started
-        with pytest.raises(Overloaded, match="3 crops are already waiting"):
+        with pytest.raises(Overloaded, match=r"queue is full \(3 waiting\)"):
             await batcher.predict(crops(1)[0])
         await batcher.close()
         return [q.result() for q in queued]
