@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,7 +45,7 @@ class Client:
         self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         self._connection: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, body=None,
+    def request(self, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
                 headers: dict | None = None) -> tuple[int, dict, bytes]:
         """(status, headers, body); a body that is an iterable of bytes goes chunked. Reconnects once when
         the server closed the kept-alive connection."""
