@@ -24,8 +24,13 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
+# `make bench STEP ...` runs only those steps (e.g. `make bench serve`); the step names are no targets.
+BENCH_STEPS := $(filter-out bench,$(MAKECMDGOALS))
 bench: install
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_STEPS)
+ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(BENCH_STEPS): ; @:
+endif
 
 # On a CUDA GPU (a few minutes on one): the tests marked cuda, the real CT on CUDA against the book's
 # candidates (exact and --fast), its time, an AMP epoch of each trainer, DDP over NCCL; a table of the

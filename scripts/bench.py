@@ -636,6 +636,82 @@ def bench_export_runtimes(runs: int = 10) -> dict:
     return result
 
 
+SERVE_CLIENTS = (1, 4, 16, 64)
+
+
+def bench_serve(seconds: float = 8.0) -> dict:
+    """nodule-serve's /predict at 1, 4, 16 and 64 concurrent clients, batched (the defaults) and with
+    --max-batch 1 (the book's server, one request at a time); then 4 concurrent /analyze of the real CT."""
+    from p2ch_app.serve.client import Client, free_port, launch, predict_load, stop
+
+    if not BOOK_MODELS.is_dir():
+        return {"skipped": f"{BOOK_MODELS} is absent"}
+    book_args = ["--seg-model", str(next(BOOK_MODELS.glob("seg_*.state"))), "--cls-model",
+                 str(next(BOOK_MODELS.glob("cls_*.state")))]
+    crop = np.random.default_rng(0).normal(-600, 300, (1, 32, 48, 48)).astype(np.float32)
+    out = {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()[0]}
+    for name, extra in (("batched", []), ("max_batch_1", ["--max-batch", "1"])):
+        port = free_port()
+        process = launch(port, [*book_args, "--results-dir", str(BENCH_DIR / "serve-results"), *extra])
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(20):  # warm-up
+                Client(url).predict(np.zeros((1, 32, 48, 48), np.float32))
+            for clients in SERVE_CLIENTS:
+                for key, value in predict_load(url, crop, clients, seconds).items():
+                    out[f"{name}_c{clients}_{key}"] = value
+        finally:
+            stop(process)
+    out["speedup_c16"] = out["batched_c16_requests_per_s"] / out["max_batch_1_c16_requests_per_s"]
+    out["goal_c16_4x_and_lower_p99"] = bool(out["speedup_c16"] >= 4 and
+                                            out["batched_c16_p99_ms"] < out["max_batch_1_c16_p99_ms"])
+    out.update(_bench_serve_analyze(book_args))
+    return out
+
+
+def _bench_serve_analyze(book_args: list[str], uploads: int = 4) -> dict:
+    """`uploads` concurrent /analyze of the real CT (its DICOM series zipped): all must finish, and each
+    result must equal nodule-analyze --output x.json on that CT."""
+    import subprocess
+    import threading
+    import zipfile
+
+    from p2ch_app.serve.client import Client, free_port, launch, stop
+
+    if not REAL_CT.is_dir():
+        return {"analyze_skipped": f"{REAL_CT} is absent"}
+    archive = BENCH_DIR / "real-ct.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(REAL_CT.iterdir()):
+            zipped.write(path, path.name)
+    expected = BENCH_DIR / "real-ct-analyze.json"
+    subprocess.run([str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(REAL_CT), *book_args,
+                    "--runs-dir", str(BENCH_DIR / "runs"), "--output", str(expected)], check=True,
+                   stdout=subprocess.DEVNULL)
+    port = free_port()
+    process = launch(port, [*book_args, "--results-dir", str(BENCH_DIR / "serve-results")])
+    jobs = []
+    start = time.perf_counter()
+    try:
+        def upload():
+            client = Client(f"http://127.0.0.1:{port}", timeout=600)
+            status, job = client.submit(archive)
+            jobs.append(client.wait(job["id"], timeout=1800) if status == 202 else {"state": f"HTTP {status}"})
+
+        threads = [threading.Thread(target=upload) for _ in range(uploads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - start
+    finally:
+        peak = stop(process)
+    reference = json.loads(expected.read_text())
+    return {"analyze_uploads": uploads, "analyze_done": sum(job["state"] == "done" for job in jobs),
+            "analyze_all_equal_nodule_analyze": all(job.get("result") == reference for job in jobs),
+            "analyze_seconds_all": seconds, "analyze_server_peak_rss_gib": peak}
+
+
 def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     demo = BENCH_DIR / "demo"
@@ -650,7 +726,8 @@ def main() -> None:
              ("real_ct_book_models", bench_real_ct),
              ("luna_sized_ct", bench_luna_sized),
              ("realism_full_size_book_models", bench_realism),
-             ("export_runtimes", bench_export_runtimes)]
+             ("export_runtimes", bench_export_runtimes),
+             ("serve", bench_serve)]
     wanted = sys.argv[1:]  # step names to run (the others keep their saved figures); none: all
     unknown = set(wanted) - {name for name, _ in steps}
     if unknown:

@@ -7,6 +7,8 @@ Steps, in order (each prints one line of figures; a failed step is marked and th
   golden_fast       the same with --fast (float16 autocast): how far it moves candidates and probabilities
   real_ct_command   the whole default command on CUDA, process start included: median of 3
   real_ct_analysis  analyze() alone in this process, CT and models loaded: median of 3 after a warm-up
+  serve_predict     nodule-serve on the GPU: /predict from 16 clients for 10 s, batched on CUDA, its answer the
+                    book's classifier's on the CPU within 1e-4: requests/s, p50/p99
   amp_trainers      each trainer, one short epoch on tiny synthetic data (luna-synth, luna-prep), under AMP
   ddp_nccl          luna-train-cls under torchrun, one rank per GPU here, over NCCL
 Then a table of every figure, also saved to bench-results/gpu-check.json. Exit code 0 when every step
@@ -199,6 +201,34 @@ def step_analysis_time(check: Check, runs: int = 3) -> dict:
     return figures
 
 
+def step_serve_predict(check: Check, clients: int = 16, seconds: float = 10.0) -> dict:
+    """nodule-serve on the device with the book's classifier: /predict (the book's protocol) from
+    `clients` concurrent clients for `seconds`, its batches on the GPU; the answer matches the book's
+    computation on the CPU within PROB_TOLERANCE, and nothing is refused."""
+    import numpy as np
+    import torch
+
+    from p2ch_app.checkpoints import CLASSIFIER, load_model
+    from p2ch_app.serve.client import Client, free_port, launch, predict_load, stop
+
+    seg, cls = book_model("seg"), book_model("cls")
+    crop = np.random.default_rng(0).normal(-600, 300, (1, 32, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = load_model(cls, CLASSIFIER)(torch.from_numpy(crop)[None])[1][0, 1].item()
+    port = free_port()
+    process = launch(port, ["--device", check.device, "--seg-model", str(seg), "--cls-model", str(cls),
+                            "--results-dir", str(check.work / "serve")])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        status, answer = Client(url).predict(crop)
+        figures = predict_load(url, crop, clients, seconds)
+    finally:
+        figures_peak = stop(process)
+    diff = abs(answer.get("prob_malignant", float("nan")) - expected)
+    return {"ok": status == 200 and diff <= PROB_TOLERANCE and figures["refused_503"] == 0, "clients": clients,
+            "prob_diff_to_cpu": diff, **figures, "server_peak_rss_gib": figures_peak}
+
+
 def make_tiny_data(check: Check) -> Path:
     """Six small synthetic chest CTs (128x128 slices, a whole chest across) and their cache."""
     root = check.work / "luna"
@@ -291,6 +321,7 @@ def steps(check: Check) -> list:
             ("golden_fast", lambda: step_golden(check, fast=True)),
             ("real_ct_command", lambda: step_command_time(check)),
             ("real_ct_analysis", lambda: step_analysis_time(check)),
+            ("serve_predict", lambda: step_serve_predict(check)),
             ("amp_trainers", lambda: step_amp_trainers(check, tiny_data())),
             ("ddp_nccl", lambda: step_ddp(check, tiny_data()))]
 

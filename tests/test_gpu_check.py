@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, requires_shared
 
 SCRIPT = PROJECT / "scripts" / "gpu_check.py"
 
@@ -74,3 +74,11 @@ def test_a_step_passes_fails_or_is_skipped_and_the_others_still_run(gpu_check, c
     assert table[0] == "gpu-check on 1x NVIDIA H100, torch 2.13, CUDA 12.8: 301 s in all (budget 480 s)"
     assert table[2].split() == ["good", "pass", "median_s=1.235", "gpus=1"]
     assert table[4].split()[:3] == ["absent", "skip", "reason=the"] and len(table) == 6
+
+
+@requires_shared
+def test_the_serve_step_rehearses_on_the_cpu(gpu_check, tmp_path):
+    """The /predict load of make gpu-check, on the CPU: a real nodule-serve process, the book's classifier."""
+    figures = gpu_check.step_serve_predict(gpu_check.Check(tmp_path, "cpu"), clients=4, seconds=1.0)
+    assert figures["ok"], figures
+    assert figures["prob_diff_to_cpu"] <= 1e-6 and figures["requests_per_s"] > 0 and figures["p99_ms"] > 0

@@ -8,6 +8,8 @@ from p2ch_app.cli.analyze import analyze
 from p2ch_app.cli.data import prep, synth
 from p2ch_app.cli.export import export
 from p2ch_app.cli.options import COMMANDS
+from p2ch_app.cli.serve import serve
 from p2ch_app.cli.train import average, finetune_mal, train_cls, train_seg
 
-__all__ = ["COMMANDS", "analyze", "average", "export", "finetune_mal", "prep", "synth", "train_cls", "train_seg"]
+__all__ = ["COMMANDS", "analyze", "average", "export", "finetune_mal", "prep", "serve", "synth", "train_cls",
+           "train_seg"]

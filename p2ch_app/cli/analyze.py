@@ -10,6 +10,7 @@ from p2ch_app.cli.options import (
     app_command,
     comment_option,
     device_option,
+    model_options,
     require_dir,
     runs_dir_option,
     settings_from,
@@ -27,12 +28,7 @@ from p2ch_app.files import check_writable
               help="Analyse every validation series of --data-root and score them against the annotations.")
 @click.option("--include-train", is_flag=True, help="With --validation: the training series too.")
 @val_stride_option
-@click.option("--seg-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Segmentation checkpoint [default: newest runs/luna-train-seg/*/best.pt].")
-@click.option("--cls-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Nodule classifier checkpoint [default: newest runs/luna-train-cls/*/best.pt].")
-@click.option("--mal-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any].")
+@model_options
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Nodule probability from which a candidate is reported and scored for malignancy.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,

@@ -173,6 +173,13 @@ device_option = click.option("--device", default="auto", show_default=True, help
 runs_dir_option = click.option(
     "--runs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs"), show_default=True,
     help="Where runs go (runs/<command>/<time>-<comment>/); nodule-analyze finds the newest models there.")
+model_options = _compose(
+    click.option("--seg-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="Segmentation checkpoint [default: newest runs/luna-train-seg/*/best.pt]."),
+    click.option("--cls-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="Nodule classifier checkpoint [default: newest runs/luna-train-cls/*/best.pt]."),
+    click.option("--mal-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="Malignancy checkpoint [default: newest runs/luna-finetune-mal/*/best.pt, if any]."))
 comment_option = click.option("--comment", default="", help="Suffix of the run folder name.")
 val_stride_option = click.option("--val-stride", type=click.IntRange(2), default=10, show_default=True,
                                  help="Every Nth series (sorted by UID) validates, in training and evaluation.")
