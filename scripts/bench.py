@@ -493,14 +493,14 @@ def bench_real_ct(batch_size: int = 8, runs: int = 3) -> dict:
 def bench_luna_sized(slices: int = 300) -> dict:
     """nodule-analyze with the book's models on one synthetic chest CT of LUNA16's size (512x512, 1 mm
     slices, about `slices` of them): the whole command's time and peak memory per CT."""
-    from p2ch_app.data.synth import geometry_for, write_dataset
+    from p2ch_app.data.synth import SynthRun, geometry_for, write_dataset
 
     if not BOOK_MODELS.is_dir():
         return {"skipped": f"{BOOK_MODELS} is absent"}
     root = BENCH_DIR / "luna-sized-chest"
     if not (root / "candidates.csv").is_file():
         write_dataset(root, 1, subsets=1, seed=23, geometry=geometry_for("full", slice_mm=(1.0, 1.0)),
-                      overwrite=True, progress=False)
+                      run=SynthRun(overwrite=True, progress=False))
     mhd = next(root.glob("subset0/*.mhd"))
     command = [str(Path(sys.executable).parent / "nodule-analyze"), "--ct", str(mhd), "--seg-model",
                str(next(BOOK_MODELS.glob("seg_*.state"))), "--cls-model", str(next(BOOK_MODELS.glob("cls_*.state"))),
@@ -520,7 +520,7 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
     import torch
 
     import p2ch_app.data.synth as synth_module
-    from p2ch_app.data.synth import PRESETS, write_dataset
+    from p2ch_app.data.synth import PRESETS, SynthRun, write_dataset
     from p2ch_app.evaluation.scoring import confusion, cpm
     from p2ch_app.evaluation.series import analyze_series
     from p2ch_app.inference.pipeline import AnalysisSettings
@@ -532,7 +532,8 @@ def bench_realism(series: int = 20, min_diameter: float = 6.0) -> dict:
     generator = hashlib.sha256(Path(synth_module.__file__).read_bytes()).hexdigest()
     if (not (root / "candidates.csv").is_file() or len(build_index(root).series_uids) != series
             or not stamp.is_file() or stamp.read_text().strip() != generator):
-        write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"], overwrite=True, workers=2)
+        write_dataset(root, series, subsets=1, seed=11, geometry=PRESETS["full"],
+                      run=SynthRun(overwrite=True, workers=2))
         stamp.write_text(generator)
     index = build_index(root)
     device = torch.device("cpu")

@@ -142,10 +142,10 @@ def prepared_synth(tmp_path_factory):
     training and the validation series hold malignant and benign nodules and non-nodules."""
     from p2ch_app.data.cache import LunaCache
     from p2ch_app.data.index import build_index
-    from p2ch_app.data.synth import write_dataset
+    from p2ch_app.data.synth import SynthRun, write_dataset
 
     root = tmp_path_factory.mktemp("prepared") / "luna"
-    write_dataset(root, series=6, subsets=2, seed=0, geometry=small_geometry(), progress=False)
+    write_dataset(root, series=6, subsets=2, seed=0, geometry=small_geometry(), run=SynthRun(progress=False))
     LunaCache(root / "cache", root).build(build_index(root), workers=1, progress=False)
     return root
 

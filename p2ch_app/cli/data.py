@@ -29,13 +29,13 @@ from p2ch_app.files import check_writable
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --data-root.")
 def synth(**opts):
     """Write a synthetic chest-CT dataset in the exact LUNA16 layout."""
-    from p2ch_app.data.synth import NODULE_COUNTS, geometry_for, write_dataset
+    from p2ch_app.data.synth import NODULE_COUNTS, SynthRun, geometry_for, write_dataset
 
     geometry = geometry_for(opts["size"], opts["matrix"], opts["inplane_mm"], opts["slice_mm"])
     counts = NODULE_COUNTS if opts["nodules"] is None else (opts["nodules"],)
     written = write_dataset(opts["data_root"], series=opts["series"], subsets=opts["subsets"], seed=opts["seed"],
-                            geometry=geometry, overwrite=opts["overwrite"], workers=opts["workers"],
-                            nodule_counts=counts)
+                            geometry=geometry, nodule_counts=counts,
+                            run=SynthRun(overwrite=opts["overwrite"], workers=opts["workers"]))
     click.echo(f"wrote {len(written)} synthetic series to {opts['data_root']}")
 
 

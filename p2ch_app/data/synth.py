@@ -659,10 +659,18 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
     return rows
 
 
+@dataclass(frozen=True)
+class SynthRun:
+    """How write_dataset runs; none of it changes the bytes written."""
+
+    overwrite: bool = False  # replace a dataset already in root
+    progress: bool = True
+    workers: int = 1
+
+
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
-                  geometry: SynthGeometry = PRESETS["demo"], overwrite: bool = False,
-                  progress: bool = True, workers: int = 1,
-                  nodule_counts: tuple[int, ...] = NODULE_COUNTS) -> list[tuple[str, Path]]:
+                  geometry: SynthGeometry = PRESETS["demo"], nodule_counts: tuple[int, ...] = NODULE_COUNTS,
+                  run: SynthRun = SynthRun()) -> list[tuple[str, Path]]:
     """Write `series` synthetic CTs and the LUNA16 CSVs under root (candidates, annotations, malignancy,
     excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series.
 
@@ -672,7 +680,7 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
     """
     root = Path(root)
     existing = [name for name in ("candidates.csv", "annotations.csv") if (root / name).exists()]
-    if existing and not overwrite:
+    if existing and not run.overwrite:
         raise UserError(f"{root} already holds a dataset ({existing[0]}); pass --overwrite to replace it "
                         "or choose another --data-root")
     root.mkdir(parents=True, exist_ok=True)
@@ -680,12 +688,12 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
     jobs = [(root / f"subset{i % subsets}", seeds[i], geometry, nodule_counts) for i in range(series)]
     cand, ann, mal, excluded, written = [], [], [], [], []
     with contextlib.ExitStack() as stack:
-        if workers > 1:
-            pool = stack.enter_context(worker_pool(workers))
+        if run.workers > 1:
+            pool = stack.enter_context(worker_pool(run.workers))
             done = pool.imap(_write_series, jobs)  # in order, so the CSVs do not depend on timing
         else:
             done = map(_write_series, jobs)
-        for uid, path, rows in tqdm(done, total=series, desc="luna-synth", unit="CT", disable=not progress):
+        for uid, path, rows in tqdm(done, total=series, desc="luna-synth", unit="CT", disable=not run.progress):
             written.append((uid, path))
             cand += rows["candidates"]
             ann += rows["annotations"]

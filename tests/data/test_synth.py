@@ -11,6 +11,7 @@ from p2ch_app.data.index import read_excluded
 from p2ch_app.data.synth import (
     EXCLUDED_CLEARANCE_MM,
     PRESETS,
+    SynthRun,
     _place_nodules,
     _sample_chest,
     _vessel_trees,
@@ -27,7 +28,7 @@ SMALL = small_geometry()
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    written = write_dataset(root, series=3, subsets=2, seed=7, geometry=SMALL, progress=False)
+    written = write_dataset(root, series=3, subsets=2, seed=7, geometry=SMALL, run=SynthRun(progress=False))
     return root, written
 
 
@@ -70,9 +71,10 @@ def test_files_read_back_with_simpleitk(dataset):
 
 def test_same_seed_same_bytes_other_seed_other_data(dataset, tmp_path):
     root, _ = dataset
-    write_dataset(tmp_path / "again", series=3, subsets=2, seed=7, geometry=SMALL, progress=False, workers=2)
+    write_dataset(tmp_path / "again", series=3, subsets=2, seed=7, geometry=SMALL,
+                  run=SynthRun(progress=False, workers=2))
     assert snapshot(tmp_path / "again") == snapshot(root)
-    write_dataset(tmp_path / "other", series=1, subsets=2, seed=8, geometry=SMALL, progress=False)
+    write_dataset(tmp_path / "other", series=1, subsets=2, seed=8, geometry=SMALL, run=SynthRun(progress=False))
     assert (tmp_path / "other" / "candidates.csv").read_bytes() != (root / "candidates.csv").read_bytes()
 
 
@@ -236,7 +238,7 @@ def test_refuses_to_overwrite_without_the_flag(dataset, tmp_path):
     root, _ = dataset
     before = snapshot(root)
     with pytest.raises(UserError, match="already holds a dataset.*--overwrite"):
-        write_dataset(root, series=1, seed=1, geometry=SMALL, progress=False)
+        write_dataset(root, series=1, seed=1, geometry=SMALL, run=SynthRun(progress=False))
     assert snapshot(root) == before
 
 

@@ -8,6 +8,7 @@ import torch
 from p2ch_app.data.ct import load_ct
 from p2ch_app.inference.outputs import write_detections
 from p2ch_app.inference.pipeline import AnalysisSettings, analyze
+from p2ch_app.inference.summary import summarize
 from p2ch_app.serve.client import Client
 from tests.serve.conftest import running, settings_for
 
@@ -20,7 +21,8 @@ def expected_json(tmp_path, ct_path, models, settings: AnalysisSettings, series_
     """What nodule-analyze --ct CT --output x.json writes for the same CT, models and options."""
     ct = load_ct(ct_path, series_uid)
     rows = [d for d in analyze(ct, models, settings) if d.nodule_prob >= settings.threshold]
-    write_detections(tmp_path / "x.json", [(ct.series_uid, d) for d in rows], models.paths, ct.series_uid)
+    summary = summarize(rows, models.malignancy is not None)
+    write_detections(tmp_path / "x.json", [(ct.series_uid, d) for d in rows], models.paths, {ct.series_uid: summary})
     return json.loads((tmp_path / "x.json").read_text())
 
 
