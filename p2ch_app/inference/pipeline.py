@@ -242,6 +242,11 @@ def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
     return found.centers, found.voxels, inside_body(hu, found.centers)
 
 
+def sphere_diameters(voxels: np.ndarray, spacing_xyz) -> np.ndarray:
+    """The diameter (mm) of a sphere with each component's volume: a candidate's size for reports and dedupe."""
+    return 2 * np.cbrt(3 * np.asarray(voxels) * float(np.prod(spacing_xyz)) / (4 * np.pi))
+
+
 def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisSettings(),
             device: torch.device = torch.device("cpu"), progress: bool = False,
             note: Callable[[str], None] | None = None) -> list[Detection]:
@@ -256,7 +261,7 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
     centers, voxels, inside, ids = found.centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
-    diameters = 2 * np.cbrt(3 * voxels * float(np.prod(ct.geometry.spacing)) / (4 * np.pi))
+    diameters = sphere_diameters(voxels, ct.geometry.spacing)
     if settings.dedupe:
         keep = suppress_duplicates(xyz, diameters, nodule)
         centers, voxels, inside, nodule, xyz, diameters, ids = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
