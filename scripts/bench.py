@@ -352,7 +352,7 @@ def bench_lung_mask(runs: int = 5) -> dict:
         lungs = find_lungs(ct.hu, ct.geometry.spacing, body, step)
         result.update(real_ct_lungs_s_median=float(np.median(lung_s)), real_ct_body_s_median=float(np.median(body_s)),
                       real_ct_lungs_and_body_s_median=float(np.median(np.add(lung_s, body_s))),
-                      real_ct_lung_litres=lungs.litres,
+                      real_ct_lung_litres=lungs.litres, real_ct_lung_air_litres=lungs.air_litres,
                       real_ct_mass_inside=bool(lungs.contains(_real_ct_mass_irc(ct))[0]))
     for name, (root, uids) in demo_sets().items():
         nodules, inside, litres = _lungs_over(root, uids)

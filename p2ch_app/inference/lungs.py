@@ -34,6 +34,7 @@ class Lungs:
     mask: np.ndarray  # (index, rows / step, cols / step) bool; all False when no lungs were found
     step: int
     voxel_ml: float  # the volume of one mask voxel
+    air_litres: float  # the lungs' air-like voxels alone, before filling, closing and margin
 
     @property
     def found(self) -> bool:
@@ -41,6 +42,7 @@ class Lungs:
 
     @property
     def litres(self) -> float:
+        """The mask's volume, margin included."""
         return float(self.mask.sum()) * self.voxel_ml / 1000
 
     def contains(self, centers_irc: np.ndarray) -> np.ndarray:
@@ -70,12 +72,12 @@ def find_lungs(hu: np.ndarray, spacing_xyz, body: np.ndarray, body_step: int) ->
     chosen = _choose_lungs(labels, hu, body, voxel_ml)
     mask = np.zeros(labels.shape, bool)
     if not chosen:
-        return Lungs(mask, step, voxel_ml)
+        return Lungs(mask, step, voxel_ml, 0.0)
     lungs = np.isin(labels, chosen)
     del labels
     box = _bounding_box(lungs, np.ceil((CLOSE_MM + MARGIN_MM) / spacing).astype(int) + 1)
     mask[box] = _close_and_widen(_fill_holes(lungs[box]), spacing)
-    return Lungs(mask, step, voxel_ml)
+    return Lungs(mask, step, voxel_ml, float(lungs.sum()) * voxel_ml / 1000)
 
 
 def _choose_lungs(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, voxel_ml: float) -> list[int]:

@@ -118,6 +118,7 @@ def test_lungs_hold_every_nodule_and_leave_out_gas_heart_and_wall(made_chest):
     assert mask[-1].sum() >= 0.99 * true_lungs[-1].sum()  # not eroded away at the last slice
     true_litres = true_lungs.sum() * np.prod(SPACING) / 1e6
     assert true_litres < lungs.litres < 1.6 * true_litres  # the margin, not half the abdomen
+    assert 0.9 * true_litres < lungs.air_litres < true_litres  # the air alone: vessels and nodules are not air
 
 
 def test_pleural_nodule_centre_is_kept_only_by_the_closing_and_margin(made_chest):
