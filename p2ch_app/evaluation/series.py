@@ -53,13 +53,13 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
         if with_mal else None, excluded_xyz=excluded_xyz, excluded_diameters_mm=excluded_diameters)
 
 
-def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
-                   device: torch.device, on_ct: Callable[[CtVolume, list[Detection]], None] | None = None,
-                   progress: bool = True,
+def analyze_series(data_root: Path, uids, models: Models, settings: AnalysisSettings, device: torch.device,
+                   on_ct: Callable[[CtVolume, list[Detection]], None] | None = None, progress: bool = True,
                    note: Callable[[str], None] | None = None) -> list[tuple[str, list[Detection], ScanResult]]:
-    """analyze() over many LUNA series, each paired with its scoring against the annotations and the data
-    root's annotations_excluded.csv (when there is one). on_ct(ct, detections), when given, sees each CT
+    """analyze() over many LUNA series of data_root, each paired with its scoring against the annotations
+    and annotations_excluded.csv (when there is one). on_ct(ct, detections), when given, sees each CT
     while it is loaded (for reports); note(message) hears analyze()'s notes."""
+    index = build_index(data_root)  # a second build beside the caller's: seconds at LUNA16's scale, beside hours
     excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
@@ -98,7 +98,7 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     uids = validation_uids(run, index)
     entries = []  # report pages, one per series this rank analysed
     reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
-    mine = analyze_series(run.data_root, index, shard(uids, ranks), models, settings, device, reporter,
+    mine = analyze_series(run.data_root, shard(uids, ranks), models, settings, device, reporter,
                           progress=ranks.is_main, note=note)
     results = gather_in_order(mine, ranks)
     entries = gather_in_order(entries, ranks)
