@@ -291,7 +291,184 @@ def bench_demo_models(root: Path) -> dict:
 REAL_CT = Path("../shared/data/real-ct/cptac-C3N-00247-lung-3.0-B70f")
 BOOK_MODELS = Path("../shared/models/book")
 BOOK_CANDIDATES = Path("../shared/data/reference/cptac-book-candidates.csv")
+REAL_CT_MASS_XYZ = (-83.0, -192.0, -195.0)  # the 19.4 mm mass at the right lung's base (docs/benchmarks.md)
 
+
+def _real_ct_mass_irc(ct) -> np.ndarray:
+    from p2ch_app.data.ct import xyz_to_irc
+
+    return xyz_to_irc(np.array([REAL_CT_MASS_XYZ]), ct.geometry)
+
+
+def _lungs_over(root: Path, uids: list[str]) -> tuple[int, int, list[float]]:
+    """(annotated nodules, those inside the lung mask, litres per series) over a data root's series."""
+    from p2ch_app.data.ct import load_series, xyz_to_irc
+    from p2ch_app.inference.lungs import lungs_of
+
+    index = build_index(root)
+    nodules = inside = 0
+    litres = []
+    for uid in uids:
+        ct = load_series(root, uid)
+        lungs = lungs_of(ct.hu, ct.geometry.spacing)
+        truth = index.for_series(uid)
+        centers = truth.center_xyz[truth.has_annotation]
+        nodules += len(centers)
+        inside += int(lungs.contains(xyz_to_irc(centers, ct.geometry).reshape(-1, 3)).sum()) if lungs.found else 0
+        litres.append(lungs.litres)
+    return nodules, inside, litres
+
+
+def demo_sets() -> dict[str, tuple[Path, list[str]]]:
+    """The demo's validation series (every 4th of its 40, configs/demo.toml) and 20 further series that
+    nothing was tuned on (seed 7, docs/experiments.md), both made here when missing."""
+    from p2ch_app.data.synth import SynthRun, write_dataset
+
+    demo, further = BENCH_DIR / "demo", BENCH_DIR / "further"
+    if not (demo / "candidates.csv").is_file():
+        bench_synth(demo)
+    if not (further / "candidates.csv").is_file():
+        write_dataset(further, series=20, seed=7, run=SynthRun(overwrite=True, progress=False))
+    index = build_index(demo)
+    val = [u for u, v in zip(index.series_uids, index.validation_series(4)) if v]
+    return {"validation": (demo, val), "further": (further, build_index(further).series_uids)}
+
+
+def bench_lung_mask(runs: int = 5) -> dict:
+    """The lung mask of --lung-only: its time on the real CT beside the body mask's (medians of `runs`),
+    its volume and whether the 19.4 mm mass stays in it; on all 40 demo series and the 20 further ones,
+    the annotated nodules inside it (all of them, pleural- and vessel-attached included) and its volumes."""
+    from p2ch_app.data.ct import load_ct
+    from p2ch_app.inference.lungs import find_lungs
+    from p2ch_app.inference.postprocess import body_mask, mask_step
+
+    result = {}
+    if REAL_CT.is_dir():
+        ct = load_ct(REAL_CT)
+        step = mask_step(ct.hu.shape)
+        body_s = [timed(body_mask, ct.hu, step)[0] for _ in range(runs)]
+        body = body_mask(ct.hu, step)
+        lung_s = [timed(find_lungs, ct.hu, ct.geometry.spacing, body, step)[0] for _ in range(runs)]
+        lungs = find_lungs(ct.hu, ct.geometry.spacing, body, step)
+        result.update(real_ct_lungs_s_median=float(np.median(lung_s)), real_ct_body_s_median=float(np.median(body_s)),
+                      real_ct_lungs_and_body_s_median=float(np.median(np.add(lung_s, body_s))),
+                      real_ct_lung_litres=lungs.litres, real_ct_lung_air_litres=lungs.air_litres,
+                      real_ct_mass_inside=bool(lungs.contains(_real_ct_mass_irc(ct))[0]))
+    sets = demo_sets()
+    for name, root in (("demo", sets["validation"][0]), ("further", sets["further"][0])):
+        nodules, inside, litres = _lungs_over(root, build_index(root).series_uids)
+        result.update({f"{name}_nodules": nodules, f"{name}_nodules_inside": inside,
+                       f"{name}_litres_min": min(litres), f"{name}_litres_max": max(litres)})
+    return result
+
+
+def _variants(ct, models, device) -> dict[str, list]:
+    """The detections (threshold 0) of nodule-analyze with and without --lung-only, alone and with
+    --tta --dedupe, from one segmentation and one classification of the CT: each candidate's plain and
+    mirror-averaged probabilities, then the lungs and the duplicates filtered in analyze()'s order."""
+    from p2ch_app.data.ct import irc_to_xyz
+    from p2ch_app.inference.lungs import lungs_of
+    from p2ch_app.inference.pipeline import AnalysisSettings, Detection, classify, propose, sphere_diameters
+    from p2ch_app.inference.postprocess import suppress_duplicates
+
+    centers, voxels, inside = propose(ct.hu, models.segmenter, device)
+    centers, voxels = centers[inside], voxels[inside]
+    plain = classify(ct.hu, centers, models.classifier, device)
+    mirrored = plain.copy()
+    chosen = plain >= AnalysisSettings().tta_floor
+    mirrored[chosen] = classify(ct.hu, centers[chosen], models.classifier, device,
+                                AnalysisSettings(tta=True, tta_floor=0.0))
+    lungs = lungs_of(ct.hu, ct.geometry.spacing)
+    in_lungs = lungs.contains(centers) if lungs.found else np.ones(len(centers), bool)
+    xyz, diameters = irc_to_xyz(centers, ct.geometry).reshape(-1, 3), sphere_diameters(voxels, ct.geometry.spacing)
+    found = {}
+    for name, probs, dedupe in (("plain", plain, False), ("tta_dedupe", mirrored, True)):
+        for lung_only in (False, True):
+            keep = np.flatnonzero(in_lungs) if lung_only else np.arange(len(centers))
+            if dedupe:
+                keep = keep[suppress_duplicates(xyz[keep], diameters[keep], probs[keep])]
+            keep = keep[np.argsort(-probs[keep], kind="stable")]
+            found[name + ("_lung_only" if lung_only else "")] = [
+                Detection(tuple(xyz[i]), tuple(centers[i]), float(probs[i]), None, float(diameters[i]), int(voxels[i]),
+                          True) for i in keep]
+    return found
+
+
+def _scores_on(root: Path, uids: list[str], models, device) -> dict:
+    """CPM and false positives per scan at 0.5 of each _variants() variant over a set of series."""
+    from p2ch_app.data.ct import load_series
+    from p2ch_app.data.index import read_excluded
+    from p2ch_app.evaluation.scoring import evaluate
+    from p2ch_app.evaluation.series import scan_result
+
+    index, excluded = build_index(root), read_excluded(root)
+    scans: dict[str, list] = {}
+    for uid in uids:
+        for name, detections in _variants(load_series(root, uid), models, device).items():
+            scans.setdefault(name, []).append(scan_result(detections, index.for_series(uid), False,
+                                                          excluded.for_series(uid)))
+    result = {}
+    for name, results in scans.items():
+        metrics = evaluate(results, 0.5)
+        result[f"{name}_cpm"] = metrics["cpm"]
+        result[f"{name}_fp_per_scan"] = metrics["confusion"]["Non-nodule"]["Pred. nodule"] / len(results)
+    return result
+
+
+def _demo_own_models(device):
+    """The models `make demo` trained (the averaged U-Net and classifier of runs/luna-average, or its
+    newest best.pt files); P2CH_DEMO_RUNS names another runs folder. None when there are none."""
+    from p2ch_app.inference.pipeline import load_models
+
+    runs = Path(os.environ.get("P2CH_DEMO_RUNS", "runs"))
+    found = []
+    for command in ("luna-train-seg", "luna-train-cls"):
+        averaged = sorted((runs / "luna-average").glob(f"{command}-*.pt"), key=lambda p: p.stat().st_mtime)
+        best = sorted((runs / command).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+        if not averaged and not best:
+            return None, None
+        found.append((averaged or best)[-1])
+    return load_models(found[0], found[1], None, device), [str(p) for p in found]
+
+
+def bench_lung_only_book() -> dict:
+    """--lung-only's effect with the book's models: CPM and false positives per scan at 0.5, with and
+    without it, alone and with --tta --dedupe, on the demo's validation series and its 20 further
+    series; and on the real CT, how many detections at 0.5 remain and the 19.4 mm mass's rank (0: gone)."""
+    import torch
+
+    if not BOOK_MODELS.is_dir():
+        return {"skipped": f"{BOOK_MODELS} is absent"}
+    device = torch.device("cpu")
+    models = _book_models(device)
+    result = {}
+    for name, (root, uids) in demo_sets().items():
+        result.update({f"{name}_{k}": v for k, v in _scores_on(root, uids, models, device).items()})
+    if REAL_CT.is_dir():
+        from p2ch_app.data.ct import load_ct
+
+        ct = load_ct(REAL_CT)
+        mass = _real_ct_mass_irc(ct)[0]
+        for name, detections in _variants(ct, models, device).items():
+            reported = [d for d in detections if d.nodule_prob >= 0.5]
+            result[f"real_ct_{name}_detections"] = len(reported)
+            result[f"real_ct_{name}_mass_rank"] = next(
+                (rank for rank, d in enumerate(reported, 1) if np.linalg.norm(np.subtract(d.center_irc, mass)) < 5), 0)
+    return result
+
+
+def bench_lung_only_demo() -> dict:
+    """As bench_lung_only_book on the demo's sets, with the models `make demo` trained."""
+    import torch
+
+    device = torch.device("cpu")
+    models, paths = _demo_own_models(device)
+    if models is None:
+        return {"skipped": "no models of make demo in runs/ (or P2CH_DEMO_RUNS)"}
+    result = {"models": paths}
+    for name, (root, uids) in demo_sets().items():
+        result.update({f"{name}_{k}": v for k, v in _scores_on(root, uids, models, device).items()})
+    return result
 
 def _book_models(device):
     from p2ch_app.inference.pipeline import load_models
@@ -725,6 +902,9 @@ def main() -> None:
              ("cls_data_loading", lambda: bench_loading(demo)),
              ("demo_models", lambda: bench_demo_models(demo)),
              ("real_ct_book_models", bench_real_ct),
+             ("lung_mask", bench_lung_mask),
+             ("lung_only_book_models", bench_lung_only_book),
+             ("lung_only_demo_models", bench_lung_only_demo),
              ("luna_sized_ct", bench_luna_sized),
              ("realism_full_size_book_models", bench_realism),
              ("export_runtimes", bench_export_runtimes),

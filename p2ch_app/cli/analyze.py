@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from p2ch_app.cli.options import (
     app_command,
@@ -47,6 +49,10 @@ from p2ch_app.files import check_writable
 @click.option("--dedupe/--no-dedupe", default=False,
               help="Drop a candidate whose centre lies within the estimated diameter of a more probable one: "
                    "pieces of one nodule's mask, each otherwise a false positive beside the hit.")
+@click.option("--lung-only/--no-lung-only", default=False,
+              help="Keep only candidates whose centre lies in a lung mask found in the CT (air inside the body, "
+                   "holes filled, a 5 mm margin): drops false positives in the bowel, stomach and mediastinum. "
+                   "A CT without lungs keeps the body mask's candidates, with a note.")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
 @click.option("--submission", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -54,7 +60,8 @@ from p2ch_app.files import check_writable
                    "(seriesuid,coordX,coordY,coordZ,probability), for the challenge's evaluation script.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Write a PNG (axial, coronal, sagittal views) per reported nodule, an index.html, a 3D Slicer "
-                   "point list (detections.mrk.json) and a label map of their voxels (candidates.nii.gz) to DIR.")
+                   "point list (detections.mrk.json), a label map of their voxels (candidates.nii.gz) and the "
+                   "lung mask (lungs.nii.gz) to DIR.")
 @click.option("--dicomweb", metavar="URL", default=None,
               help="Fetch the CT from this DICOMweb server (a PACS; e.g. http://localhost:8042/dicom-web) instead.")
 @click.option("--study", metavar="UID", default=None, help="With --dicomweb: the study to analyse.")
@@ -76,7 +83,8 @@ def analyze(**opts):
     series fetched from a PACS; --store sends the SEG and SR back), or --validation to run every
     validation series and print the confusion table and the LUNA16 FROC/CPM (results, FROC curve
     and TensorBoard logs under runs/nodule-analyze/). Candidates outside the patient's body (tubes,
-    table, cables) are dropped unless --keep-outside.
+    table, cables) are dropped unless --keep-outside; with --lung-only, those outside the lungs too
+    (recommended: --tta --dedupe --lung-only).
     """
     from p2ch_app.inference.distributed import start_ranks, stop_ranks
 
@@ -150,6 +158,11 @@ def _check_outputs(opts: dict) -> None:
         check_writable(opts["runs_dir"] / "nodule-analyze", "--runs-dir", folder=True)
 
 
+def _note(message: str) -> None:
+    """A note from the analysis on a line of its own, above any progress bar."""
+    tqdm.write(f"nodule-analyze: note: {message}", file=sys.stderr)
+
+
 def _one_ct(opts: dict, paths: dict, settings, device) -> None:
     from p2ch_app.data.ct import load_ct, load_series
 
@@ -185,7 +198,7 @@ def _analyse(opts: dict, ct, dicom_folder: Path | None, paths: dict, settings, d
     from p2ch_app.inference.summary import summarize
 
     models = load_models(paths["seg"], paths["cls"], paths["mal"], device)
-    found = run_analysis(ct, models, settings, device, progress=True)
+    found = run_analysis(ct, models, settings, device, progress=True, note=_note)
     rows = [d for d in found if d.nodule_prob >= settings.threshold]
     summary = summarize(rows, models.malignancy is not None)
     click.echo(f"{ct.series_uid}: {len(found)} candidates, {len(rows)} with nodule probability >= "
@@ -220,7 +233,7 @@ def _validation(opts: dict, models, settings, device, ranks) -> None:
     from p2ch_app.evaluation.series import ValidationRun, run_validation
 
     run = settings_from(ValidationRun, opts)
-    done = run_validation(run, models, settings, device, ranks)
+    done = run_validation(run, models, settings, device, ranks, note=_note)
     if done is None:  # not rank 0
         return
     metrics, run_dir = done

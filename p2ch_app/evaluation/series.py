@@ -57,18 +57,20 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
         summary=summarize([d for d in detections if d.nodule_prob >= threshold], with_mal))
 
 
-def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
-                   device: torch.device,
+def analyze_series(data_root: Path, uids, models: Models, settings: AnalysisSettings, device: torch.device,
                    on_ct: Callable[[CtVolume, list[Detection], PatientSummary], None] | None = None,
-                   progress: bool = True) -> list[tuple[str, list[Detection], ScanResult]]:
-    """analyze() over many LUNA series, each paired with its scoring against the annotations and the data
-    root's annotations_excluded.csv (when there is one). on_ct(ct, detections, summary), when given, sees
-    each CT while it is loaded (for reports)."""
+                   progress: bool = True,
+                   note: Callable[[str], None] | None = None) -> list[tuple[str, list[Detection], ScanResult]]:
+    """analyze() over many LUNA series of data_root, each paired with its scoring against the annotations
+    and annotations_excluded.csv (when there is one) and its per-patient summary. on_ct(ct, detections,
+    summary), when given, sees each CT while it is loaded (for reports); note(message) hears analyze()'s
+    notes."""
+    index = build_index(data_root)  # a second build beside the caller's: seconds at LUNA16's scale, beside hours
     excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
     for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
         ct = load_series(data_root, uid)
-        detections = analyze(ct, models, settings, device)
+        detections = analyze(ct, models, settings, device, note=note)
         scan = scan_result(detections, index.for_series(uid), models.malignancy is not None,
                            excluded.for_series(uid), settings.threshold)
         if on_ct is not None:
@@ -93,18 +95,18 @@ def validation_uids(run: ValidationRun, index: LunaIndex) -> list[str]:
 
 
 def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings, device: torch.device,
-                   ranks: Ranks = SINGLE) -> tuple[dict, Path] | None:
+                   ranks: Ranks = SINGLE, note: Callable[[str], None] | None = None) -> tuple[dict, Path] | None:
     """Every validation series (and the training ones with include_train), scored and saved in a run
     folder (metrics.json, froc.png, detections.csv, TensorBoard): (metrics, run folder). Excluded
     findings (annotations_excluded.csv) count neither way. With several ranks each analyses its share
     of the series; rank 0 gathers them in series order, writes the results and returns them, the
-    other ranks return None."""
+    other ranks return None. note(message) hears analyze()'s notes (no lungs found, say)."""
     index = build_index(run.data_root)
     uids = validation_uids(run, index)
     entries = []  # report pages, one per series this rank analysed
     reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
-    mine = analyze_series(run.data_root, index, shard(uids, ranks), models, settings, device, reporter,
-                          progress=ranks.is_main)
+    mine = analyze_series(run.data_root, shard(uids, ranks), models, settings, device, reporter,
+                          progress=ranks.is_main, note=note)
     results = gather_in_order(mine, ranks)
     entries = gather_in_order(entries, ranks)
     if not ranks.is_main:
@@ -113,7 +115,8 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     metrics.update(series=uids, patients={uid: scan.summary.record() for uid, _, scan in results},
                    models=models.paths, threshold=settings.threshold,
                    keep_outside=settings.keep_outside, tta=settings.tta, dedupe=settings.dedupe,
-                   split=settings.split, include_train=run.include_train, val_stride=run.val_stride)
+                   split=settings.split, lung_only=settings.lung_only, include_train=run.include_train,
+                   val_stride=run.val_stride)
     run_dir = new_run_dir(run.runs_dir, "nodule-analyze", run.comment)
     save_evaluation(run_dir, metrics)
     _write_outputs(run, run_dir, results, models.paths, settings.threshold)

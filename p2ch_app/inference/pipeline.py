@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
 from p2ch_app.data.ct import HU_MIN, CtVolume, context_stacks, gather_crops, irc_to_xyz
-from p2ch_app.inference.postprocess import inside_body, suppress_duplicates
+from p2ch_app.inference.lungs import find_lungs
+from p2ch_app.inference.postprocess import body_mask, inside_body, mask_step, sample_mask, suppress_duplicates
 from p2ch_app.inference.runtime import (
     BATCH_PIXELS,
     in_pieces,
@@ -45,6 +47,7 @@ class AnalysisSettings:
     tta_floor: float = 0.05  # with tta, nodule probability from which the mirror images are added
     split: bool = False  # also propose the pieces of a second erosion
     dedupe: bool = False  # drop candidates inside a more probable one's sphere
+    lung_only: bool = False  # keep only candidates whose centre lies in the lung mask (lungs.py), if lungs are found
 
 
 @dataclass
@@ -229,15 +232,34 @@ def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, d
 
 
 def _proposals(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device, settings: AnalysisSettings,
-               progress: bool) -> tuple[Components, np.ndarray]:
-    """The candidates as components, and whether each lies inside the body (propose() describes them)."""
+               progress: bool) -> Components:
+    """The candidates as components (propose() describes them)."""
     mask = segment(hu, segmenter, device, settings.fast, progress)
     found = components(mask, hu)
     if settings.split:
         found = found + components(ndimage.binary_erosion(mask), hu)
     del mask
     return_freed_memory()
-    return found, inside_body(hu, found.centers)
+    return found
+
+
+def _where(ct: CtVolume, centers_irc: np.ndarray, settings: AnalysisSettings,
+           note: Callable[[str], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(inside the body, kept) for each candidate centre. Kept: inside the body unless
+    settings.keep_outside, and with settings.lung_only also inside the lungs. A CT in which no lungs
+    are found (a head, an abdomen, a phantom) keeps what the body mask keeps, and note() is told:
+    dropping every candidate there would hide them all without a word."""
+    step = mask_step(ct.hu.shape)
+    body = body_mask(ct.hu, step)
+    inside = sample_mask(body, centers_irc, step)
+    kept = np.ones(len(centers_irc), bool) if settings.keep_outside else inside
+    if settings.lung_only:
+        lungs = find_lungs(ct.hu, ct.geometry.spacing, body, step)
+        if lungs.found:
+            kept = kept & lungs.contains(centers_irc)
+        elif note is not None:
+            note(f"no lungs found in {ct.series_uid}; keeping its candidates inside the body")
+    return inside, kept
 
 
 def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
@@ -248,21 +270,22 @@ def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
     With settings.split, the pieces left by eroding the mask once more are candidates too. A nodule
     that touches a vessel forms one component with it, whose centre can lie outside the nodule; the
     second erosion cuts the thin connection and the nodule's own piece gets its own centre."""
-    found, inside = _proposals(hu, segmenter, device, settings, progress)
-    return found.centers, found.voxels, inside
+    found = _proposals(hu, segmenter, device, settings, progress)
+    return found.centers, found.voxels, inside_body(hu, found.centers)
 
 
 def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisSettings(),
-            device: torch.device = torch.device("cpu"), progress: bool = False) -> list[Detection]:
+            device: torch.device = torch.device("cpu"), progress: bool = False,
+            note: Callable[[str], None] | None = None) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless
-    settings.keep_outside. Those at or above settings.threshold (the reported ones) keep their voxels
+    settings.keep_outside, outside-lung ones too with settings.lung_only (note(message) hears when no
+    lungs are found). Those at or above settings.threshold (the reported ones) keep their voxels
     (Detection.voxel_index), for the label map of a report."""
     keep_freed_memory()
     return_freed_memory()  # what reading the CT left behind
-    found, inside = _proposals(ct.hu, models.segmenter, device, settings, progress)
-    centers, voxels, ids = found.centers, found.voxels, np.arange(len(found.voxels))
-    if not settings.keep_outside:
-        centers, voxels, inside, ids = centers[inside], voxels[inside], inside[inside], ids[inside]
+    found = _proposals(ct.hu, models.segmenter, device, settings, progress)
+    inside, kept = _where(ct, found.centers, settings, note)
+    centers, voxels, inside, ids = found.centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
     diameters = sphere_diameters(opened_voxels(found, ct.hu.shape)[ids], ct.geometry.spacing)

@@ -15,9 +15,7 @@ def body_mask(hu: np.ndarray, step: int = 1) -> np.ndarray:
     (lungs, airways) filled. Tubes, cables and the table fall outside it. With step, the mask is
     found on every step-th row and column (a quarter of the memory and time for step 2)."""
     dense = hu[:, ::step, ::step] > BODY_HU
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    filled = ndimage.binary_fill_holes(dense, structure=in_plane)
+    filled = ndimage.binary_fill_holes(dense, structure=in_plane_structure())
     del dense
     labels, count = ndimage.label(filled)
     if count == 0:
@@ -27,14 +25,34 @@ def body_mask(hu: np.ndarray, step: int = 1) -> np.ndarray:
     return labels == sizes.argmax()
 
 
-def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
-    """Whether each centre lies in the patient. Slices of 512 pixels are masked at every second
-    pixel (about 1 mm): ample for telling the body from tubes and table, at a quarter of the cost."""
+def in_plane_structure() -> np.ndarray:
+    """Face connectivity within each axial slice only: holes are filled slice by slice."""
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    return structure
+
+
+def mask_step(shape: tuple[int, ...]) -> int:
+    """The step at which the body and lung masks are found: slices of 512 pixels at every second pixel
+    (about 1 mm), ample for telling the body from tubes and table, or the lungs from the abdomen, at a
+    quarter of the cost."""
+    return max(1, shape[1] // 256)
+
+
+def sample_mask(mask: np.ndarray, centers_irc: np.ndarray, step: int) -> np.ndarray:
+    """The value of a mask made at step (every step-th row and column) at each centre's nearest voxel."""
     if len(centers_irc) == 0:
         return np.zeros(0, bool)
-    step = max(1, hu.shape[1] // 256)
     idx = np.rint(centers_irc).astype(int) // np.array([1, step, step])
-    return body_mask(hu, step)[tuple(idx.T)]
+    return mask[tuple(idx.T)]
+
+
+def inside_body(hu: np.ndarray, centers_irc: np.ndarray) -> np.ndarray:
+    """Whether each centre lies in the patient (body_mask at mask_step)."""
+    if len(centers_irc) == 0:
+        return np.zeros(0, bool)
+    step = mask_step(hu.shape)
+    return sample_mask(body_mask(hu, step), centers_irc, step)
 
 
 def suppress_duplicates(centers_xyz: np.ndarray, diameters_mm: np.ndarray, probs: np.ndarray) -> np.ndarray:

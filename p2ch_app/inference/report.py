@@ -21,7 +21,7 @@ from matplotlib.patches import Circle
 from p2ch_app.data.ct import HU_MIN, CtVolume
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_atomic, write_text_atomic
-from p2ch_app.inference.viewer import LABEL_MAP_FILE, MARKUPS_FILE, write_viewer_files
+from p2ch_app.inference.viewer import LABEL_MAP_FILE, LUNG_MAP_FILE, MARKUPS_FILE, write_viewer_files
 
 if TYPE_CHECKING:
     from p2ch_app.inference.pipeline import Detection
@@ -106,8 +106,8 @@ def _make_dir(out_dir: Path) -> Path:
 def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], summary: PatientSummary,
                  title: str = "") -> Path:
     """Write NNN.png per detection (rank order as given), the viewer files (viewer.py: a 3D Slicer point
-    list and a label map of the detections' voxels) and index.html, headed by the patient's summary, to
-    out_dir; return the index."""
+    list, a label map of the detections' voxels and one of the lungs) and index.html, headed by the patient's
+    summary, to out_dir; return the index."""
     for rank, det in enumerate(detections, 1):
         if not ct.contains(det.center_irc):
             raise UserError(f"detection {rank} at voxel {tuple(round(v, 1) for v in det.center_irc)} lies outside "
@@ -125,8 +125,9 @@ def write_report(out_dir: Path, ct: CtVolume, detections: list[Detection], summa
     write_viewer_files(out_dir, ct, detections)
     body = f"<p>Series {html.escape(ct.series_uid)}: {html.escape(summary.headline())}.</p>\n"
     body += (f'<p>For a viewer, over the CT: <a href="{MARKUPS_FILE}">{MARKUPS_FILE}</a> (3D Slicer point list, '
-             f'labelled rank and probability) and <a href="{LABEL_MAP_FILE}">{LABEL_MAP_FILE}</a> (label map: each '
-             "detection's voxels hold its rank).</p>\n")
+             f'labelled rank and probability), <a href="{LABEL_MAP_FILE}">{LABEL_MAP_FILE}</a> (label map: each '
+             f'detection\'s voxels hold its rank) and <a href="{LUNG_MAP_FILE}">{LUNG_MAP_FILE}</a> (label map: the '
+             "lung mask of --lung-only, 1 in the lungs; all 0 where no lungs were found).</p>\n")
     if rows:
         body += ("<table><tr><th>rank</th><th>x, y, z (mm)</th><th>index, row, col</th><th>nodule p</th>"
                  "<th>malignancy p</th><th>diameter (mm)</th><th>views</th></tr>\n" + "".join(rows) + "</table>\n")

@@ -1,8 +1,9 @@
-"""Detections for medical image viewers: a 3D Slicer point list and a label map of the candidates' voxels.
+"""Detections for medical image viewers: a 3D Slicer point list, a label map of the candidates' voxels
+and one of the lung mask that --lung-only uses.
 
-Both live in patient space, so they land on the CT they came from in any viewer: the points in LPS
-millimetres (our x, y, z are ITK's physical points, which are LPS), the label map on the CT's own grid
-(origin, spacing, direction), one label value per reported detection, its rank.
+All live in patient space, so they land on the CT they came from in any viewer: the points in LPS
+millimetres (our x, y, z are ITK's physical points, which are LPS), the label maps on the CT's own grid
+(origin, spacing, direction): one label value per reported detection, its rank; the lungs as 1.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import SimpleITK as sitk
 from p2ch_app.data.ct import CtVolume
 from p2ch_app.errors import UserError
 from p2ch_app.files import write_atomic, write_text_atomic
+from p2ch_app.inference.lungs import lungs_of
 
 if TYPE_CHECKING:
     from p2ch_app.inference.pipeline import Detection
 
-MARKUPS_FILE, LABEL_MAP_FILE = "detections.mrk.json", "candidates.nii.gz"
+MARKUPS_FILE, LABEL_MAP_FILE, LUNG_MAP_FILE = "detections.mrk.json", "candidates.nii.gz", "lungs.nii.gz"
 MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
                   "markups-schema-v1.0.3.json#")
 
@@ -68,16 +70,23 @@ def label_volume(ct: CtVolume, detections: list[Detection]) -> np.ndarray:
     return labels
 
 
-def write_label_map(path: Path, ct: CtVolume, detections: list[Detection]) -> None:
-    """label_volume() as a compressed NIfTI with the CT's origin, spacing and direction, written atomically."""
-    image = ct.geometry.apply_to(sitk.GetImageFromArray(label_volume(ct, detections)))
+def write_on_grid(path: Path, ct: CtVolume, labels: np.ndarray) -> None:
+    """A label volume as a compressed NIfTI with the CT's origin, spacing and direction, written atomically."""
+    image = ct.geometry.apply_to(sitk.GetImageFromArray(labels))
     write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
 
 
+def write_label_map(path: Path, ct: CtVolume, detections: list[Detection]) -> None:
+    """label_volume() on the CT's grid (write_on_grid)."""
+    write_on_grid(path, ct, label_volume(ct, detections))
+
+
 def write_viewer_files(out_dir: Path, ct: CtVolume, detections: list[Detection]) -> list[Path]:
-    """detections.mrk.json and candidates.nii.gz in out_dir (which exists); returns their paths."""
+    """detections.mrk.json, candidates.nii.gz and lungs.nii.gz (the lung mask as 1, all 0 where no lungs
+    are found) in out_dir (which exists); returns their paths."""
     out_dir = Path(out_dir)
-    points, label_map = out_dir / MARKUPS_FILE, out_dir / LABEL_MAP_FILE
+    points, label_map, lung_map = out_dir / MARKUPS_FILE, out_dir / LABEL_MAP_FILE, out_dir / LUNG_MAP_FILE
     write_text_atomic(points, json.dumps(markups(detections, f"nodules {ct.series_uid}"), indent=2))
     write_label_map(label_map, ct, detections)
-    return [points, label_map]
+    write_on_grid(lung_map, ct, lungs_of(ct.hu, ct.geometry.spacing).on_grid(ct.hu.shape).view(np.uint8))
+    return [points, label_map, lung_map]

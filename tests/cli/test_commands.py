@@ -212,16 +212,17 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")
     # every series, with a report per series under one index
     args = [*args[:-2], "--comment", "all", "--include-train", "--report", tmp_path / "report", "--tta", "--dedupe",
-            "--split", "--submission", tmp_path / "submission.csv"]
+            "--split", "--lung-only", "--submission", tmp_path / "submission.csv"]
     assert run(analyze, args).exit_code == 0
     metrics = json.loads((next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "metrics.json").read_text())
     assert metrics["series"] == index.series_uids and metrics["include_train"] is True and metrics["tta"] is True
-    assert metrics["dedupe"] is metrics["split"] is True
+    assert metrics["dedupe"] is metrics["split"] is metrics["lung_only"] is True
     top = (tmp_path / "report" / "index.html").read_text()
     assert all(f"{uid}/index.html" in top and (tmp_path / "report" / uid / "index.html").is_file()
                for uid in index.series_uids)
     for uid in index.series_uids:  # the viewer files per series (tests/inference/test_viewer.py reads them back)
-        assert {"detections.mrk.json", "candidates.nii.gz"} <= {p.name for p in (tmp_path / "report" / uid).iterdir()}
+        assert {"detections.mrk.json", "candidates.nii.gz", "lungs.nii.gz"} <= {
+            p.name for p in (tmp_path / "report" / uid).iterdir()}
     with open(next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "detections.csv", newline="") as f:
         every = list(csv.DictReader(f))
     with open(tmp_path / "submission.csv", newline="") as f:
@@ -229,6 +230,29 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert len(submitted) == len(every) and {r["seriesuid"] for r in submitted} == set(index.series_uids)
     assert [float(r["probability"]) for r in submitted] == [float(r["nodule_prob"]) for r in every]
     assert metrics["excluded_findings"] > 0  # luna-synth's annotations_excluded.csv reached the score
+
+
+@requires_shared
+def test_analyze_lung_only_without_lungs_says_so_and_keeps_the_candidates(tmp_path):
+    """An abdomen-only CT: --lung-only finds no lungs, prints one note and keeps what the body mask keeps."""
+    import json
+
+    from p2ch_app.cli import analyze
+    from tests.conftest import write_image
+    from tests.inference.test_lungs import no_lungs
+
+    ct = no_lungs("abdomen")
+    mhd = write_image(tmp_path / "abdomen.mhd", ct.hu, tuple(ct.geometry.spacing), tuple(ct.geometry.origin))
+    seg, cls = next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state"))
+    common = ["--ct", mhd, "--seg-model", seg, "--cls-model", cls, "--runs-dir", tmp_path, "--threshold", 0.0]
+    plain = run(analyze, [*common, "--output", tmp_path / "plain.json"])
+    lung_only = run(analyze, [*common, "--lung-only", "--output", tmp_path / "lung.json"])
+    assert plain.exit_code == lung_only.exit_code == 0, lung_only.output
+    notes = [line for line in lung_only.stderr.splitlines() if "note:" in line]
+    assert notes == ["nodule-analyze: note: no lungs found in abdomen; keeping its candidates inside the body"]
+    assert "note:" not in plain.stderr
+    found = [json.loads((tmp_path / name).read_text())["detections"] for name in ("plain.json", "lung.json")]
+    assert found[0] == found[1] and len(found[0]) > 0
 
 
 @requires_shared

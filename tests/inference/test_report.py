@@ -118,9 +118,11 @@ def test_index_lists_every_detection_with_its_image(report, ct, detections):
     out, index = report
     assert index == out / "index.html"
     # no temporary files left; the viewer files (test_viewer.py reads them back) beside the pages
-    assert sorted(os.listdir(out)) == ["001.png", "002.png", "candidates.nii.gz", "detections.mrk.json", "index.html"]
+    assert sorted(os.listdir(out)) == ["001.png", "002.png", "candidates.nii.gz", "detections.mrk.json", "index.html",
+                                       "lungs.nii.gz"]
     page = index.read_text(encoding="utf-8")
     assert '<a href="detections.mrk.json">' in page and '<a href="candidates.nii.gz">' in page
+    assert '<a href="lungs.nii.gz">' in page
     assert "Run &lt;7&gt; &amp; co" in page and "<7>" not in page
     assert ct.series_uid in page and "2 detection" in page
     # the per-patient summary: largest 8.0 mm is Lung-RADS 4A; noisy-OR of 0.412 and no score (None) with the leak
@@ -136,7 +138,7 @@ def test_index_lists_every_detection_with_its_image(report, ct, detections):
 def test_no_detections_says_so(tmp_path, ct):
     page = write_report(tmp_path, ct, [], summarize([], False)).read_text(encoding="utf-8")
     assert "no detections" in page and "<img" not in page and "<table" not in page
-    assert sorted(os.listdir(tmp_path)) == ["candidates.nii.gz", "detections.mrk.json", "index.html"]
+    assert sorted(os.listdir(tmp_path)) == ["candidates.nii.gz", "detections.mrk.json", "index.html", "lungs.nii.gz"]
 
 
 def test_failed_write_leaves_neither_half_a_file_nor_a_temporary(tmp_path, ct, detections, monkeypatch):

@@ -1,4 +1,4 @@
-"""The viewer files read back: the 3D Slicer point list and the label map, from detections of the real
+"""The viewer files read back: the 3D Slicer point list and the label maps, from detections of the real
 pipeline (stand-in models) on a hand-made CT with an oblique, rotated grid."""
 
 import json
@@ -9,8 +9,9 @@ import SimpleITK as sitk
 
 from p2ch_app.data.ct import CtVolume, load_ct
 from p2ch_app.errors import UserError
+from p2ch_app.inference.lungs import lungs_of
 from p2ch_app.inference.pipeline import AnalysisSettings, Detection, Models, analyze
-from p2ch_app.inference.viewer import LABEL_MAP_FILE, MARKUPS_FILE, label_volume, write_viewer_files
+from p2ch_app.inference.viewer import LABEL_MAP_FILE, LUNG_MAP_FILE, MARKUPS_FILE, label_volume, write_viewer_files
 from tests.conftest import write_image
 from tests.inference.test_pipeline import CentreSliceThreshold, CentreVoxelClassifier
 
@@ -53,8 +54,8 @@ def written(tmp_path_factory, ct, detections):
 
 def test_markups_point_list_round_trips_to_the_detections(written, detections):
     out, paths = written
-    assert paths == [out / MARKUPS_FILE, out / LABEL_MAP_FILE] and sorted(p.name for p in out.iterdir()) == sorted(
-        [MARKUPS_FILE, LABEL_MAP_FILE])  # no temporary files left
+    assert paths == [out / MARKUPS_FILE, out / LABEL_MAP_FILE, out / LUNG_MAP_FILE] and sorted(
+        p.name for p in out.iterdir()) == sorted([MARKUPS_FILE, LABEL_MAP_FILE, LUNG_MAP_FILE])  # no temporaries left
     document = json.loads((out / MARKUPS_FILE).read_text())
     assert document["@schema"].endswith("markups-schema-v1.0.3.json#")
     (markup,) = document["markups"]
@@ -106,3 +107,14 @@ def test_many_detections_get_a_wider_label_type(ct, detections):
         voxel_index=np.array([k])) for k in range(300)]
     labels = label_volume(ct, many)
     assert labels.dtype == np.uint16 and labels.ravel()[:300].tolist() == list(range(1, 301))
+
+
+def test_lung_map_is_the_lung_mask_on_the_cts_grid(written, ct):
+    """Its lung is far too small to pass for one (test_lungs.py has real ones): the map is all 0, on the
+    CT's grid; a mask that is found lands on it voxel for voxel."""
+    out, _ = written
+    image = sitk.ReadImage(str(out / LUNG_MAP_FILE))
+    assert image.GetSize() == ct.hu.shape[::-1] and image.GetSpacing() == pytest.approx(tuple(ct.geometry.spacing))
+    assert image.GetDirection() == pytest.approx(tuple(ct.geometry.direction.ravel()), abs=1e-6)
+    lungs = lungs_of(ct.hu, ct.geometry.spacing)
+    assert not lungs.found and np.array_equal(sitk.GetArrayFromImage(image), lungs.on_grid(ct.hu.shape))
