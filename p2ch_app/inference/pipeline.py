@@ -56,7 +56,7 @@ class Detection:
     center_irc: tuple[float, float, float]
     nodule_prob: float
     malignancy_prob: float | None
-    diameter_mm: float  # of a sphere with the component's volume as the U-Net marked it (opened_voxels)
+    diameter_mm: float  # of a sphere with the component's volume
     voxels: int
     inside_body: bool
     # the component's voxels as flat (C-order) indices into the CT, kept for candidates at or above the
@@ -155,27 +155,6 @@ def components(mask: np.ndarray, hu: np.ndarray) -> Components:
     voxels = np.bincount(component, minlength=count + 1)[1:]
     members = flat[np.argsort(component, kind="stable")]
     return Components(centers, voxels, members, np.concatenate([[0], np.cumsum(voxels)]))
-
-
-# a voxel and its six face neighbours: binary_erosion's default structure, undone by one dilation
-_FACE_STEPS = np.array([[0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
-
-
-def opened_voxels(found: Components, shape: tuple[int, int, int]) -> np.ndarray:
-    """Each component's voxel count once dilated back by the erosion's structure: the U-Net's mask of
-    it before the erosion that separated it from its neighbours (a morphological opening). The eroded
-    count lost a voxel shell, which took a 6 mm nodule on 1.3 mm pixels down to about 3.5 mm; the
-    opening keeps its size. Counted from the members alone, with no whole-volume array."""
-    if len(found.voxels) == 0:
-        return np.zeros(0, np.int64)
-    coords = np.stack(np.unravel_index(found.members, shape), axis=1)
-    owner = np.repeat(np.arange(len(found.voxels)), found.voxels)
-    reach = (coords[None] + _FACE_STEPS[:, None]).reshape(-1, 3)
-    whose = np.tile(owner, len(_FACE_STEPS))
-    inside = np.all((reach >= 0) & (reach < np.array(shape)), axis=1)
-    size = int(np.prod(shape))
-    keys = np.unique(whose[inside] * size + np.ravel_multi_index(tuple(reach[inside].T), shape))
-    return np.bincount(keys // size, minlength=len(found.voxels))
 
 
 def sphere_diameters(voxels: np.ndarray, spacing) -> np.ndarray:
@@ -288,9 +267,9 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
     centers, voxels, inside, ids = found.centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
-    diameters = sphere_diameters(opened_voxels(found, ct.hu.shape)[ids], ct.geometry.spacing)
-    if settings.dedupe:  # on the eroded sizes it was tuned with, so the candidates stay as they were
-        keep = suppress_duplicates(xyz, sphere_diameters(voxels, ct.geometry.spacing), nodule)
+    diameters = sphere_diameters(voxels, ct.geometry.spacing)
+    if settings.dedupe:
+        keep = suppress_duplicates(xyz, diameters, nodule)
         centers, voxels, inside, nodule, xyz, diameters, ids = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
                                                                                  diameters, ids))
     malignancy = np.full(len(centers), np.nan)
