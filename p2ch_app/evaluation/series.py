@@ -57,24 +57,30 @@ def scan_result(detections: list[Detection], truth: LunaIndex, with_mal: bool,
         summary=summarize([d for d in detections if d.nodule_prob >= threshold], with_mal))
 
 
-def analyze_series(data_root: Path, uids, models: Models, settings: AnalysisSettings, device: torch.device,
-                   on_ct: Callable[[CtVolume, list[Detection], PatientSummary], None] | None = None,
-                   progress: bool = True,
-                   note: Callable[[str], None] | None = None) -> list[tuple[str, list[Detection], ScanResult]]:
-    """analyze() over many LUNA series of data_root, each paired with its scoring against the annotations
-    and annotations_excluded.csv (when there is one) and its per-patient summary. on_ct(ct, detections,
-    summary), when given, sees each CT while it is loaded (for reports); note(message) hears analyze()'s
-    notes."""
-    index = build_index(data_root)  # a second build beside the caller's: seconds at LUNA16's scale, beside hours
+@dataclass(frozen=True)
+class SeriesHooks:
+    """What analyze_series tells its caller while it runs."""
+
+    on_ct: Callable[[CtVolume, list[Detection], PatientSummary], None] | None = None  # each CT while loaded
+    note: Callable[[str], None] | None = None  # hears analyze()'s notes (no lungs found, say)
+    progress: bool = True
+
+
+def analyze_series(data_root: Path, index: LunaIndex, uids, models: Models, settings: AnalysisSettings,
+                   device: torch.device,
+                   hooks: SeriesHooks = SeriesHooks()) -> list[tuple[str, list[Detection], ScanResult]]:
+    """analyze() over many LUNA series of data_root (index: its build_index), each paired with its scoring
+    against the annotations and annotations_excluded.csv (when there is one) and its per-patient summary;
+    hooks.on_ct(ct, detections, summary) sees each CT while it is loaded (for reports)."""
     excluded = read_excluded(data_root)  # before the long work: a bad file fails now
     results = []
-    for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not progress):
+    for uid in tqdm(uids, desc="nodule-analyze", unit="CT", disable=not hooks.progress):
         ct = load_series(data_root, uid)
-        detections = analyze(ct, models, settings, device, note=note)
+        detections = analyze(ct, models, settings, device, note=hooks.note)
         scan = scan_result(detections, index.for_series(uid), models.malignancy is not None,
                            excluded.for_series(uid), settings.threshold)
-        if on_ct is not None:
-            on_ct(ct, detections, scan.summary)
+        if hooks.on_ct is not None:
+            hooks.on_ct(ct, detections, scan.summary)
         results.append((uid, detections, scan))
     return results
 
@@ -105,8 +111,8 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     uids = validation_uids(run, index)
     entries = []  # report pages, one per series this rank analysed
     reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
-    mine = analyze_series(run.data_root, shard(uids, ranks), models, settings, device, reporter,
-                          progress=ranks.is_main, note=note)
+    mine = analyze_series(run.data_root, index, shard(uids, ranks), models, settings, device,
+                          SeriesHooks(reporter, note, progress=ranks.is_main))
     results = gather_in_order(mine, ranks)
     entries = gather_in_order(entries, ranks)
     if not ranks.is_main:

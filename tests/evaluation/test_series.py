@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from p2ch_app.data.index import ANNOTATIONS_CSV, EXCLUDED_CSV
+from p2ch_app.data.index import ANNOTATIONS_CSV, EXCLUDED_CSV, build_index
 from p2ch_app.evaluation.scoring import evaluate, froc
 from p2ch_app.evaluation.series import analyze_series
 from p2ch_app.inference.pipeline import AnalysisSettings, Models
@@ -20,7 +20,7 @@ def test_a_finding_listed_as_excluded_stops_being_a_false_positive(tiny_root):
     settings, cpu = AnalysisSettings(keep_outside=True), torch.device("cpu")
 
     def score():
-        (_, detections, scan), = analyze_series(root, [uid], models, settings, cpu)
+        (_, detections, scan), = analyze_series(root, build_index(root), [uid], models, settings, cpu)
         return detections, scan
 
     detections, scan = score()  # series 0's second sphere is no annotation now: a false positive
