@@ -162,13 +162,22 @@ class SeriesRecord:
 
     def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
         """The label mask of one slice, without building the whole volume's mask; with margin, the
-        label grown by that many face steps in 3D (neighbour slices grow into this one too)."""
-        grown = np.zeros(self.shape[1:], bool)
+        label grown by that many face steps in 3D (neighbour slices grow into this one too). Each
+        plane is grown only inside its label's bounding box plus the reach: the same pixels as
+        growing the whole plane, at a fraction of the cost (the segmentation loader's largest one)."""
+        height, width = self.shape[1:]
+        grown = np.zeros((height, width), bool)
         for k in range(max(index - margin, 0), min(index + margin, self.shape[0] - 1) + 1):
-            reach, plane = margin - abs(k - index), self._plane(k)
-            if reach and plane.any():
-                plane = ndimage.binary_dilation(plane, ndimage.generate_binary_structure(2, 1), iterations=reach)
-            grown |= plane
+            reach, (rows, cols) = margin - abs(k - index), self._plane_pixels(k)
+            if not len(rows):
+                continue
+            r0, c0 = max(rows.min() - reach, 0), max(cols.min() - reach, 0)
+            r1, c1 = min(rows.max() + reach + 1, height), min(cols.max() + reach + 1, width)
+            box = np.zeros((r1 - r0, c1 - c0), bool)
+            box[rows - r0, cols - c0] = True
+            if reach:
+                box = ndimage.binary_dilation(box, ndimage.generate_binary_structure(2, 1), iterations=reach)
+            grown[r0:r1, c0:c1] |= box
         return grown
 
     def label_slices(self, margin: int = 0) -> np.ndarray:
@@ -176,12 +185,11 @@ class SeriesRecord:
         near = self.nodule_slices[:, None] + np.arange(-margin, margin + 1)
         return np.unique(np.clip(near, 0, self.shape[0] - 1))
 
-    def _plane(self, index: int) -> np.ndarray:
+    def _plane_pixels(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of one slice's label voxels."""
         plane = self.shape[1] * self.shape[2]
         lo, hi = np.searchsorted(self.mask_voxels, [index * plane, (index + 1) * plane])
-        flat = np.zeros(plane, bool)
-        flat[self.mask_voxels[lo:hi] - index * plane] = True
-        return flat.reshape(self.shape[1:])
+        return np.divmod(self.mask_voxels[lo:hi] - index * plane, self.shape[2])
 
     def mask(self) -> np.ndarray:
         flat = np.zeros(int(np.prod(self.shape)), bool)

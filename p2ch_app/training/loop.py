@@ -260,15 +260,49 @@ def _autocast(run: _Run):
     return torch.autocast(run.device.type, dtype=torch.float16, enabled=run.device.type == "cuda")
 
 
-def train_one_epoch(run: _Run, epoch: int) -> tuple[dict, int, float]:
-    """One pass over this epoch's training samples: (merged record, samples over all ranks, seconds)."""
+@dataclass(frozen=True)
+class EpochTiming:
+    """How one training pass went: samples over all ranks, seconds, and the seconds this rank spent
+    waiting for its next batch (on a CPU the model does not run meanwhile; on CUDA the GPU may still
+    be finishing the previous step, so the wait is an upper bound of the GPU's idle time)."""
+
+    samples: int
+    seconds: float
+    loader_wait: float
+
+    def figures(self) -> dict[str, float]:
+        """What the checkpoint's `timing` keeps."""
+        return {"train_seconds": self.seconds, "train_samples_per_s": self.samples / max(self.seconds, 1e-9),
+                "loader_wait_share": self.loader_wait / max(self.seconds, 1e-9)}
+
+
+class _WaitedFor:
+    """A loader's batches, adding up the seconds spent waiting for each."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.seconds = loader, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            started = time.monotonic()
+            batch = next(batches, None)
+            self.seconds += time.monotonic() - started
+            if batch is None:
+                return
+            yield batch
+
+
+def train_one_epoch(run: _Run, epoch: int) -> tuple[dict, EpochTiming]:
+    """One pass over this epoch's training samples: the merged record and its timing."""
     started = time.monotonic()
     generator = torch.Generator(device=run.device).manual_seed(_batch_seed(run.cfg.seed, epoch, run.ddp.rank))
     _set_train_mode(run.wrapped)
     records, samples = [], 0
     loader = _loader(run, run.task.train_dataset(epoch), drop_uneven=True)
+    batches = _WaitedFor(loader)
     with _sample_bar(loader, f"epoch {epoch} train", run.shows) as bar:
-        for batch in loader:
+        for batch in batches:
             run.optimizer.zero_grad(set_to_none=True)
             with _autocast(run):
                 loss, record = run.task.train_step(run.wrapped, batch, run.device, generator)
@@ -281,7 +315,7 @@ def train_one_epoch(run: _Run, epoch: int) -> tuple[dict, int, float]:
     if run.ddp.world > 1:  # DDP syncs buffers (batch-norm statistics) only at the next forward
         for buffer in run.model.buffers():
             dist.broadcast(buffer, 0)
-    return _merge(records), samples, time.monotonic() - started
+    return _merge(records), EpochTiming(samples, time.monotonic() - started, batches.seconds)
 
 
 def evaluate(run: _Run, dataset: Dataset, epoch: int) -> dict:
@@ -330,12 +364,14 @@ def _save(run: _Run, epoch: int, metrics: dict, timing: dict) -> bool:
     return improved
 
 
-def end_epoch(run: _Run, epoch: int, records: dict, samples: int, seconds: float) -> None:
+def end_epoch(run: _Run, epoch: int, records: dict, timing: EpochTiming) -> None:
     """Rank 0 after each epoch: metrics to TensorBoard, checkpoints, one console line."""
     metrics = {phase: run.task.summarize(record) for phase, record in records.items()}
     _log(run, epoch, metrics, records)
-    rate = samples / max(seconds, 1e-9)
-    improved = _save(run, epoch, metrics, {"train_seconds": seconds, "train_samples_per_s": rate})
+    figures = timing.figures()
+    run.writer.add_scalar("timing/loader_wait_share", figures["loader_wait_share"], run.samples_seen)
+    rate = figures["train_samples_per_s"]
+    improved = _save(run, epoch, metrics, figures)
     line = " | ".join(
         f"{phase} " + " ".join(f"{k} {values[k]:.4f}" for k in run.task.summary_metrics if k in values)
         for phase, values in metrics.items())
@@ -351,12 +387,12 @@ def fit(task: Task, cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module,
     try:
         for epoch in tqdm(range(run.first_epoch, cfg.epochs + 1), desc=task.name, unit="epoch",
                           disable=not run.shows, initial=run.first_epoch - 1, total=cfg.epochs):
-            train_record, samples, seconds = train_one_epoch(run, epoch)
+            train_record, timing = train_one_epoch(run, epoch)
             val_record = evaluate(run, val_data, epoch)
             train_record, val_record = _gather(run.ddp, train_record, val_record)
-            run.samples_seen += samples
+            run.samples_seen += timing.samples
             if run.ddp.is_main:
-                end_epoch(run, epoch, {"train": train_record, "val": val_record}, samples, seconds)
+                end_epoch(run, epoch, {"train": train_record, "val": val_record}, timing)
     finally:
         if run.writer is not None:
             run.writer.close()
