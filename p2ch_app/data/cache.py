@@ -162,23 +162,37 @@ class SeriesRecord:
 
     def mask_slice(self, index: int, margin: int = 0) -> np.ndarray:
         """The label mask of one slice, without building the whole volume's mask; with margin, the
-        label grown by that many face steps in 3D (neighbour slices grow into this one too). Each
-        plane is grown only inside its label's bounding box plus the reach: the same pixels as
-        growing the whole plane, at a fraction of the cost (the segmentation loader's largest one)."""
+        label grown by that many face steps in 3D (neighbour slices grow into this one too)."""
+        box, r0, c0 = self.label_window(index, margin)
+        grown = np.zeros(self.shape[1:], bool)
+        grown[r0:r0 + box.shape[0], c0:c0 + box.shape[1]] = box
+        return grown
+
+    def label_window(self, index: int, margin: int = 0) -> tuple[np.ndarray, int, int]:
+        """mask_slice's pixels inside the smallest box holding them all: (box, its first row, its first
+        column); a 0x0 box where the slice has none. Each plane is grown only inside its own label's
+        box plus the reach: the same pixels as growing whole planes, at a fraction of the cost (the
+        segmentation loader's largest one)."""
         height, width = self.shape[1:]
-        grown = np.zeros((height, width), bool)
+        parts = []
         for k in range(max(index - margin, 0), min(index + margin, self.shape[0] - 1) + 1):
             reach, (rows, cols) = margin - abs(k - index), self._plane_pixels(k)
-            if not len(rows):
-                continue
-            r0, c0 = max(rows.min() - reach, 0), max(cols.min() - reach, 0)
-            r1, c1 = min(rows.max() + reach + 1, height), min(cols.max() + reach + 1, width)
-            box = np.zeros((r1 - r0, c1 - c0), bool)
-            box[rows - r0, cols - c0] = True
-            if reach:
-                box = ndimage.binary_dilation(box, ndimage.generate_binary_structure(2, 1), iterations=reach)
-            grown[r0:r1, c0:c1] |= box
-        return grown
+            if len(rows):
+                r0, c0 = max(rows.min() - reach, 0), max(cols.min() - reach, 0)
+                r1, c1 = min(rows.max() + reach + 1, height), min(cols.max() + reach + 1, width)
+                part = np.zeros((r1 - r0, c1 - c0), bool)
+                part[rows - r0, cols - c0] = True
+                if reach:
+                    part = ndimage.binary_dilation(part, ndimage.generate_binary_structure(2, 1), iterations=reach)
+                parts.append((part, r0, c0))
+        if not parts:
+            return np.zeros((0, 0), bool), 0, 0
+        r0, c0 = min(p[1] for p in parts), min(p[2] for p in parts)
+        r1, c1 = max(p[1] + p[0].shape[0] for p in parts), max(p[2] + p[0].shape[1] for p in parts)
+        box = np.zeros((r1 - r0, c1 - c0), bool)
+        for part, pr, pc in parts:
+            box[pr - r0:pr - r0 + part.shape[0], pc - c0:pc - c0 + part.shape[1]] |= part
+        return box, int(r0), int(c0)
 
     def label_slices(self, margin: int = 0) -> np.ndarray:
         """Slices holding label voxels once the label is grown by margin."""

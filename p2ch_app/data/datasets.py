@@ -87,17 +87,18 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _patch(self, i: int, mask: np.ndarray) -> tuple[slice, slice]:
+    def _patch(self, i: int, label: tuple[np.ndarray, int, int], shape) -> tuple[slice, slice]:
         code, index, row, col = (int(v) for v in self.samples[i])
         crop, window = self.patches.crop, max(self.patches.window, self.patches.crop)
-        height, width = mask.shape
+        height, width = shape
         rng = np.random.default_rng([self.patches.seed, self.patches.epoch, i])
         if self.centred[i]:
             cy, cx = row, col
         else:
-            ys, xs = np.nonzero(mask)
+            box, r0, c0 = label
+            ys, xs = np.nonzero(box)  # in the order np.nonzero gives them over the whole slice
             pick = rng.integers(len(ys)) if len(ys) else None
-            cy, cx = (ys[pick], xs[pick]) if pick is not None else (height // 2, width // 2)
+            cy, cx = (ys[pick] + r0, xs[pick] + c0) if pick is not None else (height // 2, width // 2)
         dy, dx = rng.integers(0, window - crop + 1, size=2)
         r0 = int(np.clip(cy - window // 2 + dy, 0, max(height - crop, 0)))
         c0 = int(np.clip(cx - window // 2 + dx, 0, max(width - crop, 0)))
@@ -106,10 +107,27 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         code, index = (int(v) for v in self.samples[i, :2])
         uid = self.uids[code]
-        mask = self.cache.record(uid).mask_slice(index, self.margin)
-        rows, cols = self._patch(i, mask) if self.patches else (slice(None), slice(None))
-        stack = slice_stack(self.cache.volume(uid), index, self.context, rows, cols)
-        return torch.from_numpy(stack), torch.from_numpy(mask[rows, cols].copy())[None]
+        record, volume = self.cache.record(uid), self.cache.volume(uid)
+        if not self.patches:
+            mask = record.mask_slice(index, self.margin)
+            return torch.from_numpy(slice_stack(volume, index, self.context)), torch.from_numpy(mask)[None]
+        label = record.label_window(index, self.margin)
+        rows, cols = self._patch(i, label, record.shape[1:])
+        stack = slice_stack(volume, index, self.context, rows, cols)
+        return torch.from_numpy(stack), _cut(label, rows, cols, stack.shape[1:])[None]
+
+
+def _cut(label: tuple[np.ndarray, int, int], rows: slice, cols: slice, shape) -> torch.Tensor:
+    """The label pixels (label_window's box at its place in the slice) inside rows x cols, which cover
+    `shape` pixels of the slice (fewer than the patch where the slice is smaller)."""
+    box, r0, c0 = label
+    mask = torch.zeros(shape, dtype=torch.bool)
+    top, left = max(rows.start, r0), max(cols.start, c0)
+    bottom, right = min(rows.stop, r0 + box.shape[0]), min(cols.stop, c0 + box.shape[1])
+    if bottom > top and right > left:
+        mask[top - rows.start:bottom - rows.start, left - cols.start:right - cols.start] = torch.from_numpy(
+            box[top - r0:bottom - r0, left - c0:right - c0])
+    return mask
 
 
 def pad_collate(batch):

@@ -293,6 +293,17 @@ class _WaitedFor:
             yield batch
 
 
+def optimizer_step(run: _Run, batch, generator: torch.Generator) -> dict:
+    """One step on one batch: forward (float16 autocast on CUDA), backward, optimizer; its record."""
+    run.optimizer.zero_grad(set_to_none=True)
+    with _autocast(run):
+        loss, record = run.task.train_step(run.wrapped, batch, run.device, generator)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return record
+
+
 def train_one_epoch(run: _Run, epoch: int) -> tuple[dict, EpochTiming]:
     """One pass over this epoch's training samples: the merged record and its timing."""
     started = time.monotonic()
@@ -303,13 +314,7 @@ def train_one_epoch(run: _Run, epoch: int) -> tuple[dict, EpochTiming]:
     batches = _WaitedFor(loader)
     with _sample_bar(loader, f"epoch {epoch} train", run.shows) as bar:
         for batch in batches:
-            run.optimizer.zero_grad(set_to_none=True)
-            with _autocast(run):
-                loss, record = run.task.train_step(run.wrapped, batch, run.device, generator)
-            run.scaler.scale(loss).backward()
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            records.append(record)
+            records.append(optimizer_step(run, batch, generator))
             samples += len(batch[0]) * run.ddp.world
             bar.update(len(batch[0]))
     if run.ddp.world > 1:  # DDP syncs buffers (batch-norm statistics) only at the next forward

@@ -79,6 +79,30 @@ def test_slice_stacks_repeat_edges_and_crop_around_a_nodule(prepared_synth):
         assert np.array_equal(stack[channel].numpy(), volume[source])
 
 
+@pytest.mark.parametrize("margin", [0, 2])
+def test_patches_are_cut_from_the_whole_slice_as_drawn(prepared_synth, margin):
+    """The loader's fast path (label pixels found in their box only) gives each patch exactly what the
+    plain one does: a nodule pixel drawn from the whole grown slice mask, the window placed by the
+    same draws, stack and mask cut there (the samples of a seeded run do not change)."""
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
+    samples = nodule_slices(cache, index, range(len(index.series_uids)), margin)
+    patches = Patches(crop=24, window=40, seed=4, epoch=2)
+    dataset = SliceDataset(cache, index.series_uids, samples, context=2, patches=patches, margin=margin)
+    for i, (code, k) in enumerate(samples):
+        record, volume = cache.record(index.series_uids[code]), cache.volume(index.series_uids[code])
+        whole = record.mask_slice(k, margin)
+        rng = np.random.default_rng([4, 2, i])
+        ys, xs = np.nonzero(whole)
+        pick = rng.integers(len(ys))
+        dy, dx = rng.integers(0, 40 - 24 + 1, size=2)
+        r0 = int(np.clip(ys[pick] - 20 + dy, 0, whole.shape[0] - 24))
+        c0 = int(np.clip(xs[pick] - 20 + dx, 0, whole.shape[1] - 24))
+        stack, mask = dataset[i]
+        assert np.array_equal(mask[0].numpy(), whole[r0:r0 + 24, c0:c0 + 24]), i
+        assert np.array_equal(stack[2].numpy(), volume[k, r0:r0 + 24, c0:c0 + 24]), i
+
+
 def test_pad_collate_stacks_different_slice_sizes():
     items = [(torch.zeros(7, 10, 12, dtype=torch.int16), torch.ones(1, 10, 12, dtype=torch.bool)),
              (torch.zeros(7, 14, 9, dtype=torch.int16), torch.ones(1, 14, 9, dtype=torch.bool))]
