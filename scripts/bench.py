@@ -23,8 +23,6 @@ from p2ch_app.cli import finetune_mal, synth, train_cls, train_seg
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import CROP_SIZE, irc_to_xyz, slice_stack
 from p2ch_app.data.index import build_index
-from p2ch_app.training.classification import NoduleSettings, nodule_task
-from p2ch_app.training.loop import Sampling
 
 BENCH_DIR = Path("data-unversioned/bench")
 RESULTS = Path("bench-results/bench.json")
@@ -245,32 +243,6 @@ def newest_run(runs: Path, command: str) -> Path:
     return max((runs / command).iterdir(), key=lambda p: p.stat().st_mtime)
 
 
-def bench_training(root: Path, samples: int = 384) -> dict:
-    """Classifier training throughput with and without augmentation (one epoch, no DataLoader workers)."""
-    runs = BENCH_DIR / "runs"
-    out = {}
-    for name, extra in (("augmented", []), ("no_augment", ["--no-augment"])):
-        run_command(train_cls, ["--data-root", str(root), "--epochs", "1", "--epoch-samples", str(samples),
-                                "--workers", "0", "--runs-dir", str(runs), "--comment", f"bench-{name}", *extra])
-        timing = load_checkpoint(newest_run(runs, "luna-train-cls") / "last.pt")["timing"]
-        out[f"train_samples_per_s_{name}"] = timing["train_samples_per_s"]
-    return out
-
-
-def bench_loading(root: Path, samples: int = 2000) -> dict:
-    """Data loading alone: the classifier's training batches, with the DataLoader settings of the demo."""
-    from torch.utils.data import DataLoader
-
-    index = build_index(root)
-    task = nodule_task(index, NoduleSettings(Sampling(root / "cache", root, val_stride=4, epoch_samples=samples)))
-    out = {}
-    for workers in (0, 2):
-        loader = DataLoader(task.train_dataset(1), batch_size=32, num_workers=workers)
-        seconds, n = timed(lambda: sum(len(b[0]) for b in loader))
-        out[f"load_samples_per_s_workers{workers}"] = n / seconds
-    return out
-
-
 def bench_demo_models(root: Path) -> dict:
     """The demo's three trainings (configs/demo.toml) and their validation figures and speeds."""
     runs = BENCH_DIR / "runs"
@@ -469,6 +441,53 @@ def bench_lung_only_demo() -> dict:
     for name, (root, uids) in demo_sets().items():
         result.update({f"{name}_{k}": v for k, v in _scores_on(root, uids, models, device).items()})
     return result
+
+def _cached_root(root: Path) -> Path:
+    """root with its cache built (series already cached are skipped)."""
+    LunaCache(root / "cache", root).build(build_index(root), workers=2, progress=False)
+    return root
+
+
+def training_sets() -> dict[str, Path]:
+    """The demo's data, and six LUNA16-sized series (512x512 slices at LUNA16's spacing, six nodules
+    each so the malignancy trainer has benign and malignant ones to validate on), made when missing."""
+    from p2ch_app.data.synth import PRESETS, SynthRun, write_dataset
+
+    demo, luna_sized = demo_sets()["validation"][0], BENCH_DIR / "luna-sized-train"
+    if not (luna_sized / "candidates.csv").is_file():
+        write_dataset(luna_sized, series=6, seed=11, geometry=PRESETS["full"], nodule_counts=(6,),
+                      run=SynthRun(overwrite=True, progress=False, workers=2))
+    return {"demo": _cached_root(demo), "luna_sized": _cached_root(luna_sized)}
+
+
+def bench_train() -> dict:
+    """Each trainer's stages (scripts/train_stages.py) on the demo's data and on LUNA16-sized series,
+    and the book's trainers beside ours on the demo's data, same batch size and workers
+    (scripts/book_trainers.py; skipped without the book's code)."""
+    from book_trainers import DEFAULT_BOOK_CODE, book_training_rate
+    from train_stages import StageRun, measure, table
+
+    shapes = {"cls": (24, 480), "seg": (16, 1920), "mal": (24, 1920)}  # batch size, samples of the timed epoch
+    result, tables = {}, []
+    for set_name, root in training_sets().items():
+        found = {kind: measure(StageRun(kind, root, batch, samples=n, runs_dir=BENCH_DIR / "stage-runs"))
+                 for kind, (batch, n) in shapes.items()}
+        tables.append(f"{set_name}:\n{table(found)}")
+        result.update({f"{set_name}_{kind}_{k}": v for kind, figures in found.items() for k, v in figures.items()})
+    for kind in ("cls", "seg"):
+        batch, n = shapes[kind]
+        book = book_training_rate(DEFAULT_BOOK_CODE, BENCH_DIR / "demo", BENCH_DIR / "book-work", kind, batch,
+                                  workers=2, samples=n, augmented=True)
+        if "skipped" in book:
+            result["book_skipped"] = book["skipped"]
+            break
+        steady = book["steady_samples_per_s"] or book["samples_per_s"]  # after its first two batches: warm, as ours
+        result.update({f"book_{kind}_samples_per_s": book["samples_per_s"], f"book_{kind}_steady": steady,
+                       f"ours_vs_book_{kind}": result[f"demo_{kind}_whole"] / steady})
+        result["book_commit"] = book["commit"]
+    print("\n\n".join(tables), flush=True)
+    return result
+
 
 def _book_models(device):
     from p2ch_app.inference.pipeline import load_models
@@ -898,8 +917,7 @@ def main() -> None:
              ("crop_extraction", lambda: bench_crops(demo)),
              ("cache_mapped_reads", lambda: bench_cache_reads(demo)),
              ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv")),
-             ("cls_training", lambda: bench_training(demo)),
-             ("cls_data_loading", lambda: bench_loading(demo)),
+             ("train", bench_train),
              ("demo_models", lambda: bench_demo_models(demo)),
              ("real_ct_book_models", bench_real_ct),
              ("lung_mask", bench_lung_mask),

@@ -10,6 +10,9 @@ Steps, in order (each prints one line of figures; a failed step is marked and th
   serve_predict     nodule-serve on the GPU: /predict from 16 clients for 10 s, batched on CUDA, its answer the
                     book's classifier's on the CPU within 1e-4: requests/s, p50/p99
   amp_trainers      each trainer, one short epoch on tiny synthetic data (luna-synth, luna-prep), under AMP
+  train_stages      each trainer's stages on the GPU (scripts/train_stages.py): samples/s of the whole step,
+                    the loader alone (2 workers), the augmentation and the step's compute alone; the share
+                    of the whole step the GPU waits on the loader (1 - whole / compute) and which stage limits
   ddp_nccl          luna-train-cls under torchrun, one rank per GPU here, over NCCL
 Then a table of every figure, also saved to bench-results/gpu-check.json. Exit code 0 when every step
 passed, 1 when one failed, and 2 at once where torch sees no CUDA GPU. Run from anywhere.
@@ -255,7 +258,7 @@ def step_amp_trainers(check: Check, root: Path) -> dict:
         last = load_checkpoint(only_run(runs, command) / "last.pt")
         amp = "scale" in last["scaler_state"]
         figures.update({f"{short}_s": seconds, f"{short}_samples_per_s": last["timing"]["train_samples_per_s"],
-                        f"{short}_amp": amp})
+                        f"{short}_loader_wait_share": last["timing"]["loader_wait_share"], f"{short}_amp": amp})
         figures["ok"] = figures["ok"] and amp
     return figures
 
@@ -274,6 +277,19 @@ def step_ddp(check: Check, root: Path) -> dict:
     return {"ok": len(folders) == 1 and last["samples_seen"] == 256 // gpus * gpus, "gpus": gpus, "seconds": seconds,
             "nccl": version.group(1) if version else "not printed", "samples_per_s":
             last["timing"]["train_samples_per_s"], "run_folders": len(folders)}
+
+
+def step_train_stages(check: Check, root: Path, samples: int = 2048, loader_samples: int = 3000) -> dict:
+    """Where each trainer's time goes on this device, at batch sizes a GPU is given (64 crops, 32 patches)."""
+    from train_stages import StageRun, measure
+
+    figures = {"ok": True}
+    for kind, batch in (("cls", 64), ("seg", 32), ("mal", 64)):
+        found = measure(StageRun(kind, root, batch, samples=samples, loader_samples=loader_samples, val_stride=3,
+                                 device=check.device, runs_dir=check.work / "stage-runs"))
+        figures.update({f"{kind}_{k}": found[k] for k in ("whole", "loader_w2", "augment", "compute", "limit")})
+        figures[f"{kind}_gpu_waits_share"] = max(0.0, 1 - found["whole"] / found["compute"])
+    return figures
 
 
 def attempt(name: str, step) -> dict:
@@ -323,6 +339,7 @@ def steps(check: Check) -> list:
             ("real_ct_analysis", lambda: step_analysis_time(check)),
             ("serve_predict", lambda: step_serve_predict(check)),
             ("amp_trainers", lambda: step_amp_trainers(check, tiny_data())),
+            ("train_stages", lambda: step_train_stages(check, tiny_data())),
             ("ddp_nccl", lambda: step_ddp(check, tiny_data()))]
 
 

@@ -14,6 +14,7 @@ scripts/gpu_check.py.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import statistics
 import tempfile
@@ -44,6 +45,8 @@ class StageRun:
     batch_size: int
     workers: int = 2  # of the whole step; the loader alone is measured with 0, 1 and 2
     samples: int = 480  # per measured epoch
+    loader_samples: int = 3000  # for the loader alone: enough that starting its workers does not dominate
+    val_stride: int = 4  # as the demo's: 4 leaves benign and malignant nodules on both sides
     augmentations: tuple[str, ...] = AUGMENTATIONS
     device: str = "cpu"
     runs_dir: Path = Path(tempfile.gettempdir()) / "p2ch-train-stages"
@@ -52,7 +55,8 @@ class StageRun:
 def make_task(setup: StageRun, augmentations: tuple[str, ...]):
     """The trainer's own task, as its command builds it with default options."""
     root = setup.root
-    sampling = Sampling(root / "cache", root, val_stride=4, epoch_samples=setup.samples, augmentations=augmentations)
+    sampling = Sampling(root / "cache", root, val_stride=setup.val_stride, epoch_samples=setup.samples,
+                        augmentations=augmentations)
     index = build_index(root)
     if setup.kind == "cls":
         return nodule_task(index, NoduleSettings(sampling))
@@ -75,8 +79,10 @@ def _loader(task, setup: StageRun, workers: int) -> DataLoader:
                       collate_fn=task.collate, pin_memory=setup.device.startswith("cuda"))
 
 
-def loader_rate(task, setup: StageRun, workers: int) -> float:
-    """Samples/s the DataLoader delivers, workers started included, nothing consuming the batches."""
+def loader_rate(setup: StageRun, workers: int) -> float:
+    """Samples/s the DataLoader delivers over loader_samples samples, workers started included,
+    nothing consuming the batches."""
+    task = make_task(replace(setup, samples=setup.loader_samples), setup.augmentations)
     started = time.perf_counter()
     n = sum(len(batch[0]) for batch in _loader(task, setup, workers))
     return n / (time.perf_counter() - started)
@@ -174,10 +180,11 @@ def flop_floor(model: torch.nn.Module, batch: torch.Tensor) -> dict:
     return {"gflop_per_sample": step / 1e9, "best_conv_gflops": best, "floor_samples_per_s": best * 1e9 / step}
 
 
-def _ready_batches(task, setup: StageRun, device: torch.device) -> list:
-    """One epoch's unaugmented batches, loaded beforehand; images (and seg's masks) on the device."""
+def _ready_batches(task, setup: StageRun, device: torch.device, most: int = 20) -> list:
+    """The epoch's first `most` unaugmented batches, loaded beforehand; images (and seg's masks) on the device."""
     moved = 2 if setup.kind == "seg" else 1  # cls and mal keep labels and rows on the CPU for their records
-    return [tuple(t.to(device) if i < moved else t for i, t in enumerate(batch)) for batch in _loader(task, setup, 0)]
+    batches = itertools.islice(_loader(task, setup, 0), most)
+    return [tuple(t.to(device) if i < moved else t for i, t in enumerate(batch)) for batch in batches]
 
 
 def _trained_epoch(task, setup: StageRun) -> dict:
@@ -195,13 +202,13 @@ def measure(setup: StageRun) -> dict:
     """Every stage of one trainer, and which one limits it: the slowest of the loader (with the step's
     workers), the augmentation and the step's compute."""
     task, plain = make_task(setup, setup.augmentations), make_task(setup, ())
-    out = {f"loader_w{w}": loader_rate(task, setup, w) for w in (0, 1, 2)}
-    out.update(_trained_epoch(task, setup))
+    out = {f"loader_w{w}": loader_rate(setup, w) for w in (0, 1, 2)}
     run = start(plain, replace(_config(setup), workers=0), progress=False)
     run.writer.close()
     batches = _ready_batches(plain, setup, run.device)
     out["augment"] = augment_rate(batches, setup, run.device) if setup.augmentations else math.inf
-    out["compute"] = compute_rate(run, batches)
+    out["compute"] = compute_rate(run, batches)  # first: the epoch below then finds oneDNN's kernels built,
+    out.update(_trained_epoch(task, setup))  # as every epoch after a run's first does
     example = batches[0][0].float().contiguous(memory_format=task.memory_format)
     out.update(flop_floor(run.model, example))
     stages = {"loader": out[f"loader_w{setup.workers}"], "augment": out["augment"], "compute": out["compute"]}

@@ -82,3 +82,18 @@ def test_the_serve_step_rehearses_on_the_cpu(gpu_check, tmp_path):
     figures = gpu_check.step_serve_predict(gpu_check.Check(tmp_path, "cpu"), clients=4, seconds=1.0)
     assert figures["ok"], figures
     assert figures["prob_diff_to_cpu"] <= 1e-6 and figures["requests_per_s"] > 0 and figures["p99_ms"] > 0
+
+
+def test_the_train_stages_step_rehearses_on_the_cpu(gpu_check, prepared_synth, tmp_path):
+    """Every trainer's stages measured for real (scripts/train_stages.py, which make bench train prints too)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        figures = gpu_check.step_train_stages(gpu_check.Check(tmp_path, "cpu"), prepared_synth, samples=32,
+                                                 loader_samples=64)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert figures.pop("ok")
+    for kind in ("cls", "seg", "mal"):
+        assert figures[f"{kind}_limit"] in ("loader", "augment", "compute")
+        assert all(figures[f"{kind}_{stage}"] > 0 for stage in ("whole", "loader_w2", "augment", "compute"))
+        assert 0 <= figures[f"{kind}_gpu_waits_share"] < 1

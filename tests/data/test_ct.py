@@ -390,6 +390,8 @@ def test_crop_is_centred_inside_and_shifted_at_edges():
     crop, start = extract_crop(volume, (1.4, 58.6, 0.2))
     assert crop.shape == CROP_SIZE and start.tolist() == [0, 12, 0]
     assert np.array_equal(crop, volume[0:32, 12:60, 0:48])
+    crop[:] = -1  # a crop owns its memory: writing to it leaves the volume as it was
+    assert volume[0, 12, 0] == 12 * 70
 
 
 def test_crop_of_a_volume_smaller_than_the_crop_is_padded_with_air():
