@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -495,32 +494,13 @@ def _book_models(device):
     return load_models(next(BOOK_MODELS.glob("seg_*.state")), next(BOOK_MODELS.glob("cls_*.state")), None, device)
 
 
-def _conv_layers(model, x) -> list[tuple]:
-    """(layer, its input, FLOPs of its multiply-adds) for every convolution of one forward pass."""
-    import torch
-
-    seen = []
-
-    def record(layer, inputs, output):
-        kernel = math.prod(layer.kernel_size) * layer.in_channels * layer.out_channels // layer.groups
-        positions = inputs[0].numel() // layer.in_channels if layer.transposed else output.numel() // layer.out_channels
-        seen.append((layer, inputs[0], 2 * kernel * positions))
-
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    hooks = [m.register_forward_hook(record) for m in convs]
-    with torch.inference_mode():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return seen
-
-
 def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repeats: int = 10) -> dict:
     """How fast the pipeline's own convolutions run on this CPU, layer by layer (each alone, on its
     real input shape: one 512x512 slice for the U-Net, a batch of crops for the classifier), and
     what the real CT's convolutions alone would take: at these rates, and all at the best rate any
     layer reached (a floor for direct convolution, the only kind oneDNN runs on a CPU without AVX-512)."""
     import torch
+    from train_stages import conv_flops
 
     context = models.segmenter.config.context
     stack = torch.randn(1, 2 * context + 1, 512, 512).contiguous(memory_format=torch.channels_last)
@@ -530,7 +510,7 @@ def bench_conv_floor(models, slices: int, crops: int, batch_size: int = 8, repea
                                   ("classify", models.classifier, batch, crops / batch_size)):
         seconds = flop = 0.0
         with torch.inference_mode():
-            for layer, inputs, layer_flop in _conv_layers(model, x):
+            for layer, inputs, layer_flop in conv_flops(model, x):
                 layer(inputs)
                 took, _ = timed(lambda: [layer(inputs) for _ in range(repeats)])
                 seconds, flop = seconds + took / repeats, flop + layer_flop

@@ -128,7 +128,7 @@ def compute_rate(run, batches: list) -> float:
     return sum(len(b[0]) for b in batches) / _best_of(steps, 3)
 
 
-def _conv_flops(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor, int]]:
+def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor, int]]:
     """(convolution, its input, FLOPs of its forward multiply-adds) in the order one forward pass runs them."""
     seen = []
 
@@ -174,7 +174,7 @@ def _layer_step_rate(layer: torch.nn.Module, x: torch.Tensor, forward_flops: int
 def flop_floor(model: torch.nn.Module, batch: torch.Tensor) -> dict:
     """The step's convolution FLOPs per sample and the samples/s they allow at the best rate any of the
     model's convolutions reaches here (forward and both gradients on its real input)."""
-    layers = _conv_flops(model, batch)
+    layers = conv_flops(model, batch)
     step = sum(_training_flops(layers, model)) / len(batch)
     best = max(_layer_step_rate(layer, x, f) for layer, x, f in layers)
     return {"gflop_per_sample": step / 1e9, "best_conv_gflops": best, "floor_samples_per_s": best * 1e9 / step}
