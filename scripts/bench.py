@@ -339,8 +339,9 @@ def _variants(ct, models, device) -> dict[str, list]:
     mirror-averaged probabilities, then the lungs and the duplicates filtered in analyze()'s order."""
     from p2ch_app.data.ct import irc_to_xyz
     from p2ch_app.inference.lungs import lungs_of
-    from p2ch_app.inference.pipeline import AnalysisSettings, Detection, classify, propose, sphere_diameters
+    from p2ch_app.inference.pipeline import AnalysisSettings, Detection, classify, propose
     from p2ch_app.inference.postprocess import suppress_duplicates
+    from p2ch_app.inference.size import sphere_diameters
 
     centers, voxels, inside = propose(ct.hu, models.segmenter, device)
     centers, voxels = centers[inside], voxels[inside]

@@ -29,6 +29,7 @@ from p2ch_app.inference.runtime import (
     return_freed_memory,
     slices_per_pass,
 )
+from p2ch_app.inference.size import reported_diameters, sphere_diameters
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 
 # The crop as it is, mirrored left-right, front-back, and both (dims of a batch of N x 1 x D x H x W crops)
@@ -56,7 +57,7 @@ class Detection:
     center_irc: tuple[float, float, float]
     nodule_prob: float
     malignancy_prob: float | None
-    diameter_mm: float  # of a sphere with the component's volume
+    diameter_mm: float  # reported ones: measured in the CT (inference/size.py); others: the component's sphere
     voxels: int
     inside_body: bool
     # the component's voxels as flat (C-order) indices into the CT, kept for candidates at or above the
@@ -155,11 +156,6 @@ def components(mask: np.ndarray, hu: np.ndarray) -> Components:
     voxels = np.bincount(component, minlength=count + 1)[1:]
     members = flat[np.argsort(component, kind="stable")]
     return Components(centers, voxels, members, np.concatenate([[0], np.cumsum(voxels)]))
-
-
-def sphere_diameters(voxels: np.ndarray, spacing) -> np.ndarray:
-    """The diameter (mm) of a sphere of each volume, given in voxels of this spacing."""
-    return 2 * np.cbrt(3 * np.asarray(voxels) * float(np.prod(spacing)) / (4 * np.pi))
 
 
 def group(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -279,7 +275,8 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
                                       replace(settings, tta_floor=0.0), progress, desc="malignancy")
     order = np.argsort(-nodule, kind="stable")
     # a copy per reported candidate: a view would keep every candidate's voxels alive with it
+    kept = {int(i): found.voxels_of(ids[i]).copy() for i in np.flatnonzero(nodule >= settings.threshold)}
+    diameters = reported_diameters(ct.hu, ct.geometry.spacing, kept, centers, diameters)
     return [Detection(tuple(xyz[i].round(4).tolist()), tuple(centers[i].round(4).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
-                      int(voxels[i]), bool(inside[i]),
-                      found.voxels_of(ids[i]).copy() if nodule[i] >= settings.threshold else None) for i in order]
+                      int(voxels[i]), bool(inside[i]), kept.get(int(i))) for i in order]
