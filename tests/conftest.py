@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +154,23 @@ def prepared_synth(tmp_path_factory):
 
 
 TINY = ["--epochs", "2", "--epoch-samples", "32", "--batch-size", "16", "--workers", "0", "--val-stride", "3"]
+
+
+@contextlib.contextmanager
+def script_module(name: str):
+    """scripts/<name>.py imported as the module <name>, with scripts/ importable as it is when the
+    script runs (its sibling scripts); both undone on leaving."""
+    scripts = str(PROJECT / "scripts")
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a dataclass looks its module up while it is defined
+    sys.path.insert(0, scripts)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(scripts)
+        del sys.modules[name]
 
 
 def run(command, args):

@@ -1,15 +1,12 @@
 """scripts/book_trainers.py: the book's own trainers laid out on our data, shimmed, and run for a few batches."""
 
-import importlib.util
 import math
-import sys
 
 import pytest
 
 from p2ch_app.errors import UserError
-from tests.conftest import PROJECT, make_tiny_root
+from tests.conftest import PROJECT, make_tiny_root, script_module
 
-SCRIPT = PROJECT / "scripts" / "book_trainers.py"
 BOOK_CODE = PROJECT / "data-unversioned" / "dlwpt-code"
 requires_book = pytest.mark.skipif(
     not (BOOK_CODE / "p2ch14" / "training.py").is_file(),
@@ -19,14 +16,8 @@ requires_book = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def book_trainers():
-    spec = importlib.util.spec_from_file_location("book_trainers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["book_trainers"] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("book_trainers") as module:
         yield module
-    finally:
-        del sys.modules["book_trainers"]
 
 
 def test_layout_links_the_books_paths_and_empties_its_cache_when_the_data_changes(book_trainers, tmp_path):

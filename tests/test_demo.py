@@ -1,19 +1,20 @@
 """scripts/demo.py (make demo): the commands it runs, in order, and what each one is given."""
 
-import importlib.util
 import time
 
 import pytest
 
-from tests.conftest import PROJECT
+from tests.conftest import script_module
 
 
 @pytest.fixture
 def demo(tmp_path, monkeypatch):
     """The demo script with its commands recorded instead of run; a trainer 'writes' a best.pt."""
-    spec = importlib.util.spec_from_file_location("demo_script", PROJECT / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with script_module("demo") as module:
+        yield _recording(module, tmp_path, monkeypatch)
+
+
+def _recording(module, tmp_path, monkeypatch):
     data_root, books = tmp_path / "demo", tmp_path / "book"
     data_root.mkdir()
     (data_root / "candidates.csv").write_text("")

@@ -1,6 +1,5 @@
 """scripts/gpu_check.py (make gpu-check) where no GPU is: it says so at once; and its parts that need none."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,21 +7,15 @@ import time
 
 import pytest
 
-from tests.conftest import PROJECT, requires_shared
+from tests.conftest import PROJECT, requires_shared, script_module
 
 SCRIPT = PROJECT / "scripts" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclass looks its module up while it is defined
-    try:
-        spec.loader.exec_module(module)
+    with script_module("gpu_check") as module:
         yield module
-    finally:
-        del sys.modules["gpu_check"]
 
 
 def _script(*args) -> tuple[subprocess.CompletedProcess, float]:
@@ -86,12 +79,8 @@ def test_the_serve_step_rehearses_on_the_cpu(gpu_check, tmp_path):
 
 def test_the_train_stages_step_rehearses_on_the_cpu(gpu_check, prepared_synth, tmp_path):
     """Every trainer's stages measured for real (scripts/train_stages.py, which make bench train prints too)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        figures = gpu_check.step_train_stages(gpu_check.Check(tmp_path, "cpu"), prepared_synth, samples=32,
-                                                 loader_samples=64)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    figures = gpu_check.step_train_stages(gpu_check.Check(tmp_path, "cpu"), prepared_synth, samples=32,
+                                          loader_samples=64)
     assert figures.pop("ok")
     for kind in ("cls", "seg", "mal"):
         assert figures[f"{kind}_limit"] in ("loader", "augment", "compute")
