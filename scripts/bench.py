@@ -468,15 +468,15 @@ def bench_train() -> dict:
     from train_stages import StageRun, measure, table
 
     shapes = {"cls": (24, 480), "seg": (16, 1920), "mal": (24, 1920)}  # batch size, samples of the timed epoch
-    result, tables = {}, []
-    for set_name, root in training_sets().items():
+    result, tables, sets = {}, [], training_sets()
+    for set_name, root in sets.items():
         found = {kind: measure(StageRun(kind, root, batch, samples=n, runs_dir=BENCH_DIR / "stage-runs"))
                  for kind, (batch, n) in shapes.items()}
         tables.append(f"{set_name}:\n{table(found)}")
         result.update({f"{set_name}_{kind}_{k}": v for kind, figures in found.items() for k, v in figures.items()})
     for kind in ("cls", "seg"):
         batch, n = shapes[kind]
-        book = book_training_rate(DEFAULT_BOOK_CODE, BENCH_DIR / "demo", BENCH_DIR / "book-work", kind, batch,
+        book = book_training_rate(DEFAULT_BOOK_CODE, sets["demo"], BENCH_DIR / "book-work", kind, batch,
                                   workers=2, samples=n, augmented=True)
         if "skipped" in book:
             result["book_skipped"] = book["skipped"]

@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from p2ch_app.checkpoints import model_entries, save_checkpoint
-from p2ch_app.data.index import build_index
+from p2ch_app.data.index import LunaIndex, build_index
 from p2ch_app.models import ClassifierConfig, NoduleClassifier
 from p2ch_app.training.augment import AUGMENTATIONS, augment
 from p2ch_app.training.classification import MalignancySettings, NoduleSettings, malignancy_task, nodule_task
-from p2ch_app.training.loop import Sampling, TrainConfig, optimizer_step, start, train_one_epoch
+from p2ch_app.training.loop import Sampling, TrainConfig, batch_loader, optimizer_step, start, train_one_epoch
 from p2ch_app.training.segmentation import SegmentationSettings, segmentation_task
 
 COMMANDS = {"cls": "luna-train-cls", "seg": "luna-train-seg", "mal": "luna-finetune-mal"}
@@ -52,12 +52,11 @@ class StageRun:
     runs_dir: Path = Path(tempfile.gettempdir()) / "p2ch-train-stages"
 
 
-def make_task(setup: StageRun, augmentations: tuple[str, ...]):
-    """The trainer's own task, as its command builds it with default options."""
+def make_task(setup: StageRun, index: LunaIndex, augmentations: tuple[str, ...]):
+    """The trainer's own task over the index of setup.root, as its command builds it with default options."""
     root = setup.root
     sampling = Sampling(root / "cache", root, val_stride=setup.val_stride, epoch_samples=setup.samples,
                         augmentations=augmentations)
-    index = build_index(root)
     if setup.kind == "cls":
         return nodule_task(index, NoduleSettings(sampling))
     if setup.kind == "seg":
@@ -75,20 +74,21 @@ def _config(setup: StageRun) -> TrainConfig:
 
 
 def _loader(task, setup: StageRun, workers: int) -> DataLoader:
-    return DataLoader(task.train_dataset(1), batch_size=setup.batch_size, num_workers=workers,
-                      collate_fn=task.collate, pin_memory=setup.device.startswith("cuda"))
+    """The first epoch's batches, through the DataLoader the training loop uses, with this many workers."""
+    cfg = replace(_config(setup), workers=workers)
+    return batch_loader(task.train_dataset(1), task, cfg, torch.device(setup.device))
 
 
-def loader_rate(setup: StageRun, workers: int) -> float:
+def loader_rate(setup: StageRun, index: LunaIndex, workers: int) -> float:
     """Samples/s the DataLoader delivers over loader_samples samples, workers started included,
     nothing consuming the batches."""
-    task = make_task(replace(setup, samples=setup.loader_samples), setup.augmentations)
+    task = make_task(replace(setup, samples=setup.loader_samples), index, setup.augmentations)
     started = time.perf_counter()
     n = sum(len(batch[0]) for batch in _loader(task, setup, workers))
     return n / (time.perf_counter() - started)
 
 
-def _best_of(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int) -> float:
     """Median seconds of fn over repeats runs, after one warm-up run (oneDNN builds its kernels then)."""
     fn()
     seconds = []
@@ -113,7 +113,7 @@ def augment_rate(batches: list, setup: StageRun, device: torch.device) -> float:
         for batch in batches:
             augment(batch[0].float(), setup.augmentations, generator, masks=batch[1] if masked else None)
         _sync(device)
-    return sum(len(b[0]) for b in batches) / _best_of(run, 3)
+    return sum(len(b[0]) for b in batches) / _median_seconds(run, 3)
 
 
 def compute_rate(run, batches: list) -> float:
@@ -125,7 +125,7 @@ def compute_rate(run, batches: list) -> float:
         for batch in batches:
             optimizer_step(run, batch, generator)
         _sync(run.device)
-    return sum(len(b[0]) for b in batches) / _best_of(steps, 3)
+    return sum(len(b[0]) for b in batches) / _median_seconds(steps, 3)
 
 
 def conv_flops(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor, int]]:
@@ -168,7 +168,7 @@ def _layer_step_rate(layer: torch.nn.Module, x: torch.Tensor, forward_flops: int
         out = layer(x)
         grads = torch.autograd.grad(out, (x, layer.weight), torch.ones_like(out))
         _sync(grads[0].device)
-    return 3 * forward_flops / _best_of(run, 3) / 1e9
+    return 3 * forward_flops / _median_seconds(run, 3) / 1e9
 
 
 def flop_floor(model: torch.nn.Module, batch: torch.Tensor) -> dict:
@@ -201,8 +201,9 @@ def _trained_epoch(task, setup: StageRun) -> dict:
 def measure(setup: StageRun) -> dict:
     """Every stage of one trainer, and which one limits it: the slowest of the loader (with the step's
     workers), the augmentation and the step's compute."""
-    task, plain = make_task(setup, setup.augmentations), make_task(setup, ())
-    out = {f"loader_w{w}": loader_rate(setup, w) for w in (0, 1, 2)}
+    index = build_index(setup.root)
+    task, plain = make_task(setup, index, setup.augmentations), make_task(setup, index, ())
+    out = {f"loader_w{w}": loader_rate(setup, index, w) for w in (0, 1, 2)}
     run = start(plain, replace(_config(setup), workers=0), progress=False)
     run.writer.close()
     batches = _ready_batches(plain, setup, run.device)

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 LUNG_HU = -850.0  # lung parenchyma, the background the edge level is drawn from
-EDGE_LEVEL = 0.6  # where between lung and the nodule's core the edge lies (0.6: best of 0.3-0.6 on the demo)
+EDGE_LEVEL = 0.6  # where between lung and the nodule's core the edge lies (0.6: best of 0.3-0.7 on the demo)
 MIN_CONTRAST_HU = 100.0  # a core this close to lung has no edge to measure: the component's sphere stands
 
 

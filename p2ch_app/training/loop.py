@@ -251,8 +251,13 @@ def _loader(run: _Run, dataset: Dataset, drop_uneven: bool) -> DataLoader:
     if run.ddp.world > 1:
         n = len(dataset) // run.ddp.world * run.ddp.world if drop_uneven else len(dataset)
         dataset = torch.utils.data.Subset(dataset, range(run.ddp.rank, n, run.ddp.world))
-    return DataLoader(dataset, batch_size=run.cfg.batch_size, shuffle=False, num_workers=run.cfg.workers,
-                      pin_memory=run.device.type == "cuda", collate_fn=run.task.collate)
+    return batch_loader(dataset, run.task, run.cfg, run.device)
+
+
+def batch_loader(dataset: Dataset, task: Task, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    """The DataLoader every trainer reads its batches through (in order: each epoch's draw is its own)."""
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                      pin_memory=device.type == "cuda", collate_fn=task.collate)
 
 
 def _autocast(run: _Run):
