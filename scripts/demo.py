@@ -18,6 +18,11 @@ Malignancy needs more nodules than the 57 of the training series: the malignancy
 on a nodule-rich set of its own (8 nodules per series, luna-synth --nodules), and scored on a
 further nodule-rich set that nothing was trained or selected on (docs/experiments.md).
 
+Independent commands run side by side, each with its share of the cores (on 2 cores, one thread
+each): the two runs of each network, and the two evaluations. On 2 cores two one-thread runs finish
+1.4-1.5x sooner than the same runs one after the other with two threads each (docs/benchmarks.md). Their
+output goes to log files under runs/demo-logs/; the demo prints each one's summary lines.
+
 `make demo SEED=N` trains all three models with training seed N (the dataset stays the same):
 results vary a little with the seed, and with the CPU, whose float kernels differ.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +47,9 @@ RUNS = Path("runs")
 BIN = Path(sys.executable).parent
 PRETRAINED = Path(os.environ.get("P2CH_PRETRAINED", "../shared/models/book"))
 SECOND_SEED = 1000  # each averaged network's second run: seed N + 1000, so no two demo seeds share a run
+LOGS = RUNS / "demo-logs"
+MINE_WORKERS = "2"  # processes mining with the U-Net, each with its share of the cores
+PROGRESS_BAR = re.compile(r"\d+%\|")
 
 
 def step(*args: str) -> None:
@@ -50,8 +59,31 @@ def step(*args: str) -> None:
         sys.exit(f"demo stopped: {args[0]} failed with exit code {done.returncode}")
 
 
-def newest(folder: Path) -> Path:
-    return max(folder.iterdir(), key=lambda p: p.stat().st_mtime)
+def together(*commands: tuple[str, ...]) -> None:
+    """Run the commands at once, each with an equal share of the cores, output in a log file each;
+    then print each log's lines that are not progress bars. Stop the demo if one fails."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // len(commands)))
+    running = []
+    for number, args in enumerate(commands, 1):
+        log = LOGS / f"{time.strftime('%Y-%m-%d_%H.%M.%S')}-{number}-{args[0]}.log"
+        print(f"\n$ {' '.join(args)}   (side by side, {threads} thread(s), output in {log})", flush=True)
+        with open(log, "w") as out:
+            running.append((args, log, subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=out,
+                                                        stderr=subprocess.STDOUT,
+                                                        env={**os.environ, "OMP_NUM_THREADS": threads})))
+    failed = [(args, log) for args, log, process in running if process.wait() != 0]
+    for args, log, _ in running:
+        lines = [line.rsplit("\r", 1)[-1].strip() for line in log.read_text(errors="replace").splitlines()]
+        print(f"\n{args[0]} ({log}):\n" + "\n".join(line for line in lines if line and not PROGRESS_BAR.search(line)))
+    if failed:
+        sys.exit(f"demo stopped: {failed[0][0][0]} failed; see {failed[0][1]}")
+
+
+def newest(folder: Path, comment: str = "") -> Path:
+    """The newest run folder of a command (with this run comment, when given)."""
+    return max((p for p in folder.iterdir() if p.name.endswith(f"-{comment}")),
+               key=lambda p: p.stat().st_mtime)
 
 
 def pretrained(prefix: str) -> list[str]:
@@ -74,12 +106,12 @@ def train_averaged(command: str, comment: str, seed: int | None, init: list[str]
     """The mean of two runs of `command` fine-tuned from the book's weights with seeds N and N + SECOND_SEED
     (luna-average). What one short run learns of the small nodules hangs on its seed; the mean of two
     much less so. Runs from random weights do not average, so without `init` one run is the model."""
-    step(command, *trained_as(comment, seed), *extra, *init)
-    first = newest(RUNS / command) / "best.pt"
     if not init:
-        return first
-    step(command, *trained_as(f"{comment}-b", (seed or 0) + SECOND_SEED), *extra, *init)
-    second = newest(RUNS / command) / "best.pt"
+        step(command, *trained_as(comment, seed), *extra)
+        return newest(RUNS / command, comment) / "best.pt"
+    together((command, *trained_as(comment, seed), *extra, *init),
+             (command, *trained_as(f"{comment}-b", (seed or 0) + SECOND_SEED), *extra, *init))
+    first, second = (newest(RUNS / command, name) / "best.pt" for name in (comment, f"{comment}-b"))
     averaged = RUNS / "luna-average" / f"{command}-{first.parent.name}.pt"
     step("luna-average", str(first), str(second), "--output", str(averaged))
     return averaged
@@ -107,13 +139,14 @@ def main() -> None:
         make_dataset("--data-root", str(root), "--series", str(series), "--seed", str(data_seed),
                      "--nodules", str(NODULES_PER_SERIES))
     segmenter = train_averaged("luna-train-seg", comment, seed, pretrained("seg"))
-    classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"), ("--mine-with", str(segmenter)))
+    classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"),
+                                ("--mine-with", str(segmenter), "--mine-workers", MINE_WORKERS))
     step("luna-finetune-mal", *trained, "--data-root", str(MALIGNANCY_SET[0]), "--from", str(classifier))
-    models = ["--seg-model", str(segmenter), "--cls-model", str(classifier),
-              "--mal-model", str(newest(RUNS / "luna-finetune-mal") / "best.pt")]
-    step("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models)
-    step("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root", str(FURTHER_SET[0]),
-         "--comment", f"{comment}-further", *models)
+    models = ("--seg-model", str(segmenter), "--cls-model", str(classifier),
+              "--mal-model", str(newest(RUNS / "luna-finetune-mal", comment) / "best.pt"))
+    together(("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models),
+             ("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root",
+              str(FURTHER_SET[0]), "--comment", f"{comment}-further", *models))
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
           f"{DATA_ROOT / 'cache'}, the trained models and the evaluation in {RUNS}/.\n"
           "See the training curves and the FROC curve with:  make tensorboard   (then open http://localhost:6006)\n"

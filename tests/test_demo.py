@@ -1,5 +1,6 @@
 """scripts/demo.py (make demo): the commands it runs, in order, and what each one is given."""
 
+import os
 import time
 
 import pytest
@@ -28,13 +29,19 @@ def _recording(module, tmp_path, monkeypatch):
     def step(*args):
         commands.append(args)
         if args[0].startswith("luna-train") or args[0] == "luna-finetune-mal":
-            run = tmp_path / "runs" / args[0] / f"run{len(commands)}"
+            run = tmp_path / "runs" / args[0] / f"run{len(commands)}-{_given(args, '--comment')}"
             run.mkdir(parents=True)
             (run / "best.pt").write_bytes(b"")
             time.sleep(0.01)  # newest() goes by modification time
 
+    def together(*commands_at_once):
+        for args in commands_at_once:
+            step(*args)
+        module.side_by_side.append(len(commands_at_once))
+
     monkeypatch.setattr(module, "step", step)
-    module.commands, module.books = commands, books
+    monkeypatch.setattr(module, "together", together)
+    module.commands, module.books, module.side_by_side = commands, books, []
     return module
 
 
@@ -58,8 +65,10 @@ def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, t
     assert _given(seg_a, "--init") == _given(seg_b, "--init") == str(demo.books / "seg_book.state")
     assert _given(cls_a, "--init") == _given(cls_b, "--init") == str(demo.books / "cls_book.state")
     assert _given(cls_a, "--mine-with") == _given(cls_b, "--mine-with") == _given(seg_mean, "--output")
-    assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run6/best.pt"),
-                             str(tmp_path / "runs/luna-train-seg/run7/best.pt"))
+    assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run6-demo-seed2/best.pt"),
+                             str(tmp_path / "runs/luna-train-seg/run7-demo-seed2-b/best.pt"))
+    assert demo.side_by_side == [2, 2, 2]  # the runs of each network, then the two evaluations
+    assert _given(cls_a, "--mine-workers") == _given(cls_b, "--mine-workers") == "2"
     assert _given(mal, "--from") == _given(cls_mean, "--output") == _given(analyze, "--cls-model")
     assert _given(analyze, "--seg-model") == _given(seg_mean, "--output")
     # malignancy: fine-tuned on a nodule-rich set, scored on another that nothing trained on
@@ -77,3 +86,22 @@ def test_demo_without_the_books_weights_trains_one_run_of_each(demo, monkeypatch
     assert names == ["luna-prep"] + ["luna-synth", "luna-prep"] * 2 + [
         "luna-train-seg", "luna-train-cls", "luna-finetune-mal", "nodule-analyze", "nodule-analyze"]
     assert "--seed" not in demo.commands[5] and "--init" not in demo.commands[5]
+
+
+def test_together_runs_commands_at_once_and_prints_their_summaries(monkeypatch, tmp_path, capsys):
+    with script_module("demo") as module:
+        monkeypatch.setattr(module, "LOGS", tmp_path / "logs")
+        monkeypatch.setattr(module, "BIN", tmp_path)
+        script = ("#!/bin/sh\nprintf 'step  50%%|#####     | 1/2\\rstep 100%%|##########| 2/2\\n'\n"
+                  "echo \"threads $OMP_NUM_THREADS\"\n")
+        (tmp_path / "ok").write_text(script)
+        (tmp_path / "ok").chmod(0o755)
+        (tmp_path / "broken").write_text("#!/bin/sh\necho 'no such file'\nexit 2\n")
+        (tmp_path / "broken").chmod(0o755)
+        module.together(("ok", "a"), ("ok", "b"))
+        shown = capsys.readouterr().out
+        assert shown.count(f"threads {max(1, (os.cpu_count() or 1) // 2)}") == 2 and "%|" not in shown
+        assert len(list((tmp_path / "logs").glob("*.log"))) == 2
+        with pytest.raises(SystemExit, match="broken failed"):
+            module.together(("ok", "c"), ("broken",))
+        assert "no such file" in capsys.readouterr().out

@@ -58,6 +58,9 @@ def _fit(task, cfg) -> None:
               help="A U-Net checkpoint: its candidates in the training series that lie away from every nodule join "
                    "the non-nodules, and those within a nodule's radius the nodules, so the classifier learns "
                    "the crops nodule-analyze will show it.")
+@click.option("--mine-workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Processes that run --mine-with's U-Net over the training CTs on the CPU, each with its share "
+                   "of the cores (on 2 cores, 2 mine about 1.4x faster than 1).")
 @click.option("--crop-zoom", type=click.FloatRange(0.25, 4), default=1.0, show_default=True,
               help="Sample the crops' rows and columns this many times finer than the CT's pixels (linear "
                    "interpolation; slices as they are). Saved with the weights, so nodule-analyze crops alike. "
@@ -78,7 +81,7 @@ def train_cls(**opts):
 
         before = len(index)
         index, reused = with_mined(sampling.cache(), index, sampling.val_stride, opts["mine_with"],
-                                   select_device(opts["device"]))
+                                   select_device(opts["device"]), opts["mine_workers"])
         hits = int(index.is_nodule[before:].sum())
         click.echo(f"mined {len(index) - before - hits} look-alikes and {hits} nodule hits in the training series "
                    f"with {opts['mine_with']}" + (" (found in the cache from an earlier run)" if reused else ""))

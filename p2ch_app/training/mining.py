@@ -6,6 +6,9 @@ that no CSV candidate sits on, and its candidate on a small nodule is often a pi
 from __future__ import annotations
 
 import hashlib
+import os
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,8 @@ from tqdm import tqdm
 from p2ch_app.data.cache import LunaCache
 from p2ch_app.data.ct import irc_to_xyz
 from p2ch_app.data.index import LunaIndex
-from p2ch_app.files import write_atomic
+from p2ch_app.data.workers import worker_pool
+from p2ch_app.files import held_lock, write_atomic
 from p2ch_app.inference.pipeline import load_segmenter, propose
 from p2ch_app.inference.runtime import keep_freed_memory
 from p2ch_app.metrics import distances, hit_radii
@@ -31,21 +35,62 @@ def mine_candidates(cache: LunaCache, index: LunaIndex, series_codes, segmenter:
     series that are look-alikes, farther than the nodule's diameter (at least MINED_CLEARANCE_MM) from
     every nodule's centre, or hits, strictly within a nodule's radius as the LUNA16 scoring counts them."""
     keep_freed_memory()
-    codes, found, hits = [], [], []
-    for code in tqdm(series_codes, desc="mine candidates", unit="CT", disable=not progress):
-        uid = index.series_uids[code]
-        centers, _, inside = propose(np.asarray(cache.volume(uid)), segmenter, device)  # the whole CT, clipped
-        xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
-        mine = (index.series_code == code) & index.is_nodule
-        clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
-        distance = distances(xyz, index.center_xyz[mine])  # (candidates, nodules), for both rules
-        hit = np.any(distance < hit_radii(index.diameter_mm[mine]), axis=1)
-        keep = hit | np.all(distance > clearance, axis=1)
-        codes.append(np.full(int(keep.sum()), code, np.int32))
-        found.append(xyz[keep])
-        hits.append(hit[keep])
-    return (np.concatenate(codes or [np.zeros(0, np.int32)]), np.concatenate(found or [np.zeros((0, 3))]),
-            np.concatenate(hits or [np.zeros(0, bool)]))
+    found = [_mine_series(cache, index, code, segmenter, device)
+             for code in tqdm(series_codes, desc="mine candidates", unit="CT", disable=not progress)]
+    return _joined(found)
+
+
+def _mine_series(cache: LunaCache, index: LunaIndex, code: int, segmenter: NoduleSegmenter,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mine_candidates for one series."""
+    uid = index.series_uids[code]
+    centers, _, inside = propose(np.asarray(cache.volume(uid)), segmenter, device)  # the whole CT, clipped
+    xyz = irc_to_xyz(centers[inside], cache.record(uid).geometry).reshape(-1, 3)
+    mine = (index.series_code == code) & index.is_nodule
+    clearance = np.maximum(index.diameter_mm[mine], MINED_CLEARANCE_MM)
+    distance = distances(xyz, index.center_xyz[mine])  # (candidates, nodules), for both rules
+    hit = np.any(distance < hit_radii(index.diameter_mm[mine]), axis=1)
+    keep = hit | np.all(distance > clearance, axis=1)
+    return np.full(int(keep.sum()), code, np.int32), xyz[keep], hit[keep]
+
+
+def _joined(found: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes, xyz, hits = zip(*found) if found else ([np.zeros(0, np.int32)], [np.zeros((0, 3))], [np.zeros(0, bool)])
+    return np.concatenate(codes), np.concatenate(xyz), np.concatenate(hits)
+
+
+@dataclass(frozen=True)
+class _MiningJob:
+    """What a mining process needs to mine any series: it loads the U-Net once."""
+
+    cache_dir: Path
+    data_root: Path
+    index: LunaIndex
+    seg_checkpoint: Path
+    threads: int  # its share of the CPU's cores
+
+
+_worker_segmenter: dict[Path, NoduleSegmenter] = {}
+
+
+def _mine_in_worker(job: _MiningJob, code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    torch.set_num_threads(job.threads)
+    if job.seg_checkpoint not in _worker_segmenter:
+        _worker_segmenter[job.seg_checkpoint] = load_segmenter(job.seg_checkpoint, torch.device("cpu"))
+    cache = LunaCache(job.cache_dir, job.data_root)
+    return _mine_series(cache, job.index, code, _worker_segmenter[job.seg_checkpoint], torch.device("cpu"))
+
+
+def mine_in_processes(cache: LunaCache, index: LunaIndex, series_codes, seg_checkpoint: Path,
+                      processes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mine_candidates on the CPU by `processes` processes, each with its share of the cores: on 2
+    cores two one-thread processes mine about 1.4x faster than one process with two threads."""
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    job = _MiningJob(cache.dir, cache.data_root, index, Path(seg_checkpoint), threads)
+    with worker_pool(processes) as pool:
+        found = list(tqdm(pool.imap(partial(_mine_in_worker, job), [int(c) for c in series_codes]),
+                          total=len(series_codes), desc="mine candidates", unit="CT"))
+    return _joined(found)
 
 
 def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val_stride: int,
@@ -64,20 +109,26 @@ def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val
 
 
 def with_mined(cache: LunaCache, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
-               device: torch.device) -> tuple[LunaIndex, bool]:
+               device: torch.device, processes: int = 1) -> tuple[LunaIndex, bool]:
     """(the index plus the look-alikes and hits this U-Net proposes in the training series, whether they
     were found in the cache). Validation series are left as they are. Mining runs the U-Net over every
-    training CT, so its result is kept in the cache: a resumed or repeated run does not mine again."""
+    training CT, so its result is kept in the cache: a resumed or repeated run does not mine again, and
+    runs started together mine once (the others wait for it). With processes > 1 on the CPU, that many
+    processes mine (mine_in_processes)."""
     segmenter = load_segmenter(seg_checkpoint, device)  # first: a bad file fails with its own message
     train_codes = np.flatnonzero(~index.validation_series(val_stride))
     path = cache.dir / "mined" / f"{_mining_key(cache, index, train_codes, val_stride, seg_checkpoint)}.npz"
-    if path.is_file():
-        with np.load(path) as saved:
-            code_of = {uid: code for code, uid in enumerate(index.series_uids)}
-            codes = np.array([code_of[uid] for uid in saved["uids"]], np.int32)
-            return index.with_mined(codes, saved["centers_xyz"], saved["hits"]), True
-    codes, centers, hits = mine_candidates(cache, index, train_codes, segmenter, device, progress=True)
     path.parent.mkdir(exist_ok=True)
-    uids = np.array([index.series_uids[code] for code in codes], dtype=str)
-    write_atomic(path, lambda tmp: np.savez(tmp, uids=uids, centers_xyz=centers, hits=hits))
+    with held_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            with np.load(path) as saved:
+                code_of = {uid: code for code, uid in enumerate(index.series_uids)}
+                codes = np.array([code_of[uid] for uid in saved["uids"]], np.int32)
+                return index.with_mined(codes, saved["centers_xyz"], saved["hits"]), True
+        if processes > 1 and device.type == "cpu":
+            codes, centers, hits = mine_in_processes(cache, index, train_codes, seg_checkpoint, processes)
+        else:
+            codes, centers, hits = mine_candidates(cache, index, train_codes, segmenter, device, progress=True)
+        uids = np.array([index.series_uids[code] for code in codes], dtype=str)
+        write_atomic(path, lambda tmp: np.savez(tmp, uids=uids, centers_xyz=centers, hits=hits))
     return index.with_mined(codes, centers, hits), False

@@ -108,3 +108,26 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--runs-dir", tmp_path / "x",
                              "--mine-with", tmp_path / "missing.pt"])
     assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output
+
+
+def test_mining_processes_find_what_one_process_finds_and_runs_share_it(prepared_synth, tmp_path):
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.inference.pipeline import load_segmenter
+    from p2ch_app.models import NoduleSegmenter
+    from p2ch_app.training.mining import mine_candidates, mine_in_processes, with_mined
+
+    torch.manual_seed(0)
+    torch.save({"model_state": NoduleSegmenter().state_dict()}, tmp_path / "seg.pt")  # random: many candidates
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
+    codes = np.flatnonzero(~index.validation_series(3))
+    alone = mine_candidates(cache, index, codes, load_segmenter(tmp_path / "seg.pt", torch.device("cpu")),
+                            torch.device("cpu"))
+    together = mine_in_processes(cache, index, codes, tmp_path / "seg.pt", 2)
+    assert len(alone[0]) > len(codes)
+    for mine, theirs in zip(alone, together):
+        assert np.array_equal(mine, theirs)
+    grown, reused = with_mined(cache, index, 3, tmp_path / "seg.pt", torch.device("cpu"), processes=2)
+    assert not reused and len(grown) == len(index) + len(alone[0])
+    assert list((prepared_synth / "cache" / "mined").glob("*.lock"))  # the lock that makes runs mine once
+    assert with_mined(cache, index, 3, tmp_path / "seg.pt", torch.device("cpu"))[1]
