@@ -50,6 +50,8 @@ SECOND_SEED = 1000  # each averaged network's second run: seed N + 1000, so no t
 LOGS = RUNS / "demo-logs"
 MINE_WORKERS = "2"  # processes mining with the U-Net, each with its share of the cores
 PROGRESS_BAR = re.compile(r"\d+%\|")
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves between its nested bars
+HEARTBEAT_S = 30  # how often side-by-side runs' progress is shown
 
 
 def step(*args: str) -> None:
@@ -72,12 +74,29 @@ def together(*commands: tuple[str, ...]) -> None:
             running.append((args, log, subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=out,
                                                         stderr=subprocess.STDOUT,
                                                         env={**os.environ, "OMP_NUM_THREADS": threads})))
+    shown = time.monotonic()
+    while any(process.poll() is None for _, _, process in running):
+        time.sleep(0.5)
+        if time.monotonic() - shown >= HEARTBEAT_S:
+            shown = time.monotonic()
+            print("  " + "   ".join(f"[{n}] {_last_line(log)}" for n, (_, log, _) in enumerate(running, 1)),
+                  flush=True)
     failed = [(args, log) for args, log, process in running if process.wait() != 0]
     for args, log, _ in running:
-        lines = [line.rsplit("\r", 1)[-1].strip() for line in log.read_text(errors="replace").splitlines()]
+        lines = [line.rsplit("\r", 1)[-1].strip() for line in _read(log).splitlines()]
         print(f"\n{args[0]} ({log}):\n" + "\n".join(line for line in lines if line and not PROGRESS_BAR.search(line)))
     if failed:
         sys.exit(f"demo stopped: {failed[0][0][0]} failed; see {failed[0][1]}")
+
+
+def _read(log: Path) -> str:
+    return TERMINAL_CODES.sub("", log.read_text(errors="replace"))
+
+
+def _last_line(log: Path) -> str:
+    """What a log's progress bar or last line says now, shortened to fit beside another."""
+    text = _read(log).rstrip()
+    return text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip()[:70]
 
 
 def newest(folder: Path, comment: str = "") -> Path:
