@@ -8,7 +8,7 @@ import pytest
 
 import p2ch_app.files
 from p2ch_app.errors import UserError
-from p2ch_app.files import check_writable, new_run_dir, plain, write_atomic, write_csv_atomic
+from p2ch_app.files import check_writable, held_lock, new_run_dir, plain, write_atomic, write_csv_atomic
 
 
 def test_a_failed_write_keeps_the_old_file_leaves_no_temporary_and_names_a_full_disk(tmp_path):
@@ -115,3 +115,25 @@ def test_csv_has_a_header_and_unix_line_ends(tmp_path):
 def test_plain_values_for_json_and_checkpoints():
     value = {"runs": Path("runs/x"), "aucs": (0.5, math.nan), "nested": {"n": 3, "s": "a"}}
     assert plain(value) == {"runs": "runs/x", "aucs": [0.5, None], "nested": {"n": 3, "s": "a"}}
+
+
+def test_held_lock_makes_the_second_holder_wait_for_the_first(tmp_path):
+    import threading
+    import time
+
+    events = []
+    first_holds = threading.Event()
+
+    def first():
+        with held_lock(tmp_path / "work.lock"):
+            first_holds.set()
+            time.sleep(0.3)
+            events.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_holds.wait()
+    with held_lock(tmp_path / "work.lock"):  # blocks until the first lets go
+        events.append("second in")
+    thread.join()
+    assert events == ["first done", "second in"]
