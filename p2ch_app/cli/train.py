@@ -60,7 +60,7 @@ def _fit(task, cfg) -> None:
                    "the crops nodule-analyze will show it.")
 @click.option("--mine-workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes that run --mine-with's U-Net over the training CTs on the CPU, each with its share "
-                   "of the cores (on 2 cores, 2 mine about 1.4x faster than 1).")
+                   "of the cores (on 2 cores, 2 mine about 1.2x faster than 1).")
 @click.option("--crop-zoom", type=click.FloatRange(0.25, 4), default=1.0, show_default=True,
               help="Sample the crops' rows and columns this many times finer than the CT's pixels (linear "
                    "interpolation; slices as they are). Saved with the weights, so nodule-analyze crops alike. "

@@ -84,7 +84,8 @@ def _mine_in_worker(job: _MiningJob, code: int) -> tuple[np.ndarray, np.ndarray,
 def mine_in_processes(cache: LunaCache, index: LunaIndex, series_codes, seg_checkpoint: Path,
                       processes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """mine_candidates on the CPU by `processes` processes, each with its share of the cores: on 2
-    cores two one-thread processes mine about 1.4x faster than one process with two threads."""
+    cores two one-thread processes mine about 1.2x faster than one process with two threads (4.95
+    against 6.0 s per demo CT)."""
     threads = max(1, (os.cpu_count() or 1) // processes)
     job = _MiningJob(cache.dir, cache.data_root, index, Path(seg_checkpoint), threads)
     with worker_pool(processes) as pool:
