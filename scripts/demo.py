@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from p2ch_app.inference.distributed import cpu_threads
+
 CONFIG = "configs/demo.toml"
 DATA_ROOT = Path("data-unversioned/demo")
 # the malignancy sets: (data root, series, seed); luna-finetune-mal trains on the first
@@ -66,7 +68,7 @@ def together(*commands: tuple[str, ...]) -> None:
     """Run the commands at once, each with an equal share of the cores, output in a log file each;
     then print each log's lines that are not progress bars. Stop the demo if one fails."""
     LOGS.mkdir(parents=True, exist_ok=True)
-    threads = str(max(1, (os.cpu_count() or 1) // len(commands)))
+    threads = str(cpu_threads(len(commands)))
     running = []
     for number, args in enumerate(commands, 1):
         log = LOGS / f"{time.strftime('%Y-%m-%d_%H.%M.%S')}-{number}-{args[0]}.log"

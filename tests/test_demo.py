@@ -1,10 +1,10 @@
 """scripts/demo.py (make demo): the commands it runs, in order, and what each one is given."""
 
-import os
 import time
 
 import pytest
 
+from p2ch_app.inference.distributed import usable_cores
 from tests.conftest import script_module
 
 
@@ -104,7 +104,7 @@ def test_together_runs_commands_at_once_and_prints_their_summaries(monkeypatch, 
         logs = sorted((tmp_path / "logs").glob("*.log"))
         assert len(logs) == 2
         for log in logs:  # each log's summary: its lines without the progress bars
-            assert f"ok ({log}):\nthreads {max(1, (os.cpu_count() or 1) // 2)}\n" in shown
+            assert f"ok ({log}):\nthreads {max(1, usable_cores() // 2)}\n" in shown  # half the cores each
         assert "[1] step 100%|##########| 2/2   [2] step 100%" in shown  # the progress while they run
         with pytest.raises(SystemExit, match="broken failed"):
             module.together(("ok", "c"), ("broken",))
