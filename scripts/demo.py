@@ -102,8 +102,8 @@ def _last_line(log: Path) -> str:
     return text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip()[:70]
 
 
-def newest(folder: Path, comment: str = "") -> Path:
-    """The newest run folder of a command (with this run comment, when given)."""
+def newest(folder: Path, comment: str) -> Path:
+    """The newest run folder of a command with this run comment."""
     return max((p for p in folder.iterdir() if p.name.endswith(f"-{comment}")),
                key=lambda p: p.stat().st_mtime)
 
