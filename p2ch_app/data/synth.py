@@ -265,6 +265,85 @@ def make_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ..
     return SynthSeries(uid, hu, geo, nodules, candidates, excluded)
 
 
+# A tile: the classifier's crop at crop_zoom 2 (32 x 24 x 24 voxels) and a margin for the candidate's offset
+TILE_SHAPE = (36, 30, 30)
+
+
+def make_tiled_series(seed: int, geometry: SynthGeometry,
+                      nodule_counts: tuple[int, ...] = NODULE_COUNTS) -> SynthSeries:
+    """One chest's nodules, each in a tile of TILE_SHAPE voxels around it, and half as many tiles around
+    vessel points, side by side in one small CT: the nodules and their lungs as make_series paints them,
+    at about a quarter of its time per nodule (luna-synth --tiles: a nodule-rich set for luna-finetune-mal)."""
+    rng = np.random.default_rng(seed)
+    uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
+    spacing = np.array([rng.uniform(*geometry.inplane_mm)] * 2 + [rng.uniform(*geometry.slice_mm)])
+    fov = geometry.matrix * spacing[0]
+    chest = _sample_chest(rng, fov)
+    vessels = _vessel_trees(chest, rng)
+    ribs = _ribs(chest, rng)
+    found, shapes = _place_nodules(chest, vessels, rng, nodule_counts)
+    centres = [np.array(n.center_xyz) for n in found] + _vessel_points(vessels, found, rng, max(1, len(found) // 2))
+    depth, rows, cols = TILE_SHAPE
+    hu = np.empty((depth, rows, cols * len(centres)), np.int16)
+    shifts = []
+    for k, centre in enumerate(centres):
+        chest_origin = centre - spacing * (np.array([cols, rows, depth]) - 1) / 2 + rng.uniform(-0.5, 0.5, 3) * spacing
+        canvas = _Canvas(TILE_SHAPE, chest_origin, spacing)
+        _paint_tile(canvas, chest, (ribs, vessels), list(zip(found, shapes)), rng)
+        hu[:, :, k * cols:(k + 1) * cols] = _finish(canvas, rng, fov, circle=False)
+        shifts.append(np.array([k * cols, 0, 0]) * spacing - chest_origin)  # chest mm -> this CT's mm
+    tiled = [replace(n, center_xyz=tuple(float(c) for c in np.array(n.center_xyz) + shift))
+             for n, shift in zip(found, shifts)]
+    candidates = [(_near_centre(n, rng), 1) for n in tiled]
+    candidates += [(tuple(float(c) for c in centre + shift), 0)
+                   for centre, shift in zip(centres[len(found):], shifts[len(found):])]
+    return SynthSeries(uid, hu, Geometry(np.zeros(3), spacing, np.eye(3)), tiled, candidates)
+
+
+def _vessel_points(vessels: list[_Segment], nodules: list[SynthNodule], rng, n: int) -> list[np.ndarray]:
+    """n points on vessels 1 mm or more in radius, each more than a diameter from every nodule."""
+    thick = [s for s in vessels if s.r0 >= 1.0]
+    points = []
+    for _attempt in range(100 * n):
+        if len(points) == n or not thick:
+            break
+        s = thick[int(rng.integers(len(thick)))]
+        p = s.p0 + rng.uniform(0, 1) * (s.p1 - s.p0)
+        if all(np.linalg.norm(p - np.array(m.center_xyz)) > m.diameter_mm for m in nodules):
+            points.append(p)
+    return points
+
+
+def _paint_tile(canvas: _Canvas, chest: _Chest, tubes: tuple[list[_Segment], list[_Segment]], nodules: list,
+                rng) -> None:
+    """What make_series paints, in the order it paints it, within this canvas: anatomy, ribs and vessels
+    (tubes: ribs, vessels) and the nodules; decoys and excluded blobs left out."""
+    ribs, vessels = (_within(segments, canvas) for segments in tubes)
+    _paint_anatomy(canvas, chest, rng)
+    for seg in ribs:
+        canvas.capsule(seg, 850.0, outside_lung=True)
+        canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 - 1.6, seg.r1 - 1.6), 280.0, outside_lung=True)
+    for nodule, shape in nodules:
+        if nodule.kind == "ground-glass":
+            _paint_nodule(canvas, nodule, shape, rng)
+    for seg in vessels:
+        canvas.capsule(seg, HU_SOFT + 10, lung_only=True)
+    for nodule, shape in nodules:
+        if nodule.kind == "solid":
+            _paint_nodule(canvas, nodule, shape, rng)
+
+
+def _within(segments: list[_Segment], canvas: _Canvas) -> list[_Segment]:
+    """The segments whose bounding box, grown by their radius, meets the canvas."""
+    if not segments:
+        return []
+    ends = np.array([(s.p0, s.p1) for s in segments])
+    reach = np.array([max(s.r0, s.r1) for s in segments])[:, None] + canvas.edge
+    lo, hi = canvas.origin, canvas.origin + canvas.spacing * np.array(canvas.hu.shape[::-1])
+    meets = np.all((ends.min(1) - reach < hi) & (ends.max(1) + reach > lo), axis=1)
+    return [s for s, keep in zip(segments, meets) if keep]
+
+
 def _sample_chest(rng, fov: float) -> _Chest:
     body_a = fov * rng.uniform(0.38, 0.45)
     chest = _Chest(cx=rng.uniform(-6, 6), cy=rng.uniform(-12, 4), body_a=body_a,
@@ -608,14 +687,16 @@ def _paint_excluded(canvas: _Canvas, chest: _Chest, nodules: list[SynthNodule], 
     return placed
 
 
-def _finish(canvas: _Canvas, rng, fov: float) -> np.ndarray:
-    """Add scanner noise (thinner voxels are noisier), blank the corners outside the reconstruction circle."""
+def _finish(canvas: _Canvas, rng, fov: float, circle: bool = True) -> np.ndarray:
+    """Add scanner noise (thinner voxels are noisier); with circle, blank the corners outside the
+    reconstruction circle (a whole slice's; a tile has none)."""
     reference_voxel = 0.7 * 0.7 * 1.5
     sigma = rng.uniform(18, 38) * np.sqrt(reference_voxel / np.prod(canvas.spacing))
     sigma = max(sigma, 5.0)
     n_z, n_y, n_x = canvas.hu.shape
     yy, xx = np.indices((n_y, n_x))
     corner = (yy - (n_y - 1) / 2) ** 2 + (xx - (n_x - 1) / 2) ** 2 > (min(n_y, n_x) / 2) ** 2
+    corner &= circle
     fill = rng.choice([HU_AIR, -2000.0, -3024.0])
     delta = np.zeros((9, 9), np.float32)
     delta[4, 4] = 1
@@ -632,10 +713,7 @@ def _finish(canvas: _Canvas, rng, fov: float) -> np.ndarray:
 
 def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
     """candidates.csv rows: each nodule a few mm off (class 1), look-alikes and vessel points (class 0)."""
-    rows = []
-    for nodule in nodules:
-        offset = _unit(rng.normal(size=3)) * rng.uniform(0, min(3.0, 0.5 * nodule.diameter_mm / 2 + 0.5))
-        rows.append((tuple(float(c) for c in np.array(nodule.center_xyz) + offset), 1))
+    rows = [(_near_centre(nodule, rng), 1) for nodule in nodules]
     others = [p for p in decoys]
     thick = [i for i, s in enumerate(vessels) if s.r0 >= 1.0]
     forks = [vessels[i].p0 for i in thick if vessels[i].parent >= 0]
@@ -659,6 +737,12 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
     return rows
 
 
+def _near_centre(nodule: SynthNodule, rng) -> tuple[float, float, float]:
+    """A nodule's candidates.csv point: a few mm off its centre, as LUNA16's are."""
+    offset = _unit(rng.normal(size=3)) * rng.uniform(0, min(3.0, 0.5 * nodule.diameter_mm / 2 + 0.5))
+    return tuple(float(c) for c in np.array(nodule.center_xyz) + offset)
+
+
 @dataclass(frozen=True)
 class SynthRun:
     """How write_dataset runs; none of it changes the bytes written."""
@@ -670,9 +754,10 @@ class SynthRun:
 
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                   geometry: SynthGeometry = PRESETS["demo"], nodule_counts: tuple[int, ...] = NODULE_COUNTS,
-                  run: SynthRun = SynthRun()) -> list[tuple[str, Path]]:
+                  run: SynthRun = SynthRun(), tiles: bool = False) -> list[tuple[str, Path]]:
     """Write `series` synthetic CTs and the LUNA16 CSVs under root (candidates, annotations, malignancy,
-    excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series.
+    excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series. tiles: each
+    series is a chest's nodules in tiles (make_tiled_series), not the whole chest.
 
     Volumes are generated and written one at a time (by `workers` processes; the bytes do not depend
     on their number). The CSVs are written last, each through a temporary file, so an interrupted run
@@ -685,7 +770,7 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                         "or choose another --data-root")
     root.mkdir(parents=True, exist_ok=True)
     seeds = np.random.SeedSequence(seed).spawn(series)
-    jobs = [(root / f"subset{i % subsets}", seeds[i], geometry, nodule_counts) for i in range(series)]
+    jobs = [(root / f"subset{i % subsets}", seeds[i], geometry, nodule_counts, tiles) for i in range(series)]
     cand, ann, mal, excluded, written = [], [], [], [], []
     with contextlib.ExitStack() as stack:
         if run.workers > 1:
@@ -710,8 +795,8 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
 
 def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     """Generate one series, write its .mhd/.raw into folder, return its CSV rows."""
-    folder, seeds, geometry, nodule_counts = job
-    s = make_series(int(seeds.generate_state(1)[0]), geometry, nodule_counts)
+    folder, seeds, geometry, nodule_counts, tiles = job
+    s = (make_tiled_series if tiles else make_series)(int(seeds.generate_state(1)[0]), geometry, nodule_counts)
     path = folder / f"{s.uid}.mhd"
     folder.mkdir(exist_ok=True)
     image = s.geometry.apply_to(sitk.GetImageFromArray(s.hu))

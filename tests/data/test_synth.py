@@ -11,11 +11,13 @@ from p2ch_app.data.index import read_excluded
 from p2ch_app.data.synth import (
     EXCLUDED_CLEARANCE_MM,
     PRESETS,
+    TILE_SHAPE,
     SynthRun,
     _place_nodules,
     _sample_chest,
     _vessel_trees,
     make_series,
+    make_tiled_series,
     write_dataset,
 )
 from p2ch_app.errors import UserError
@@ -245,3 +247,34 @@ def test_refuses_to_overwrite_without_the_flag(dataset, tmp_path):
 def test_presets_match_luna16_and_demo_geometry():
     assert PRESETS["full"].matrix == 512 and PRESETS["full"].inplane_mm == (0.5, 0.9)
     assert PRESETS["full"].slice_mm == (0.6, 2.5) and PRESETS["demo"].matrix == 256
+
+
+def test_tiles_hold_each_nodule_centred_in_a_tile_of_its_own(tmp_path):
+    written = write_dataset(tmp_path, series=2, seed=5, geometry=SMALL, nodule_counts=(4,),
+                            run=SynthRun(progress=False), tiles=True)
+    depth, rows, cols = TILE_SHAPE
+    annotations = read_rows(tmp_path / "annotations.csv")[1:]
+    candidates = read_rows(tmp_path / "candidates.csv")[1:]
+    assert len(annotations) == 8 and sum(label == "1" for *_, label in candidates) == 8
+    for uid, mhd in written:
+        ct = load_ct(mhd)
+        tiles = ct.hu.shape[2] // cols
+        assert ct.hu.shape == (depth, rows, cols * tiles) and tiles == 4 + 2  # and half as many vessel spots
+        used = []
+        for row in [r for r in candidates if r[0] == uid]:
+            irc = np.rint(xyz_to_irc(tuple(float(v) for v in row[1:4]), ct.geometry)).astype(int)
+            used.append(irc[2] // cols)
+            # the crop the classifier takes at crop_zoom 2 (32 x 24 x 24 voxels) stays inside the tile
+            assert 16 <= irc[0] <= depth - 16 and 12 <= irc[1] <= rows - 12 and 12 <= irc[2] % cols <= cols - 12
+        assert sorted(used) == list(range(tiles))  # one candidate per tile
+        for _, x, y, z, _ in [r for r in annotations if r[0] == uid]:
+            irc = np.rint(xyz_to_irc((float(x), float(y), float(z)), ct.geometry)).astype(int)
+            assert ct.hu[tuple(irc)] > -700  # nodule tissue at its centre
+
+
+def test_tiled_nodules_are_drawn_as_whole_chests_draw_them():
+    tiled = [make_tiled_series(seed, SMALL, (6,)) for seed in range(20)]
+    assert all(len(s.nodules) == 6 for s in tiled)
+    diameters = np.array([n.diameter_mm for s in tiled for n in s.nodules])
+    assert 5.0 < np.median(diameters) < 8.0  # LUNA16's median: 6.4 mm
+    assert (make_tiled_series(3, SMALL, (6,)).hu == tiled[3].hu).all()
