@@ -59,3 +59,20 @@ def test_no_contrast_keeps_the_components_sphere():
     assert both.tolist() == [5.0, 7.0]
     measured = reported_diameters(hu, SPACING_XYZ, {1: index}, np.array([centre, centre]), spheres)
     assert measured[0] == 5.0 and measured[1] == pytest.approx(8, abs=0.5)
+
+
+def test_a_vessel_merged_into_the_mask_is_capped_off():
+    """The U-Net marked a 6 mm nodule together with the 4 mm vessel it touches, across the CT: the
+    bright region connected to that mask is over 10 mm as a sphere; the cap keeps the nodule."""
+    hu, index, centre = nodule_ct((6, 6, 6))
+    z, y, x = np.indices(hu.shape, dtype=float)
+    axis_row = centre[1] + (3.0 + 1.6) / SPACING_XYZ[1]  # its wall runs 0.4 mm into the nodule
+    distance_mm = np.hypot((z - centre[0]) * SPACING_XYZ[2], (y - axis_row) * SPACING_XYZ[1])
+    vessel = distance_mm <= 2.0
+    hu[vessel] = 40
+    mask = np.zeros(hu.shape, bool)
+    mask.flat[index] = True
+    merged = np.flatnonzero(mask | vessel)
+    bright = ndimage.binary_dilation(mask | vessel) & (hu > -350)
+    assert float(sphere_diameters(int(bright.sum()), SPACING_XYZ)) > 10  # what an uncapped volume reads
+    assert measured_diameter(hu, merged, centre, SPACING_XYZ) == pytest.approx(6, abs=0.8)
