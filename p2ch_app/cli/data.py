@@ -25,21 +25,25 @@ from p2ch_app.files import check_writable
               help="N nodules in every series (as many as fit 10 mm apart), for a nodule-rich set such as "
                    "luna-finetune-mal's. [default: 0-4 per series, as in LUNA16]")
 @click.option("--tiles", is_flag=True,
-              help="Each series holds a chest's nodules, and half as many vessel spots, in tiles of 36x30x30 "
-                   "voxels side by side (a classifier crop and a margin), not the whole chest: a nodule-rich "
-                   "set for luna-finetune-mal at about a quarter of the time per nodule.")
+              help="Each series holds a chest's nodules, and half as many vessel spots, in tiles side by side "
+                   "(a classifier crop around each and a margin), not the whole chest: a nodule-rich set for "
+                   "luna-finetune-mal at a fraction of the time per nodule.")
+@click.option("--tile-pixels", type=click.IntRange(8), default=54, show_default=True,
+              help="With --tiles, a tile's rows and columns: 54 holds an unzoomed crop (48) and a margin; 30 "
+                   "holds a crop_zoom 2 crop (24), as the demo's classifier takes, in 60% of the time.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
               help="Processes generating series in parallel (the output does not depend on it).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in --data-root.")
 def synth(**opts):
     """Write a synthetic chest-CT dataset in the exact LUNA16 layout."""
-    from p2ch_app.data.synth import NODULE_COUNTS, SynthRun, geometry_for, write_dataset
+    from p2ch_app.data.synth import NODULE_COUNTS, SynthRun, Tiles, geometry_for, write_dataset
 
     geometry = geometry_for(opts["size"], opts["matrix"], opts["inplane_mm"], opts["slice_mm"])
     counts = NODULE_COUNTS if opts["nodules"] is None else (opts["nodules"],)
     written = write_dataset(opts["data_root"], series=opts["series"], subsets=opts["subsets"], seed=opts["seed"],
                             geometry=geometry, nodule_counts=counts,
-                            run=SynthRun(overwrite=opts["overwrite"], workers=opts["workers"]), tiles=opts["tiles"])
+                            run=SynthRun(overwrite=opts["overwrite"], workers=opts["workers"]),
+                            tiles=Tiles(pixels=opts["tile_pixels"]) if opts["tiles"] else None)
     click.echo(f"wrote {len(written)} synthetic series to {opts['data_root']}")
 
 

@@ -265,15 +265,21 @@ def make_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ..
     return SynthSeries(uid, hu, geo, nodules, candidates, excluded)
 
 
-# A tile: the classifier's crop at crop_zoom 2 (32 x 24 x 24 voxels) and a margin for the candidate's offset
-TILE_SHAPE = (36, 30, 30)
+@dataclass(frozen=True)
+class Tiles:
+    """luna-synth --tiles: each series a chest's nodules in tiles of slices x pixels x pixels voxels, side by
+    side. A tile must hold the classifier's crop around its centre, plus a margin for the candidate's
+    offset: 32 x 48 x 48 voxels unzoomed, 32 x 24 x 24 at crop_zoom 2 (pixels 30 then)."""
+
+    pixels: int = 54
+    slices: int = 36
 
 
-def make_tiled_series(seed: int, geometry: SynthGeometry,
-                      nodule_counts: tuple[int, ...] = NODULE_COUNTS) -> SynthSeries:
-    """One chest's nodules, each in a tile of TILE_SHAPE voxels around it, and half as many tiles around
-    vessel points, side by side in one small CT: the nodules and their lungs as make_series paints them,
-    at about a quarter of its time per nodule (luna-synth --tiles: a nodule-rich set for luna-finetune-mal)."""
+def make_tiled_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ...] = NODULE_COUNTS,
+                      tiles: Tiles = Tiles()) -> SynthSeries:
+    """One chest's nodules, each in a tile around it, and half as many tiles around vessel points, side
+    by side in one small CT: the nodules and their lungs as make_series paints them, at a fraction of
+    its time per nodule (luna-synth --tiles: a nodule-rich set for luna-finetune-mal)."""
     rng = np.random.default_rng(seed)
     uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
     spacing = np.array([rng.uniform(*geometry.inplane_mm)] * 2 + [rng.uniform(*geometry.slice_mm)])
@@ -283,12 +289,12 @@ def make_tiled_series(seed: int, geometry: SynthGeometry,
     ribs = _ribs(chest, rng)
     found, shapes = _place_nodules(chest, vessels, rng, nodule_counts)
     centres = [np.array(n.center_xyz) for n in found] + _vessel_points(vessels, found, rng, max(1, len(found) // 2))
-    depth, rows, cols = TILE_SHAPE
+    depth, rows, cols = tiles.slices, tiles.pixels, tiles.pixels
     hu = np.empty((depth, rows, cols * len(centres)), np.int16)
     shifts = []
     for k, centre in enumerate(centres):
         chest_origin = centre - spacing * (np.array([cols, rows, depth]) - 1) / 2 + rng.uniform(-0.5, 0.5, 3) * spacing
-        canvas = _Canvas(TILE_SHAPE, chest_origin, spacing)
+        canvas = _Canvas((depth, rows, cols), chest_origin, spacing)
         _paint_tile(canvas, chest, (ribs, vessels), list(zip(found, shapes)), rng)
         hu[:, :, k * cols:(k + 1) * cols] = _finish(canvas, rng, fov, circle=False)
         shifts.append(np.array([k * cols, 0, 0]) * spacing - chest_origin)  # chest mm -> this CT's mm
@@ -754,9 +760,9 @@ class SynthRun:
 
 def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
                   geometry: SynthGeometry = PRESETS["demo"], nodule_counts: tuple[int, ...] = NODULE_COUNTS,
-                  run: SynthRun = SynthRun(), tiles: bool = False) -> list[tuple[str, Path]]:
+                  run: SynthRun = SynthRun(), tiles: Tiles | None = None) -> list[tuple[str, Path]]:
     """Write `series` synthetic CTs and the LUNA16 CSVs under root (candidates, annotations, malignancy,
-    excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series. tiles: each
+    excluded findings); returns (uid, .mhd path) pairs. nodule_counts: see make_series. With tiles, each
     series is a chest's nodules in tiles (make_tiled_series), not the whole chest.
 
     Volumes are generated and written one at a time (by `workers` processes; the bytes do not depend
@@ -796,7 +802,9 @@ def write_dataset(root: Path, series: int, subsets: int = 10, seed: int = 0,
 def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     """Generate one series, write its .mhd/.raw into folder, return its CSV rows."""
     folder, seeds, geometry, nodule_counts, tiles = job
-    s = (make_tiled_series if tiles else make_series)(int(seeds.generate_state(1)[0]), geometry, nodule_counts)
+    seed = int(seeds.generate_state(1)[0])
+    s = make_series(seed, geometry, nodule_counts) if tiles is None else make_tiled_series(seed, geometry,
+                                                                                          nodule_counts, tiles)
     path = folder / f"{s.uid}.mhd"
     folder.mkdir(exist_ok=True)
     image = s.geometry.apply_to(sitk.GetImageFromArray(s.hu))

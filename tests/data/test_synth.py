@@ -11,8 +11,8 @@ from p2ch_app.data.index import read_excluded
 from p2ch_app.data.synth import (
     EXCLUDED_CLEARANCE_MM,
     PRESETS,
-    TILE_SHAPE,
     SynthRun,
+    Tiles,
     _place_nodules,
     _sample_chest,
     _vessel_trees,
@@ -249,32 +249,35 @@ def test_presets_match_luna16_and_demo_geometry():
     assert PRESETS["full"].slice_mm == (0.6, 2.5) and PRESETS["demo"].matrix == 256
 
 
-def test_tiles_hold_each_nodule_centred_in_a_tile_of_its_own(tmp_path):
+@pytest.mark.parametrize("tiles, crop", [(Tiles(pixels=30), (32, 24, 24)), (Tiles(), (32, 48, 48))])
+def test_tiles_hold_each_nodule_and_its_crop_in_a_tile_of_its_own(tmp_path, tiles, crop):
+    """crop: the voxels the classifier reads, at crop_zoom 2 and unzoomed."""
     written = write_dataset(tmp_path, series=2, seed=5, geometry=SMALL, nodule_counts=(4,),
-                            run=SynthRun(progress=False), tiles=True)
-    depth, rows, cols = TILE_SHAPE
+                            run=SynthRun(progress=False), tiles=tiles)
+    depth, cols = tiles.slices, tiles.pixels
     annotations = read_rows(tmp_path / "annotations.csv")[1:]
     candidates = read_rows(tmp_path / "candidates.csv")[1:]
     assert len(annotations) == 8 and sum(label == "1" for *_, label in candidates) == 8
+    half = np.array(crop) // 2
     for uid, mhd in written:
         ct = load_ct(mhd)
-        tiles = ct.hu.shape[2] // cols
-        assert ct.hu.shape == (depth, rows, cols * tiles) and tiles == 4 + 2  # and half as many vessel spots
+        count = ct.hu.shape[2] // cols
+        assert ct.hu.shape == (depth, cols, cols * count) and count == 4 + 2  # and half as many vessel spots
         used = []
         for row in [r for r in candidates if r[0] == uid]:
             irc = np.rint(xyz_to_irc(tuple(float(v) for v in row[1:4]), ct.geometry)).astype(int)
             used.append(irc[2] // cols)
-            # the crop the classifier takes at crop_zoom 2 (32 x 24 x 24 voxels) stays inside the tile
-            assert 16 <= irc[0] <= depth - 16 and 12 <= irc[1] <= rows - 12 and 12 <= irc[2] % cols <= cols - 12
-        assert sorted(used) == list(range(tiles))  # one candidate per tile
+            within = np.array([irc[0], irc[1], irc[2] % cols])
+            assert np.all(within >= half) and np.all(within <= np.array([depth, cols, cols]) - half)
+        assert sorted(used) == list(range(count))  # one candidate per tile
         for _, x, y, z, _ in [r for r in annotations if r[0] == uid]:
             irc = np.rint(xyz_to_irc((float(x), float(y), float(z)), ct.geometry)).astype(int)
             assert ct.hu[tuple(irc)] > -700  # nodule tissue at its centre
 
 
 def test_tiled_nodules_are_drawn_as_whole_chests_draw_them():
-    tiled = [make_tiled_series(seed, SMALL, (6,)) for seed in range(20)]
+    tiled = [make_tiled_series(seed, SMALL, (6,), Tiles(pixels=30)) for seed in range(20)]
     assert all(len(s.nodules) == 6 for s in tiled)
     diameters = np.array([n.diameter_mm for s in tiled for n in s.nodules])
     assert 5.0 < np.median(diameters) < 8.0  # LUNA16's median: 6.4 mm
-    assert (make_tiled_series(3, SMALL, (6,)).hu == tiled[3].hu).all()
+    assert (make_tiled_series(3, SMALL, (6,), Tiles(pixels=30)).hu == tiled[3].hu).all()

@@ -142,3 +142,22 @@ def test_train_cls_init_from_the_book_classifier(prepared_synth, tmp_path):
     started = load_checkpoint(only_run_dir(tmp_path, "luna-train-cls") / "last.pt")["model_state"]
     assert torch.allclose(started["block1.conv1.weight"], load_checkpoint(book)["model_state"]["block1.conv1.weight"],
                           atol=1e-6)
+
+
+def test_finetune_malignancy_on_a_tiled_set(tmp_path):
+    """luna-synth --tiles writes a set luna-prep caches and luna-finetune-mal trains and validates on."""
+    from p2ch_app.cli import prep, synth
+
+    root = tmp_path / "tiles"
+    made = run(synth, ["--data-root", root, "--series", 6, "--nodules", 4, "--tiles", "--tile-pixels", 30,
+                       "--workers", 1, "--seed", 3])
+    assert made.exit_code == 0, made.output
+    assert run(prep, ["--data-root", root, "--workers", 1]).exit_code == 0
+    index = build_index(root)
+    assert index.has_annotation.sum() == 24 and (~index.is_nodule).sum() == 12  # two vessel spots per chest
+    torch.manual_seed(0)
+    torch.save({"model_state": NoduleClassifier().state_dict()}, tmp_path / "cls.pt")
+    result = run(finetune_mal, ["--data-root", root, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "runs",
+                                "--from", tmp_path / "cls.pt"])
+    assert result.exit_code == 0, result.output
+    assert "diameter_auc" in result.output
