@@ -43,6 +43,24 @@ def bench_synth(root: Path) -> dict:
     return {"series": series, "seconds": seconds, "seconds_per_series": seconds / series}
 
 
+def bench_synth_tiles(chests: int = 5) -> dict:
+    """Seconds per nodule of a nodule-rich set (8 per chest, the demo's geometry), one process: whole
+    CTs against luna-synth --tiles at 54 and 30 pixels; medians over `chests` chests."""
+    from p2ch_app.data.synth import PRESETS, Tiles, make_series, make_tiled_series
+
+    makers = {"whole_ct": lambda seed: make_series(seed, PRESETS["demo"], (8,)),
+              "tiles_54": lambda seed: make_tiled_series(seed, PRESETS["demo"], (8,), Tiles()),
+              "tiles_30": lambda seed: make_tiled_series(seed, PRESETS["demo"], (8,), Tiles(pixels=30))}
+    result = {}
+    for name, make in makers.items():
+        per_nodule = []
+        for seed in range(chests):
+            seconds, series = timed(make, seed)
+            per_nodule.append(seconds / max(len(series.nodules), 1))
+        result[f"{name}_seconds_per_nodule"] = float(np.median(per_nodule))
+    return result
+
+
 def bench_prep(root: Path, workers: int) -> dict:
     cache_dir = root / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -895,6 +913,7 @@ def main() -> None:
     demo = BENCH_DIR / "demo"
     steps = [("luna_synth_demo", lambda: bench_synth(demo)),
              ("luna_prep_demo", lambda: bench_prep(demo, workers=min(2, os.cpu_count() or 1))),
+             ("luna_synth_tiles", bench_synth_tiles),
              ("crop_extraction", lambda: bench_crops(demo)),
              ("cache_mapped_reads", lambda: bench_cache_reads(demo)),
              ("index_build_luna_scale", lambda: bench_index(BENCH_DIR / "luna-scale-csv")),
