@@ -803,8 +803,10 @@ def _write_series(job) -> tuple[str, Path, dict[str, list]]:
     """Generate one series, write its .mhd/.raw into folder, return its CSV rows."""
     folder, seeds, geometry, nodule_counts, tiles = job
     seed = int(seeds.generate_state(1)[0])
-    s = make_series(seed, geometry, nodule_counts) if tiles is None else make_tiled_series(seed, geometry,
-                                                                                          nodule_counts, tiles)
+    if tiles is None:
+        s = make_series(seed, geometry, nodule_counts)
+    else:
+        s = make_tiled_series(seed, geometry, nodule_counts, tiles)
     path = folder / f"{s.uid}.mhd"
     folder.mkdir(exist_ok=True)
     image = s.geometry.apply_to(sitk.GetImageFromArray(s.hu))

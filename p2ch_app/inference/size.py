@@ -59,12 +59,13 @@ def measured_diameter(hu: np.ndarray, voxel_index: np.ndarray, center_irc, spaci
 
 
 def _capped_volume(region: np.ndarray, centre: list[int], spacing) -> int:
-    """region's voxels, or, when its sphere is over CAP_TRIGGER times as wide as the largest sphere
-    inscribed near the centre (within one voxel), those within CAP_RADII of that sphere's radius of it."""
+    """region's voxel count; or, when its sphere is over CAP_TRIGGER times as wide as the largest sphere
+    inscribed near the centre (within one voxel of it), the count within CAP_RADII times that sphere's
+    radius of the sphere's centre."""
     sampling = np.asarray(spacing, float)[::-1]
     depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=sampling)[1:-1, 1:-1, 1:-1]
     near = tuple(slice(max(c - 1, 0), c + 2) for c in centre)
-    radius = float(depth[near].max())
+    radius = float(depth[near].max()) if depth[near].size else 0.0
     volume = int(region.sum())
     if radius == 0 or sphere_diameters(volume, spacing) <= CAP_TRIGGER * 2 * radius:
         return volume
