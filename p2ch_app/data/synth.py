@@ -228,33 +228,19 @@ def make_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ..
     """One synthetic chest CT with its nodules and candidate list, fully determined by seed. Its number
     of nodules is drawn from nodule_counts (placement permitting: each keeps 10 mm from the others)."""
     rng = np.random.default_rng(seed)
-    uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
-    inplane = rng.uniform(*geometry.inplane_mm)
-    slice_mm = rng.uniform(*geometry.slice_mm)
-    fov = geometry.matrix * inplane
-    chest = _sample_chest(rng, fov)
-    n_slices = int(round(chest.length / slice_mm))
+    uid, spacing, fov, chest = _draw_scan(rng, geometry)
+    n_slices = int(round(chest.length / spacing[2]))
     origin = np.array([-fov / 2 + rng.uniform(-10, 10), -fov / 2 + rng.uniform(-10, 10), chest.z0])
-    spacing = np.array([inplane, inplane, slice_mm])
     canvas = _Canvas((n_slices, geometry.matrix, geometry.matrix), origin, spacing)
 
     _paint_anatomy(canvas, chest, rng)
-    for seg in _ribs(chest, rng):
-        canvas.capsule(seg, 850.0, outside_lung=True)
-        canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 - 1.6, seg.r1 - 1.6), 280.0, outside_lung=True)
+    _paint_ribs(canvas, _ribs(chest, rng))
     for seg in _airways(chest):
         canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 + 1.5, seg.r1 + 1.5), HU_SOFT, outside_lung=True)
         canvas.capsule(seg, HU_AIR)
     vessels = _vessel_trees(chest, rng)
     nodules, nodule_shapes = _place_nodules(chest, vessels, rng, nodule_counts)
-    for nodule, shape in zip(nodules, nodule_shapes):
-        if nodule.kind == "ground-glass":  # vessels run through ground glass
-            _paint_nodule(canvas, nodule, shape, rng)
-    for seg in vessels:
-        canvas.capsule(seg, HU_SOFT + 10, lung_only=True)
-    for nodule, shape in zip(nodules, nodule_shapes):
-        if nodule.kind == "solid":
-            _paint_nodule(canvas, nodule, shape, rng)
+    _paint_vessels_and_nodules(canvas, vessels, list(zip(nodules, nodule_shapes)), rng)
     decoys = _paint_decoys(canvas, chest, rng, n=int(rng.integers(4, 9)))
     # last, from their own generator: no draw of rng moves, and _finish only adds noise on top
     excluded = _paint_excluded(canvas, chest, nodules, decoys, np.random.default_rng([seed, EXCLUDED_TAG]))
@@ -263,6 +249,35 @@ def make_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[int, ..
     candidates = _candidates(chest, vessels, nodules, decoys, rng, per_series=45 if geometry.matrix <= 256 else 140)
     geo = Geometry(origin, spacing, np.eye(3))
     return SynthSeries(uid, hu, geo, nodules, candidates, excluded)
+
+
+def _draw_scan(rng, geometry: SynthGeometry) -> tuple[str, np.ndarray, float, _Chest]:
+    """A series' first draws: its UID, voxel spacing (x, y, z), field of view (mm) and patient."""
+    uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
+    inplane = rng.uniform(*geometry.inplane_mm)
+    slice_mm = rng.uniform(*geometry.slice_mm)
+    fov = geometry.matrix * inplane
+    return uid, np.array([inplane, inplane, slice_mm]), fov, _sample_chest(rng, fov)
+
+
+def _paint_ribs(canvas: _Canvas, ribs: list[_Segment]) -> None:
+    """Cortex, then marrow inside it; outside the lungs."""
+    for seg in ribs:
+        canvas.capsule(seg, 850.0, outside_lung=True)
+        canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 - 1.6, seg.r1 - 1.6), 280.0, outside_lung=True)
+
+
+def _paint_vessels_and_nodules(canvas: _Canvas, vessels: list[_Segment], nodules: list, rng) -> None:
+    """nodules: (SynthNodule, shape) pairs. Ground glass first, so the vessels run through it; solid
+    nodules last, over the vessels they touch."""
+    for nodule, shape in nodules:
+        if nodule.kind == "ground-glass":
+            _paint_nodule(canvas, nodule, shape, rng)
+    for seg in vessels:
+        canvas.capsule(seg, HU_SOFT + 10, lung_only=True)
+    for nodule, shape in nodules:
+        if nodule.kind == "solid":
+            _paint_nodule(canvas, nodule, shape, rng)
 
 
 @dataclass(frozen=True)
@@ -281,10 +296,7 @@ def make_tiled_series(seed: int, geometry: SynthGeometry, nodule_counts: tuple[i
     by side in one small CT: the nodules and their lungs as make_series paints them, at a fraction of
     its time per nodule (luna-synth --tiles: a nodule-rich set for luna-finetune-mal)."""
     rng = np.random.default_rng(seed)
-    uid = f"2.25.{int.from_bytes(rng.bytes(16), 'big')}"
-    spacing = np.array([rng.uniform(*geometry.inplane_mm)] * 2 + [rng.uniform(*geometry.slice_mm)])
-    fov = geometry.matrix * spacing[0]
-    chest = _sample_chest(rng, fov)
+    uid, spacing, fov, chest = _draw_scan(rng, geometry)
     vessels = _vessel_trees(chest, rng)
     ribs = _ribs(chest, rng)
     found, shapes = _place_nodules(chest, vessels, rng, nodule_counts)
@@ -313,8 +325,7 @@ def _vessel_points(vessels: list[_Segment], nodules: list[SynthNodule], rng, n: 
     for _attempt in range(100 * n):
         if len(points) == n or not thick:
             break
-        s = thick[int(rng.integers(len(thick)))]
-        p = s.p0 + rng.uniform(0, 1) * (s.p1 - s.p0)
+        p = _point_on_one(thick, rng)
         if all(np.linalg.norm(p - np.array(m.center_xyz)) > m.diameter_mm for m in nodules):
             points.append(p)
     return points
@@ -326,17 +337,8 @@ def _paint_tile(canvas: _Canvas, chest: _Chest, tubes: tuple[list[_Segment], lis
     (tubes: ribs, vessels) and the nodules; decoys and excluded blobs left out."""
     ribs, vessels = (_within(segments, canvas) for segments in tubes)
     _paint_anatomy(canvas, chest, rng)
-    for seg in ribs:
-        canvas.capsule(seg, 850.0, outside_lung=True)
-        canvas.capsule(_Segment(seg.p0, seg.p1, seg.r0 - 1.6, seg.r1 - 1.6), 280.0, outside_lung=True)
-    for nodule, shape in nodules:
-        if nodule.kind == "ground-glass":
-            _paint_nodule(canvas, nodule, shape, rng)
-    for seg in vessels:
-        canvas.capsule(seg, HU_SOFT + 10, lung_only=True)
-    for nodule, shape in nodules:
-        if nodule.kind == "solid":
-            _paint_nodule(canvas, nodule, shape, rng)
+    _paint_ribs(canvas, ribs)
+    _paint_vessels_and_nodules(canvas, vessels, nodules, rng)
 
 
 def _within(segments: list[_Segment], canvas: _Canvas) -> list[_Segment]:
@@ -735,12 +737,18 @@ def _candidates(chest, vessels, nodules, decoys, rng, per_series: int):
     if pool:
         picks = rng.choice(len(pool), size=min(want // 2 + 1, len(pool)), replace=False)
         others += [pool[i] for i in picks]
-    while len(others) < per_series and thick:
-        s = vessels[thick[int(rng.integers(len(thick)))]]
-        others.append(s.p0 + rng.uniform(0, 1) * (s.p1 - s.p0))
+    thick_segments = [vessels[i] for i in thick]
+    while len(others) < per_series and thick_segments:
+        others.append(_point_on_one(thick_segments, rng))
     keep = [p for p in others if all(np.linalg.norm(p - np.array(n.center_xyz)) > n.diameter_mm for n in nodules)]
     rows += [(tuple(float(c) for c in p), 0) for p in keep]
     return rows
+
+
+def _point_on_one(segments: list[_Segment], rng) -> np.ndarray:
+    """A point drawn along the axis of one of the segments, drawn at random."""
+    s = segments[int(rng.integers(len(segments)))]
+    return s.p0 + rng.uniform(0, 1) * (s.p1 - s.p0)
 
 
 def _near_centre(nodule: SynthNodule, rng) -> tuple[float, float, float]:
