@@ -195,6 +195,9 @@ def training_options(epochs: int, lr: float, optimizer: str, epoch_samples: int)
     return _compose(
         cache_dir_option,
         click.option("--epochs", type=click.IntRange(1), default=epochs, show_default=True),
+        click.option("--validate-from", type=click.IntRange(1), default=1, show_default=True, metavar="EPOCH",
+                     help="Validate from this epoch on; earlier ones only train, and best.pt is chosen among the "
+                          "validated ones (validating is a third of a demo U-Net epoch)."),
         click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
         click.option("--workers", type=click.IntRange(0), default=workers_default, show_default=True,
                      help="Data-loading processes (0: load in the training process)."),

@@ -1,9 +1,9 @@
 """The one training loop of every trainer: device, precision, distribution, checkpoints, logging.
 
 A trainer is a `Task` (its model, data, loss and metrics); `fit` does the rest, as a sequence of
-short steps: start, then per epoch train_one_epoch, evaluate, gather, and end_epoch (log, save,
-report). Launched under torchrun it runs DistributedDataParallel (ranks start in inference/distributed.py),
-each rank on its own share of every epoch; only rank 0 prints, logs and saves.
+short steps: start, then per epoch train_one_epoch, evaluate (from cfg.validate_from on), gather, and
+end_epoch (log, save, report). Launched under torchrun it runs DistributedDataParallel (ranks start in
+inference/distributed.py), each rank on its own share of every epoch; only rank 0 prints, logs and saves.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class TrainConfig:
 
     command: str
     epochs: int = 10
+    validate_from: int = 1  # earlier epochs only train: validation costs time and the best epoch comes late
     batch_size: int = 32
     workers: int = 2
     lr: float = 1e-3
@@ -50,6 +51,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.init is not None and self.resume is not None:
             raise UserError("--init and --resume exclude each other: --resume continues a run with its own weights")
+        if self.validate_from > self.epochs:
+            raise UserError(f"--validate-from {self.validate_from} is past the last epoch ({self.epochs}): no epoch "
+                            "would validate, so nothing would choose best.pt; lower it or raise --epochs")
 
 
 @dataclass(frozen=True)
@@ -359,7 +363,7 @@ def _log(run: _Run, epoch: int, metrics: dict, records: dict) -> None:
 
 def _save(run: _Run, epoch: int, metrics: dict, timing: dict) -> bool:
     """last.pt always, best.pt when validation improved (or none exists yet): whether best.pt was written."""
-    value = metrics["val"].get(run.task.best_metric, float("nan"))
+    value = metrics.get("val", {}).get(run.task.best_metric, float("nan"))
     improved = bool(value > run.best)  # NaN never improves...
     run.best = value if improved else run.best
     improved = improved or not (run.run_dir / "best.pt").exists()  # ...but every run has a best.pt
@@ -398,11 +402,13 @@ def fit(task: Task, cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module,
         for epoch in tqdm(range(run.first_epoch, cfg.epochs + 1), desc=task.name, unit="epoch",
                           disable=not run.shows, initial=run.first_epoch - 1, total=cfg.epochs):
             train_record, timing = train_one_epoch(run, epoch)
-            val_record = evaluate(run, val_data, epoch)
-            train_record, val_record = _gather(run.ddp, train_record, val_record)
+            records = {"train": train_record}
+            if epoch >= cfg.validate_from:
+                records["val"] = evaluate(run, val_data, epoch)
+            records = dict(zip(records, _gather(run.ddp, *records.values())))
             run.samples_seen += timing.samples
             if run.ddp.is_main:
-                end_epoch(run, epoch, {"train": train_record, "val": val_record}, timing)
+                end_epoch(run, epoch, records, timing)
     finally:
         if run.writer is not None:
             run.writer.close()

@@ -205,3 +205,25 @@ def test_loader_workers_do_not_change_what_a_seeded_run_learns(prepared_synth, t
         assert 0 <= timing["loader_wait_share"] < 1 and timing["train_samples_per_s"] > 0
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
+
+
+def test_epochs_before_validate_from_train_alike_and_do_not_validate(prepared_synth, tmp_path):
+    """Skipping the early validations changes nothing the run learns, only which epochs compete for
+    best.pt; the console line of an unvalidated epoch has no validation part."""
+    args = ["--data-root", prepared_synth, *TINY, "--epochs", 3, "--seed", 4]
+    whole = run(train_cls, [*args, "--runs-dir", tmp_path / "every"])
+    late = run(train_cls, [*args, "--runs-dir", tmp_path / "late", "--validate-from", 3])
+    assert whole.exit_code == 0 and late.exit_code == 0, whole.output + late.output
+    every, last_only = (load_checkpoint(only_run_dir(tmp_path / name, "luna-train-cls") / "last.pt")
+                        for name in ("every", "late"))
+    for name, tensor in every["model_state"].items():
+        assert torch.equal(tensor, last_only["model_state"][name]), name
+    assert every["metrics"]["val"] == last_only["metrics"]["val"]
+    lines = [line for line in late.output.splitlines() if "luna-train-cls epoch" in line]
+    assert ["| val " in line for line in lines] == [False, False, True]
+    best = load_checkpoint(only_run_dir(tmp_path / "late", "luna-train-cls") / "best.pt")
+    assert best["epoch"] == 3  # the only validated epoch, whatever epoch 1 scored
+    assert last_only["config"]["validate_from"] == 3
+
+    too_late = run(train_cls, [*args, "--runs-dir", tmp_path / "never", "--validate-from", 4])
+    assert too_late.exit_code == 2 and "--validate-from 4 is past the last epoch (3)" in too_late.output
