@@ -53,6 +53,10 @@ from p2ch_app.files import check_writable
               help="Keep only candidates whose centre lies in a lung mask found in the CT (air inside the body, "
                    "holes filled, a 5 mm margin): drops false positives in the bowel, stomach and mediastinum. "
                    "A CT without lungs keeps the body mask's candidates, with a note.")
+@click.option("--recentre/--no-recentre", default=False,
+              help="Move each candidate's centre onto the dense tissue within 3 mm of it before classifying: the "
+                   "U-Net's mark of a small nodule often lies a slice off it, and one merged with a vessel lies "
+                   "between the two, so the candidate misses the nodule by LUNA16's rule (within its radius).")
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the rows to FILE.json or FILE.csv.")
 @click.option("--submission", type=click.Path(path_type=Path, dir_okay=False), default=None,

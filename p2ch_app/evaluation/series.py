@@ -121,8 +121,8 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     metrics.update(series=uids, patients={uid: scan.summary.record() for uid, _, scan in results},
                    models=models.paths, threshold=settings.threshold,
                    keep_outside=settings.keep_outside, tta=settings.tta, dedupe=settings.dedupe,
-                   split=settings.split, lung_only=settings.lung_only, include_train=run.include_train,
-                   val_stride=run.val_stride)
+                   split=settings.split, lung_only=settings.lung_only, recentre=settings.recentre,
+                   include_train=run.include_train, val_stride=run.val_stride)
     run_dir = new_run_dir(run.runs_dir, "nodule-analyze", run.comment)
     save_evaluation(run_dir, metrics)
     _write_outputs(run, run_dir, results, models.paths, settings.threshold)

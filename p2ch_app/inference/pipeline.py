@@ -20,7 +20,14 @@ from tqdm import tqdm
 from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
 from p2ch_app.data.ct import HU_MIN, CtVolume, context_stacks, gather_crops, irc_to_xyz
 from p2ch_app.inference.lungs import find_lungs
-from p2ch_app.inference.postprocess import body_mask, inside_body, mask_step, sample_mask, suppress_duplicates
+from p2ch_app.inference.postprocess import (
+    body_mask,
+    inside_body,
+    mask_step,
+    recentred,
+    sample_mask,
+    suppress_duplicates,
+)
 from p2ch_app.inference.runtime import (
     BATCH_PIXELS,
     in_pieces,
@@ -49,6 +56,7 @@ class AnalysisSettings:
     split: bool = False  # also propose the pieces of a second erosion
     dedupe: bool = False  # drop candidates inside a more probable one's sphere
     lung_only: bool = False  # keep only candidates whose centre lies in the lung mask (lungs.py), if lungs are found
+    recentre: bool = False  # analyze() moves each candidate's centre onto the dense tissue near it (recentred)
 
 
 @dataclass
@@ -252,15 +260,17 @@ def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
 def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisSettings(),
             device: torch.device = torch.device("cpu"), progress: bool = False,
             note: Callable[[str], None] | None = None) -> list[Detection]:
-    """Every candidate of the CT, most probable nodule first; outside-body candidates dropped unless
-    settings.keep_outside, outside-lung ones too with settings.lung_only (note(message) hears when no
-    lungs are found). Those at or above settings.threshold (the reported ones) keep their voxels
-    (Detection.voxel_index), for the label map of a report."""
+    """Every candidate of the CT, most probable nodule first, centred on the dense tissue near it with
+    settings.recentre; outside-body candidates dropped unless settings.keep_outside, outside-lung ones
+    too with settings.lung_only (note(message) hears when no lungs are found). Those at or above
+    settings.threshold (the reported ones) keep their voxels (Detection.voxel_index), for the label
+    map of a report."""
     keep_freed_memory()
     return_freed_memory()  # what reading the CT left behind
     found = _proposals(ct.hu, models.segmenter, device, settings, progress)
-    inside, kept = _where(ct, found.centers, settings, note)
-    centers, voxels, inside, ids = found.centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
+    centers = recentred(ct.hu, found.centers, ct.geometry.spacing) if settings.recentre else found.centers
+    inside, kept = _where(ct, centers, settings, note)
+    centers, voxels, inside, ids = centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)
     diameters = sphere_diameters(voxels, ct.geometry.spacing)

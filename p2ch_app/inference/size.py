@@ -28,6 +28,7 @@ MIN_CONTRAST_HU = 100.0  # a core this close to lung has no edge to measure: the
 # then only the voxels within CAP_RADII inscribed radii of its centre count (both: best of 1.4-1.7 on the
 # demo's found nodules; lobulated nodules stay under the trigger, vessel-merged ones go over it)
 CAP_TRIGGER, CAP_RADII = 1.7, 1.5
+OFF_COMPONENT_REACH_MM = 8.0  # how far from a centre moved off its component the nodule is looked for
 
 
 def sphere_diameters(voxels, spacing) -> np.ndarray:
@@ -38,24 +39,33 @@ def sphere_diameters(voxels, spacing) -> np.ndarray:
 def measured_diameter(hu: np.ndarray, voxel_index: np.ndarray, center_irc, spacing) -> float | None:
     """The diameter (mm) of the nodule around one detection (its component's flat voxel indices into
     hu, its centre in voxels), measured in the CT; None where its core is not brighter than lung by
-    MIN_CONTRAST_HU (the caller keeps the component's sphere then)."""
+    MIN_CONTRAST_HU (the caller keeps the component's sphere then). A centre that --recentre moved
+    off its component seeds the nodule itself: then all that is bright and connected to it counts,
+    the cap keeping touching vessels out."""
     coords = np.unravel_index(voxel_index, hu.shape)
-    low = [max(int(c.min()) - 2, 0) for c in coords]
-    high = [min(int(c.max()) + 3, n) for c, n in zip(coords, hu.shape)]
+    centre = [min(max(int(round(c)), 0), n - 1) for c, n in zip(center_irc, hu.shape)]
+    pad = np.ceil(OFF_COMPONENT_REACH_MM / np.asarray(spacing, float)[::-1]).astype(int)
+    low = [max(min(int(c.min()) - 2, m - p), 0) for c, m, p in zip(coords, centre, pad)]
+    high = [min(max(int(c.max()) + 3, m + p + 1), n) for c, m, p, n in zip(coords, centre, pad, hu.shape)]
     box = tuple(slice(a, b) for a, b in zip(low, high))
     component = np.zeros([b - a for a, b in zip(low, high)], bool)
     component[tuple(c - a for c, a in zip(coords, low))] = True
-    centre = [min(max(int(round(c)), 0), n - 1) for c, n in zip(center_irc, hu.shape)]
+    at_centre = tuple(c - a for c, a in zip(centre, low))
     core = float(np.median(hu[tuple(slice(max(c - 1, 0), c + 2) for c in centre)]))
     if core - LUNG_HU < MIN_CONTRAST_HU:
         return None
-    brighter = ndimage.binary_dilation(component) & (hu[box] > LUNG_HU + EDGE_LEVEL * (core - LUNG_HU))
-    labels, _ = ndimage.label(brighter)
-    touching = np.unique(labels[component & brighter])
+    bright = hu[box] > LUNG_HU + EDGE_LEVEL * (core - LUNG_HU)
+    reach = ndimage.binary_dilation(component)
+    if reach[at_centre]:
+        labels, _ = ndimage.label(reach & bright)
+        touching = np.unique(labels[component & bright])
+    else:
+        labels, _ = ndimage.label(bright)
+        touching = labels[at_centre][None]
     nodule = np.isin(labels, touching[touching > 0])
     if not nodule.any():
         return None
-    return float(sphere_diameters(_capped_volume(nodule, [c - a for c, a in zip(centre, low)], spacing), spacing))
+    return float(sphere_diameters(_capped_volume(nodule, list(at_centre), spacing), spacing))
 
 
 def _capped_volume(region: np.ndarray, centre: list[int], spacing) -> int:

@@ -199,7 +199,7 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     metrics = json.loads((run_dir / "metrics.json").read_text())
     uids = [u for u, v in zip(index.series_uids, index.validation_series(3)) if v]
     assert metrics["series"] == uids and metrics["scans"] == len(uids)
-    assert metrics["tta"] is metrics["dedupe"] is metrics["split"] is False
+    assert metrics["tta"] is metrics["dedupe"] is metrics["split"] is metrics["recentre"] is False
     assert metrics["nodules"] == int(sum(index.for_series(u).has_annotation.sum() for u in uids))
     table = metrics["confusion"]
     assert sum(table["Benign"].values()) + sum(table["Malignant"].values()) == metrics["nodules"]
@@ -212,11 +212,11 @@ def test_analyze_validation_scores_the_validation_series(prepared_synth, tmp_pat
     assert_one_line_error(run(analyze, [uids[0], "--include-train"]), "--include-train only goes with --validation")
     # every series, with a report per series under one index
     args = [*args[:-2], "--comment", "all", "--include-train", "--report", tmp_path / "report", "--tta", "--dedupe",
-            "--split", "--lung-only", "--submission", tmp_path / "submission.csv"]
+            "--split", "--lung-only", "--recentre", "--submission", tmp_path / "submission.csv"]
     assert run(analyze, args).exit_code == 0
     metrics = json.loads((next((tmp_path / "runs" / "nodule-analyze").glob("*-all")) / "metrics.json").read_text())
     assert metrics["series"] == index.series_uids and metrics["include_train"] is True and metrics["tta"] is True
-    assert metrics["dedupe"] is metrics["split"] is metrics["lung_only"] is True
+    assert metrics["dedupe"] is metrics["split"] is metrics["lung_only"] is metrics["recentre"] is True
     top = (tmp_path / "report" / "index.html").read_text()
     assert all(f"{uid}/index.html" in top and (tmp_path / "report" / uid / "index.html").is_file()
                for uid in index.series_uids)

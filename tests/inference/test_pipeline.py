@@ -239,6 +239,18 @@ def test_analyze_dedupe_keeps_the_stronger_of_two_pieces_of_one_nodule():
     assert analyze(ct, models, AnalysisSettings(dedupe=True)) == plain[:1]
 
 
+def test_analyze_recentre_moves_a_mark_a_slice_off_onto_the_nodule():
+    from p2ch_app.inference.pipeline import Models, analyze
+
+    ct = hand_made_ct()
+    models = Models(CentreSliceThreshold(context=1), CentreVoxelClassifier(), None, {})
+    models.segmenter.forward = lambda x: (x[:, 0:1] > 500).float()  # marks the slice after each nodule slice
+    (plain,) = analyze(ct, models)
+    (moved,) = analyze(ct, models, AnalysisSettings(recentre=True))
+    assert plain.center_irc == pytest.approx((19, 40, 28), abs=0.01)  # the nodule's centre is slice 18
+    assert moved.center_irc == pytest.approx((18, 40, 28), abs=0.2) and moved.voxels == plain.voxels
+
+
 def test_analyze_split_adds_the_nodule_piece_of_a_component_merged_with_a_vessel():
     from p2ch_app.inference.pipeline import Models, analyze
 

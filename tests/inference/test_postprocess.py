@@ -1,8 +1,8 @@
-"""Post-processing on hand-made volumes: the body mask and duplicate suppression."""
+"""Post-processing on hand-made volumes: the body mask, re-centring and duplicate suppression."""
 
 import numpy as np
 
-from p2ch_app.inference.postprocess import body_mask, inside_body
+from p2ch_app.inference.postprocess import body_mask, inside_body, recentred
 
 
 def test_body_mask_keeps_the_lungs_and_drops_what_lies_outside():
@@ -47,3 +47,30 @@ def test_suppress_duplicates_drops_what_lies_within_a_more_probable_candidates_d
     tied = suppress_duplicates(np.zeros((2, 3)), np.array([1.0, 1.0]), np.array([0.5, 0.5]))
     assert tied.tolist() == [True, False]
     assert suppress_duplicates(np.zeros((0, 3)), np.zeros(0), np.zeros(0)).tolist() == []
+
+
+def _ball_ct(centre_irc, radius_mm, spacing_xyz, shape=(30, 40, 40)):
+    """Lung at -850 HU with one solid ball (40 HU) of this radius, partial-volumed over a voxel."""
+    spacing = np.asarray(spacing_xyz, float)[::-1]
+    grid = np.indices(shape, dtype=float)
+    distance = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre_irc, spacing)))
+    inside = np.clip((radius_mm - distance) / spacing.min() + 0.5, 0, 1)
+    return (-850 + 890 * inside).astype(np.int16)
+
+
+def test_recentred_moves_a_centre_a_slice_off_a_small_nodule_onto_it():
+    spacing_xyz = (1.4, 1.4, 2.4)  # the demo's voxels: a 4.5 mm nodule spans two slices
+    nodule = np.array([14.5, 20.3, 19.8])
+    hu = _ball_ct(nodule, 2.25, spacing_xyz)
+    off = nodule + [1.4, 0.4, -0.5]  # 3.4 mm away: outside its radius, as the U-Net's mark was
+    moved = recentred(hu, np.array([off]), spacing_xyz)[0]
+    assert np.linalg.norm((moved - nodule) * [2.4, 1.4, 1.4]) < 0.5
+
+
+def test_recentred_leaves_centres_inside_a_large_nodule_or_far_from_anything():
+    spacing_xyz = (0.7, 0.7, 1.25)
+    hu = _ball_ct(np.array([15.0, 20.0, 20.0]), 8.0, spacing_xyz)
+    inside, empty = [15.2, 19.6, 20.3], [2.0, 3.0, 3.0]  # 3 mm window all dense; no dense voxel near
+    moved = recentred(hu, np.array([inside, empty]), spacing_xyz)
+    assert np.allclose(moved, [inside, empty], atol=0.05)
+    assert recentred(hu, np.zeros((0, 3)), spacing_xyz).shape == (0, 3)

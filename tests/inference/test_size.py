@@ -76,3 +76,13 @@ def test_a_vessel_merged_into_the_mask_is_capped_off():
     bright = ndimage.binary_dilation(mask | vessel) & (hu > -350)
     assert float(sphere_diameters(int(bright.sum()), SPACING_XYZ)) > 10  # what an uncapped volume reads
     assert measured_diameter(hu, merged, centre, SPACING_XYZ) == pytest.approx(6, abs=0.8)
+
+
+def test_a_centre_moved_off_its_component_measures_the_nodule_it_landed_on():
+    """--recentre moved the centre from a U-Net mark a slice above a 6 mm nodule onto the nodule: the
+    mark holds none of it, so the nodule is what is bright and connected to the centre."""
+    hu, index, centre = nodule_ct((6, 6, 6))
+    above = np.zeros(hu.shape, bool)
+    above.flat[index] = True
+    above = np.roll(above, 4, axis=0) & ~above  # 5 mm off in z, not touching the nodule's voxels
+    assert measured_diameter(hu, np.flatnonzero(above), centre, SPACING_XYZ) == pytest.approx(6, abs=0.6)
