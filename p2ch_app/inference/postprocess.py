@@ -9,7 +9,7 @@ from scipy.spatial import cKDTree
 
 BODY_HU = -500  # denser than this is patient (or table); the lungs are filled in as holes
 # recentred(): voxels denser than RECENTRE_HU within RECENTRE_MM pull a centre, for up to RECENTRE_STEPS
-# steps (3 mm: a small nodule's radius, so a neighbour does not pull; best of 2-4 mm on the demo's models)
+# steps (3 mm: a small nodule's radius, so a neighbour does not pull; the one setting tried, docs/experiments.md)
 RECENTRE_MM, RECENTRE_HU, RECENTRE_STEPS = 3.0, -400.0, 3
 
 
