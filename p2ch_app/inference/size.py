@@ -44,7 +44,9 @@ def measured_diameter(hu: np.ndarray, voxel_index: np.ndarray, center_irc, spaci
     the cap keeping touching vessels out."""
     coords = np.unravel_index(voxel_index, hu.shape)
     centre = [min(max(int(round(c)), 0), n - 1) for c, n in zip(center_irc, hu.shape)]
-    pad = np.ceil(OFF_COMPONENT_REACH_MM / np.asarray(spacing, float)[::-1]).astype(int)
+    # within a face of the component (where its dilation reaches), the component holds the nodule
+    on_component = bool(np.any(np.abs(np.stack(coords) - np.array(centre)[:, None]).sum(axis=0) <= 1))
+    pad = [0] * 3 if on_component else np.ceil(OFF_COMPONENT_REACH_MM / np.asarray(spacing, float)[::-1]).astype(int)
     low = [max(min(int(c.min()) - 2, m - p), 0) for c, m, p in zip(coords, centre, pad)]
     high = [min(max(int(c.max()) + 3, m + p + 1), n) for c, m, p, n in zip(coords, centre, pad, hu.shape)]
     box = tuple(slice(a, b) for a, b in zip(low, high))
@@ -55,9 +57,8 @@ def measured_diameter(hu: np.ndarray, voxel_index: np.ndarray, center_irc, spaci
     if core - LUNG_HU < MIN_CONTRAST_HU:
         return None
     bright = hu[box] > LUNG_HU + EDGE_LEVEL * (core - LUNG_HU)
-    reach = ndimage.binary_dilation(component)
-    if reach[at_centre]:
-        labels, _ = ndimage.label(reach & bright)
+    if on_component:
+        labels, _ = ndimage.label(ndimage.binary_dilation(component) & bright)
         touching = np.unique(labels[component & bright])
     else:
         labels, _ = ndimage.label(bright)
