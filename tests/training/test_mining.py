@@ -131,3 +131,24 @@ def test_mining_processes_find_what_one_process_finds_and_runs_share_it(prepared
     assert not reused and len(grown) == len(index) + len(alone[0])
     assert list((prepared_synth / "cache" / "mined").glob("*.lock"))  # the lock that makes runs mine once
     assert with_mined(cache, index, 3, tmp_path / "seg.pt", torch.device("cpu"))[1]
+
+
+def test_mine_every_mines_that_share_of_the_training_series_and_keeps_it_apart(prepared_synth, tmp_path):
+    from p2ch_app.data.cache import LunaCache
+    from p2ch_app.models import NoduleSegmenter
+    from p2ch_app.training.mining import with_mined
+
+    torch.manual_seed(0)
+    torch.save({"model_state": NoduleSegmenter().state_dict()}, tmp_path / "seg.pt")  # random: many candidates
+    index = build_index(prepared_synth)
+    cache = LunaCache(prepared_synth / "cache", prepared_synth)
+    train_codes = np.flatnonzero(~index.validation_series(3))
+    every, all_of_them = (with_mined(cache, index, 3, tmp_path / "seg.pt", torch.device("cpu"), every=n)
+                          for n in (2, 1))
+    assert not every[1]  # each share is mined and kept under its own key
+    mined_in = set(every[0].series_code[len(index):])
+    assert mined_in and mined_in <= set(train_codes[::2])
+    assert set(all_of_them[0].series_code[len(index):]) > mined_in
+    result = run(train_cls, ["--data-root", prepared_synth, *TINY, "--epochs", 1, "--runs-dir", tmp_path,
+                             "--mine-with", tmp_path / "seg.pt", "--mine-every", 2])
+    assert result.exit_code == 0 and "(found in the cache" in result.output, result.output
