@@ -208,9 +208,9 @@ class JobRunner:
 
 def analysis_settings(fields: dict[str, bytes], batch_size: int) -> AnalysisSettings:
     """nodule-analyze's options from form fields: threshold (0..1) and the flags tta, split, dedupe,
-    keep_outside (true/false, 1/0, on/off)."""
+    recentre, lung_only, keep_outside (true/false, 1/0, on/off)."""
     given = {name: value.decode("utf-8", "replace").strip() for name, value in fields.items() if name != "file"}
-    flags = ("tta", "split", "dedupe", "keep_outside")
+    flags = ("tta", "split", "dedupe", "recentre", "lung_only", "keep_outside")
     unknown = sorted(set(given) - {"threshold", *flags})
     if unknown:
         raise UserError(f"unknown field {unknown[0]!r}; /analyze takes file, threshold, {', '.join(flags)}")

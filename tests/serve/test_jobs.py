@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from p2ch_app.data.ct import load_ct
+from p2ch_app.errors import UserError
 from p2ch_app.inference.outputs import write_detections
 from p2ch_app.inference.pipeline import AnalysisSettings, analyze
 from p2ch_app.inference.summary import summarize
 from p2ch_app.serve.client import Client
+from p2ch_app.serve.jobs import analysis_settings
 from tests.serve.conftest import running, settings_for
 
 
@@ -143,3 +145,13 @@ def test_a_zipped_dicom_series_and_the_voxel_limit(server, tmp_path, monkeypatch
     monkeypatch.setenv("P2CH_MAX_CT_VOXELS", "500")  # 8 x 8 x 10 = 640 voxels: refused from the headers
     failed = client.wait(client.submit(archive)[1]["id"])
     assert failed["state"] == "failed" and "640 voxels" in failed["error"] and "P2CH_MAX_CT_VOXELS" in failed["error"]
+
+
+def test_form_fields_set_each_of_nodule_analyzes_flags_and_refuse_other_words():
+    settings = analysis_settings({"recentre": b"true", "lung_only": b"on", "tta": b"0", "threshold": b"0.3",
+                                  "file": b"..."}, 8)
+    assert (settings.recentre, settings.lung_only, settings.tta, settings.threshold, settings.batch_size) == (
+        True, True, False, 0.3, 8)
+    assert analysis_settings({}, 8) == AnalysisSettings(batch_size=8)
+    with pytest.raises(UserError, match="lung_only 'maybe' is not true or false"):
+        analysis_settings({"lung_only": b"maybe"}, 8)

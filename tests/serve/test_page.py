@@ -49,6 +49,7 @@ def test_the_page_uploads_a_ct_and_shows_the_detections(tmp_path, models, tiny_c
             threshold.clear()
             threshold.send_keys("0.1")
             driver.find_element(By.NAME, "keep_outside").click()
+            driver.find_element(By.NAME, "recentre").click()
             driver.find_element(By.ID, "file").send_keys(str(tiny_cts["mha"]))
             driver.find_element(By.ID, "submit").click()
             # the server wants its token: the page asks for it
@@ -66,8 +67,8 @@ def test_the_page_uploads_a_ct_and_shows_the_detections(tmp_path, models, tiny_c
             downloads = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "a.download")]
     finally:
         driver.quit()
-    expected = expected_json(tmp_path, tiny_cts["mha"], models, AnalysisSettings(threshold=0.1, keep_outside=True),
-                             "tiny")["detections"]
+    expected = expected_json(tmp_path, tiny_cts["mha"], models, AnalysisSettings(threshold=0.1, keep_outside=True,
+                                                                               recentre=True), "tiny")["detections"]
     assert status.startswith("Done: series tiny"), status
     assert rows == [[str(d["rank"]), f"{d['x_mm']:.1f}", f"{d['y_mm']:.1f}", f"{d['z_mm']:.1f}",
                      f"{d['diameter_mm']:.1f}", f"{d['nodule_prob']:.3f}", "-"] for d in expected]
