@@ -159,10 +159,11 @@ def average_checkpoints(paths: list[Path]) -> dict:
     for path, other in zip(paths[1:], loaded[1:]):
         if not _same_network(first, other):
             raise UserError(f"{path} holds another network than {paths[0]}; average runs of one architecture")
-    starts = {str(checkpoint.get("config", {}).get("init")) for checkpoint in loaded}
+    starts = {_start_of(checkpoint) for checkpoint in loaded}
     if len(starts) != 1 or starts == {"None"}:
         raise UserError(f"these runs started from {' and '.join(sorted(starts))}: average only runs fine-tuned "
-                        "from the same --init weights (runs from random weights do not average)")
+                        "from the same weights (--init, or luna-finetune-mal's --from; runs from random weights "
+                        "do not average)")
     state = {}
     for name, value in first["model_state"].items():
         if value.is_floating_point():
@@ -171,6 +172,12 @@ def average_checkpoints(paths: list[Path]) -> dict:
             state[name] = max(c["model_state"][name] for c in loaded)
     return {"model_state": state, "model_name": first.get("model_name"), "model_config": first.get("model_config"),
             "config": first["config"], "averaged_from": [str(path) for path in paths]}
+
+
+def _start_of(checkpoint: dict) -> str:
+    """The weights a run was fine-tuned from: its --init, or the classifier luna-finetune-mal started from."""
+    config = checkpoint.get("config", {})
+    return str(config.get("init") or config.get("options", {}).get("from_checkpoint"))
 
 
 def newest_best(runs_dir: Path, command: str) -> Path | None:

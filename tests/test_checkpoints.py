@@ -123,7 +123,8 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary
     assert not list(tmp_path.iterdir())
 
 
-def _run_of(tmp_path, name: str, seed: int, init: str | None, config=SegmenterConfig(depth=2, width_factor=2)):
+def _run_of(tmp_path, name: str, seed: int, init: str | None, config=SegmenterConfig(depth=2, width_factor=2),
+            options: dict | None = None):
     """A checkpoint as luna-train-seg writes one, with random weights standing in for trained ones."""
     torch.manual_seed(seed)
     model = NoduleSegmenter(config)
@@ -134,7 +135,7 @@ def _run_of(tmp_path, name: str, seed: int, init: str | None, config=SegmenterCo
             module.num_batches_tracked.fill_(seed + 10)
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, {**model_entries(model), "config": {"command": "luna-train-seg", "init": init,
-                                                              "options": {}}})
+                                                              "options": options or {}}})
     return path, model
 
 
@@ -154,13 +155,17 @@ def test_luna_average_writes_the_mean_of_the_runs_weights(tmp_path):
     mean_of_itself = average_checkpoints([runs[0][0], runs[0][0]])  # two copies of one run: that run
     assert all(torch.equal(mean_of_itself["model_state"][k], v) for k, v in states[0].items())
     assert mean_of_itself["averaged_from"] == [str(runs[0][0])] * 2
+    # luna-finetune-mal runs start from --from's classifier, not --init: they average too
+    fine_tuned = [_run_of(tmp_path, f"mal{seed}", seed, None, options={"from_checkpoint": "cls.pt"})[0]
+                  for seed in (1, 2)]
+    assert average_checkpoints(fine_tuned)["averaged_from"] == [str(path) for path in fine_tuned]
 
 
 @pytest.mark.parametrize("case, message", [
     ("one", "give two or more checkpoints to average"),
     ("architecture", "other.pt holds another network than"),
-    ("start", "started from a.state and b.state: average only runs fine-tuned from the same --init"),
-    ("random", "started from None: average only runs fine-tuned from the same --init weights"),
+    ("start", "started from a.state and b.state: average only runs fine-tuned from the same weights (--init"),
+    ("random", "started from None: average only runs fine-tuned from the same weights"),
 ])
 def test_luna_average_refuses_runs_whose_weights_do_not_line_up(tmp_path, case, message):
     from p2ch_app.cli import COMMANDS
