@@ -9,8 +9,9 @@ weights. From random weights the demo's U-Net left 7 of the 22 validation nodule
 candidate (CPM 0.59); one run fine-tuned from the book's left 2 to 6, by training seed. So each
 network is then trained twice, with seeds N and N + 1000, and the two runs' weights are averaged
 (luna-average): the averaged U-Nets left 1 to 3 (docs/experiments.md). The classifier also learns
-from the U-Net's own candidates away from the nodules (--mine-with): diaphragm domes and heart
-borders, which candidates.csv lacks, were its most confident false positives. The demo's CTs have
+from the U-Net's own candidates away from the nodules (--mine-with, in every other training CT):
+diaphragm domes and heart borders, which candidates.csv lacks, were its most confident false
+positives. The demo's CTs have
 ~1.3 mm pixels, twice LUNA16's, so the classifier's crops are zoomed 2x in-plane (crop_zoom in
 configs/demo.toml): the book's classifier then sees nodules at the size it learnt them.
 

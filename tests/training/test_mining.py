@@ -110,17 +110,23 @@ def test_train_cls_mines_lookalikes_with_a_unet(prepared_synth, tmp_path):
     assert result.exit_code != 0 and "missing.pt" in result.output and "Traceback" not in result.output
 
 
-def test_mining_processes_find_what_one_process_finds_and_runs_share_it(prepared_synth, tmp_path):
+def _random_unet_and_training_series(prepared_synth, tmp_path):
+    """(index, cache, training series codes at val_stride 3), with a random U-Net in tmp_path/seg.pt:
+    it marks many candidates."""
     from p2ch_app.data.cache import LunaCache
-    from p2ch_app.inference.pipeline import load_segmenter
     from p2ch_app.models import NoduleSegmenter
-    from p2ch_app.training.mining import mine_candidates, mine_in_processes, with_mined
 
     torch.manual_seed(0)
-    torch.save({"model_state": NoduleSegmenter().state_dict()}, tmp_path / "seg.pt")  # random: many candidates
+    torch.save({"model_state": NoduleSegmenter().state_dict()}, tmp_path / "seg.pt")
     index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache", prepared_synth)
-    codes = np.flatnonzero(~index.validation_series(3))
+    return index, LunaCache(prepared_synth / "cache", prepared_synth), np.flatnonzero(~index.validation_series(3))
+
+
+def test_mining_processes_find_what_one_process_finds_and_runs_share_it(prepared_synth, tmp_path):
+    from p2ch_app.inference.pipeline import load_segmenter
+    from p2ch_app.training.mining import mine_candidates, mine_in_processes, with_mined
+
+    index, cache, codes = _random_unet_and_training_series(prepared_synth, tmp_path)
     alone = mine_candidates(cache, index, codes, load_segmenter(tmp_path / "seg.pt", torch.device("cpu")),
                             torch.device("cpu"))
     together = mine_in_processes(cache, index, codes, tmp_path / "seg.pt", 2)
@@ -134,15 +140,9 @@ def test_mining_processes_find_what_one_process_finds_and_runs_share_it(prepared
 
 
 def test_mine_every_mines_that_share_of_the_training_series_and_keeps_it_apart(prepared_synth, tmp_path):
-    from p2ch_app.data.cache import LunaCache
-    from p2ch_app.models import NoduleSegmenter
     from p2ch_app.training.mining import with_mined
 
-    torch.manual_seed(0)
-    torch.save({"model_state": NoduleSegmenter().state_dict()}, tmp_path / "seg.pt")  # random: many candidates
-    index = build_index(prepared_synth)
-    cache = LunaCache(prepared_synth / "cache", prepared_synth)
-    train_codes = np.flatnonzero(~index.validation_series(3))
+    index, cache, train_codes = _random_unet_and_training_series(prepared_synth, tmp_path)
     every, all_of_them = (with_mined(cache, index, 3, tmp_path / "seg.pt", torch.device("cpu"), every=n)
                           for n in (2, 1))
     assert not every[1]  # each share is mined and kept under its own key
