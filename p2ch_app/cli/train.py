@@ -162,8 +162,9 @@ def train_seg(**opts):
 @click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The averaged checkpoint to write.  [required]")
 def average(**opts):
-    """Average the weights of two or more CHECKPOINTS of one network fine-tuned from the same --init
-    weights, for example luna-train-seg runs with different --seed ("model soup").
+    """Average the weights of two or more CHECKPOINTS of one network fine-tuned from the same weights
+    (--init, or luna-finetune-mal's --from), for example luna-train-seg runs with different --seed
+    ("model soup").
 
     The result runs as fast as one model and is steadier: which small nodules a short run learns to
     mark depends on its seed, the mean of a few runs much less. nodule-analyze, luna-train-cls
