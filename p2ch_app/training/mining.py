@@ -111,10 +111,10 @@ def _mining_key(cache: LunaCache, index: LunaIndex, train_codes: np.ndarray, val
 def with_mined(cache: LunaCache, index: LunaIndex, val_stride: int, seg_checkpoint: Path,
                device: torch.device, processes: int = 1, every: int = 1) -> tuple[LunaIndex, bool]:
     """(the index plus the look-alikes and hits this U-Net proposes in every `every`th training series,
-    whether they were found in the cache). Validation series are left as they are. Mining runs the U-Net over every
-    training CT, so its result is kept in the cache: a resumed or repeated run does not mine again, and
-    runs started together mine once (the others wait for it). With processes > 1 on the CPU, that many
-    processes mine (mine_in_processes)."""
+    whether they were found in the cache). Validation series are left as they are. Mining runs the U-Net
+    over each of those CTs, so its result is kept in the cache (keyed by the series mined): a resumed or
+    repeated run does not mine again, and runs started together mine once (the others wait for it). With
+    processes > 1 on the CPU, that many processes mine (mine_in_processes)."""
     segmenter = load_segmenter(seg_checkpoint, device)  # first: a bad file fails with its own message
     train_codes = np.flatnonzero(~index.validation_series(val_stride))[::every]
     path = cache.dir / "mined" / f"{_mining_key(cache, index, train_codes, val_stride, seg_checkpoint)}.npz"
