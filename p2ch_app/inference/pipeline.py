@@ -286,7 +286,7 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
     order = np.argsort(-nodule, kind="stable")
     # a copy per reported candidate: a view would keep every candidate's voxels alive with it
     kept = {int(i): found.voxels_of(ids[i]).copy() for i in np.flatnonzero(nodule >= settings.threshold)}
-    diameters = reported_diameters(ct.hu, ct.geometry.spacing, kept, centers, diameters)
+    diameters = reported_diameters(ct.hu, ct.geometry.spacing, kept.keys(), centers, diameters)
     return [Detection(tuple(xyz[i].round(4).tolist()), tuple(centers[i].round(4).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
                       int(voxels[i]), bool(inside[i]), kept.get(int(i))) for i in order]

@@ -188,7 +188,7 @@ def test_analyze_end_to_end_with_stand_in_models():
     assert nodule.nodule_prob > 0.99 and nodule.malignancy_prob > 0.99
     eroded = 2 * (3 * nodule.voxels * 2.0 / (4 * np.pi)) ** (1 / 3)  # a sphere of the component: smaller
     assert nodule.diameter_mm > eroded + 0.5  # measured in the CT (inference/size.py), not the eroded mask
-    assert nodule.diameter_mm == measured_diameter(ct.hu, nodule.voxel_index, nodule.center_irc, ct.geometry.spacing)
+    assert nodule.diameter_mm == measured_diameter(ct.hu, nodule.center_irc, ct.geometry.spacing)
     both = analyze(ct, models, AnalysisSettings(keep_outside=True))
     assert len(both) == 2 and sorted(d.inside_body for d in both) == [False, True]
 
