@@ -7,11 +7,12 @@ directions are followed (trilinear samples every 0.1 mm) to where they first fal
 A sphere fitted through those edge points moves the centre onto the nodule's (a detection may sit
 at its rim), the core is re-read inside it, and the rays are cast again, three times over. Rays that
 leave along a vessel, a spicule or into the pleura run far: only those within RAY_REACH times the
-median length count, and the diameter is twice their RAY_QUANTILE-th percentile, so lobes that dip
-under the annotated outline do not make the nodule small. Nothing here reads the U-Net's mask, so a
+typical length count (the median from the detection, the lower quartile from a fitted centre), and
+the diameter is twice their RAY_QUANTILE-th percentile, so lobes that dip under the annotated outline
+do not make the nodule small. Nothing here reads the U-Net's mask, so a
 vessel marked with the nodule does not make it large.
 
-On the demo's found nodules (docs/experiments.md): median absolute error 0.14-0.20 mm and the same
+On the demos' found nodules (docs/experiments.md): median absolute error 0.19-0.21 mm and the same
 size band for 89-94% of them, against 0.38-0.51 mm and 78-85% for the volume of the bright region
 connected to the mask that this replaces.
 
@@ -30,12 +31,12 @@ LUNG_HU = -850.0  # lung parenchyma, the background the edge level is drawn from
 EDGE_LEVEL = 0.5  # the edge: where the partial-volume ramp is halfway from lung to the core
 MIN_CONTRAST_HU = 100.0  # a core this close to lung has no edge to measure: the component's sphere stands
 RAY_COUNT, RAY_STEP_MM, RAY_MAX_MM = 300, 0.1, 25.0  # 25 mm: past the radius of LUNA16's largest nodules
-FIT_ROUNDS = 3  # sphere fits that move the centre (the third rarely moves it by a tenth of a voxel)
+FIT_ROUNDS = 3  # sphere fits that move the centre onto the nodule's
 MIN_EDGE_RAYS = 20  # fewer rays ending at an edge: nothing nodule-like to measure
-CORE_DEPTH, CORE_QUANTILE = 0.8, 75  # the core: this percentile of the voxels within 0.8 fitted radii
-# Rays longer than RAY_REACH median rays ran off the nodule; the diameter is twice the RAY_QUANTILE-th
-# percentile of the rest. Chosen on 317 nodules of 40 tiled chests (luna-synth --tiles, the demo's
-# pixels), then checked on the demo's found nodules (docs/experiments.md, 2026-12-07 "rays")
+CORE_DEPTH, CORE_QUANTILE = 0.8, 75  # the core: this percentile of the voxels within 0.8 median rays
+# Rays longer than RAY_REACH typical rays ran off the nodule; the diameter is twice the RAY_QUANTILE-th
+# percentile of the rest. Chosen among reaches of 1.3-1.6 and percentiles of 60-80 on 317 nodules of 40
+# tiled chests (the demo's pixels) and the three demos' found nodules (docs/experiments.md)
 RAY_REACH, RAY_QUANTILE = 1.45, 75
 
 
@@ -139,12 +140,12 @@ def measured_diameter(hu: np.ndarray, center_irc, spacing) -> float | None:
     return 2 * float(np.percentile(lengths[counted], RAY_QUANTILE))
 
 
-def reported_diameters(hu: np.ndarray, spacing, measured: Iterable[int], centers_irc: np.ndarray,
+def reported_diameters(hu: np.ndarray, spacing, which: Iterable[int], centers_irc: np.ndarray,
                        spheres_mm: np.ndarray) -> np.ndarray:
-    """spheres_mm with the candidates numbered in measured measured in the CT instead, where their core
-    stands out from lung."""
+    """spheres_mm, where the candidates numbered in `which` are measured in the CT instead (those whose
+    core stands out from lung)."""
     diameters = np.array(spheres_mm, float)
-    for i in measured:
+    for i in which:
         found = measured_diameter(hu, centers_irc[i], spacing)
         diameters[i] = diameters[i] if found is None else found
     return diameters
