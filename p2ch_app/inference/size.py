@@ -79,18 +79,22 @@ def _sphere_through(points: np.ndarray) -> tuple[np.ndarray, float]:
     return centre, float(np.sqrt(max(solution[3] + centre @ centre, 0.0)))
 
 
+def _nearest_27(hu: np.ndarray, centre_irc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel nearest the centre (inside the CT) and the up to 27 voxels' values around it."""
+    nearest = np.clip(np.round(centre_irc).astype(int), 0, np.array(hu.shape) - 1)
+    return nearest, hu[tuple(slice(max(c - 1, 0), c + 2) for c in nearest)]
+
+
 def _core_hu(hu: np.ndarray, centre_irc: np.ndarray, spacing_irc: np.ndarray, radius_mm: float) -> float:
     """CORE_QUANTILE-th percentile of the voxels within radius_mm of the centre (of the 27 around it
     when fewer than 5 lie there): a vessel crossing a ground-glass nodule does not set its core."""
-    nearest = np.clip(np.round(centre_irc).astype(int), 0, np.array(hu.shape) - 1)
+    nearest, around = _nearest_27(hu, centre_irc)
     reach = np.ceil(radius_mm / spacing_irc).astype(int)
     low, high = np.maximum(nearest - reach, 0), np.minimum(nearest + reach + 1, hu.shape)
     grids = np.meshgrid(*[(np.arange(a, b) - c) * s for a, b, c, s in zip(low, high, centre_irc, spacing_irc)],
                         indexing="ij")
     values = hu[tuple(slice(a, b) for a, b in zip(low, high))][sum(g * g for g in grids) <= radius_mm ** 2]
-    if values.size < 5:
-        values = hu[tuple(slice(max(c - 1, 0), c + 2) for c in nearest)]
-    return float(np.percentile(values, CORE_QUANTILE))
+    return float(np.percentile(values if values.size >= 5 else around, CORE_QUANTILE))
 
 
 def _edge_rays(hu: np.ndarray, centre: np.ndarray, spacing_irc: np.ndarray, core: float,
@@ -123,8 +127,7 @@ def measured_diameter(hu: np.ndarray, center_irc, spacing) -> float | None:
     None where its core is not brighter than lung by MIN_CONTRAST_HU or too few rays end at an edge."""
     spacing_irc = np.asarray(spacing, float)[::-1]
     centre = np.asarray(center_irc, float)
-    nearest = np.clip(np.round(centre).astype(int), 0, np.array(hu.shape) - 1)
-    core = float(np.median(hu[tuple(slice(max(c - 1, 0), c + 2) for c in nearest)]))
+    core = float(np.median(_nearest_27(hu, centre)[1]))
     # the detection's own centre may lie at the nodule's rim: its rays are judged against the median;
     # from a fitted centre, against the shorter quarter, which vessels and spicules leave alone
     rays = _edge_rays(hu, centre, spacing_irc, core, 50)
