@@ -36,7 +36,7 @@ from p2ch_app.inference.runtime import (
     return_freed_memory,
     slices_per_pass,
 )
-from p2ch_app.inference.size import reported_diameters, sphere_diameters
+from p2ch_app.inference.size import NoduleMeasure, measure_nodules, sphere_diameters
 from p2ch_app.models import NoduleClassifier, NoduleSegmenter
 
 # The crop as it is, mirrored left-right, front-back, and both (dims of a batch of N x 1 x D x H x W crops)
@@ -257,6 +257,19 @@ def propose(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
     return found.centers, found.voxels, inside_body(hu, found.centers)
 
 
+def _malignancy(hu: np.ndarray, centers: np.ndarray, reported: np.ndarray, measured: dict[int, NoduleMeasure],
+                models: Models, device: torch.device, settings: AnalysisSettings, progress: bool) -> np.ndarray:
+    """The reported candidates' malignancy probabilities (NaN elsewhere, and everywhere without a model),
+    each crop centred on the nodule as measured where it was: the model learnt nodules at their annotated
+    centres, which the fitted centre is ~0.25 mm from and the candidate's ~0.75 mm (docs/experiments.md)."""
+    malignancy = np.full(len(centers), np.nan)
+    if models.malignancy is not None:
+        crop_centres = np.array([measured[i].centre_irc if i in measured else centers[i] for i in reported])
+        malignancy[reported] = classify(hu, crop_centres.reshape(-1, 3), models.malignancy, device,
+                                        replace(settings, tta_floor=0.0), progress, desc="malignancy")
+    return malignancy
+
+
 def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisSettings(),
             device: torch.device = torch.device("cpu"), progress: bool = False,
             note: Callable[[str], None] | None = None) -> list[Detection]:
@@ -278,15 +291,14 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
         keep = suppress_duplicates(xyz, diameters, nodule)
         centers, voxels, inside, nodule, xyz, diameters, ids = (a[keep] for a in (centers, voxels, inside, nodule, xyz,
                                                                                  diameters, ids))
-    malignancy = np.full(len(centers), np.nan)
-    if models.malignancy is not None:
-        chosen = np.flatnonzero(nodule >= settings.threshold)
-        malignancy[chosen] = classify(ct.hu, centers[chosen], models.malignancy, device,
-                                      replace(settings, tta_floor=0.0), progress, desc="malignancy")
+    reported = np.flatnonzero(nodule >= settings.threshold)
+    measured = measure_nodules(ct.hu, ct.geometry.spacing, centers, reported)
+    for i, measure in measured.items():
+        diameters[i] = measure.diameter_mm
+    malignancy = _malignancy(ct.hu, centers, reported, measured, models, device, settings, progress)
     order = np.argsort(-nodule, kind="stable")
     # a copy per reported candidate: a view would keep every candidate's voxels alive with it
-    kept = {int(i): found.voxels_of(ids[i]).copy() for i in np.flatnonzero(nodule >= settings.threshold)}
-    diameters = reported_diameters(ct.hu, ct.geometry.spacing, kept.keys(), centers, diameters)
+    kept = {int(i): found.voxels_of(ids[i]).copy() for i in reported}
     return [Detection(tuple(xyz[i].round(4).tolist()), tuple(centers[i].round(4).tolist()), float(nodule[i]),
                       None if np.isnan(malignancy[i]) else float(malignancy[i]), float(diameters[i]),
                       int(voxels[i]), bool(inside[i]), kept.get(int(i))) for i in order]

@@ -17,12 +17,14 @@ size band for 89-94% of them, against 0.38-0.51 mm and 78-85% for the volume of 
 connected to the mask that this replaces.
 
 A candidate's own sphere (`sphere_diameters`) still decides what --dedupe merges, so the candidates
-and their order do not depend on this measurement.
+and their order do not depend on this measurement. The fitted centre is where the malignancy model
+looks (it learnt nodules at their annotated centres); the reported centre stays the candidate's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -122,9 +124,16 @@ def _refitted_centre(centre: np.ndarray, spacing_irc: np.ndarray, lengths: np.nd
     return fitted / spacing_irc
 
 
-def measured_diameter(hu: np.ndarray, center_irc, spacing) -> float | None:
-    """The diameter (mm) of the nodule at center_irc (voxels; spacing x, y, z in mm), measured in the CT;
-    None where its core is not brighter than lung by MIN_CONTRAST_HU or too few rays end at an edge."""
+@dataclass(frozen=True)
+class NoduleMeasure:
+    diameter_mm: float
+    centre_irc: np.ndarray  # the fitted sphere's centre (voxels): the nodule's own, where a detection may be off it
+
+
+def measure_nodule(hu: np.ndarray, center_irc, spacing) -> NoduleMeasure | None:
+    """The nodule at center_irc (voxels; spacing x, y, z in mm) as measured in the CT: its diameter (mm)
+    and centre; None where its core is not brighter than lung by MIN_CONTRAST_HU or too few rays end
+    at an edge."""
     spacing_irc = np.asarray(spacing, float)[::-1]
     centre = np.asarray(center_irc, float)
     core = float(np.median(_nearest_27(hu, centre)[1]))
@@ -140,15 +149,10 @@ def measured_diameter(hu: np.ndarray, center_irc, spacing) -> float | None:
     if rays is None:
         return None
     lengths, counted = rays
-    return 2 * float(np.percentile(lengths[counted], RAY_QUANTILE))
+    return NoduleMeasure(2 * float(np.percentile(lengths[counted], RAY_QUANTILE)), centre)
 
 
-def reported_diameters(hu: np.ndarray, spacing, which: Iterable[int], centers_irc: np.ndarray,
-                       spheres_mm: np.ndarray) -> np.ndarray:
-    """spheres_mm, where the candidates numbered in `which` are measured in the CT instead (those whose
-    core stands out from lung)."""
-    diameters = np.array(spheres_mm, float)
-    for i in which:
-        found = measured_diameter(hu, centers_irc[i], spacing)
-        diameters[i] = diameters[i] if found is None else found
-    return diameters
+def measure_nodules(hu: np.ndarray, spacing, centers_irc: np.ndarray, which: Iterable[int]) -> dict[int, NoduleMeasure]:
+    """measure_nodule at each candidate numbered in `which`: those whose core stands out from lung."""
+    found = {int(i): measure_nodule(hu, centers_irc[i], spacing) for i in which}
+    return {i: measure for i, measure in found.items() if measure is not None}

@@ -175,7 +175,7 @@ def hand_made_ct():
 def test_analyze_end_to_end_with_stand_in_models():
     from p2ch_app.data.ct import irc_to_xyz
     from p2ch_app.inference.pipeline import Models, analyze
-    from p2ch_app.inference.size import measured_diameter
+    from p2ch_app.inference.size import measure_nodule
 
     ct = hand_made_ct()
     models = Models(CentreSliceThreshold(context=1), CentreVoxelClassifier(), CentreVoxelClassifier(), {})
@@ -188,9 +188,29 @@ def test_analyze_end_to_end_with_stand_in_models():
     assert nodule.nodule_prob > 0.99 and nodule.malignancy_prob > 0.99
     eroded = 2 * (3 * nodule.voxels * 2.0 / (4 * np.pi)) ** (1 / 3)  # a sphere of the component: smaller
     assert nodule.diameter_mm > eroded + 0.5  # measured in the CT (inference/size.py), not the eroded mask
-    assert nodule.diameter_mm == measured_diameter(ct.hu, nodule.center_irc, ct.geometry.spacing)
+    assert nodule.diameter_mm == measure_nodule(ct.hu, nodule.center_irc, ct.geometry.spacing).diameter_mm
     both = analyze(ct, models, AnalysisSettings(keep_outside=True))
     assert len(both) == 2 and sorted(d.inside_body for d in both) == [False, True]
+
+
+def test_malignancy_looks_at_the_nodule_measured_not_at_the_candidate_on_its_rim():
+    """The U-Net marks a dense spot at the rim of a 10 mm nodule: the candidate (and its nodule
+    probability) stays there, while the malignancy crop is centred on the nodule the size measurement
+    fitted, as the malignancy model learnt nodules at their annotated centres."""
+    from p2ch_app.inference.pipeline import Models, analyze
+
+    ct = hand_made_ct()
+    z, y, x = np.indices(ct.hu.shape)
+    ct.hu[ct.hu == 600] = -850  # the hand-made CT's own nodule out
+    ct.hu[((z - 18) * 2) ** 2 + (y - 40) ** 2 + (x - 28) ** 2 <= 25] = 40  # 10 mm across (2 mm slices)
+    ct.hu[(z - 18) ** 2 + (y - 40) ** 2 + (x - 31) ** 2 <= 4] = 600  # the spot the U-Net marks, 3 mm off
+    models = Models(CentreSliceThreshold(context=1), CentreVoxelClassifier(), CentreVoxelClassifier(), {})
+    models.segmenter.forward = lambda x: (x[:, 1:2] > 500).float()
+    nodule = analyze(ct, models)[0]
+    assert nodule.center_irc == pytest.approx((18, 40, 31), abs=0.01)
+    assert nodule.nodule_prob > 0.99  # the classifier's crop: centred on the 600 HU spot
+    assert nodule.malignancy_prob == pytest.approx(1 / (1 + np.exp(-0.4)), abs=0.01)  # 40 HU at the nodule's centre
+    assert nodule.diameter_mm == pytest.approx(10, abs=0.5)
 
 
 def test_reported_detections_carry_their_voxels_and_the_others_do_not():

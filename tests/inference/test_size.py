@@ -5,7 +5,7 @@ import pytest
 
 from p2ch_app.data.ct import xyz_to_irc
 from p2ch_app.data.synth import PRESETS, Tiles, make_tiled_series
-from p2ch_app.inference.size import measured_diameter, reported_diameters
+from p2ch_app.inference.size import measure_nodule, measure_nodules
 from p2ch_app.inference.summary import size_category
 
 SPACING_XYZ = np.array([0.7, 0.7, 1.25])  # LUNA16-like: fine pixels, thicker slices
@@ -22,6 +22,11 @@ def nodule_ct(axes_mm, core_hu=40.0, seed=0):
     inside = np.clip((1 - level) * radii.min() + 0.5, 0, 1)  # 1 inside, 0 outside, a voxel-wide ramp
     hu = -850 + (core_hu + 850) * inside + np.random.default_rng(seed).normal(0, 20, shape)
     return hu.astype(np.int16), centre
+
+
+def measured_diameter(hu, centre, spacing):
+    measure = measure_nodule(hu, centre, spacing)
+    return None if measure is None else measure.diameter_mm
 
 
 @pytest.mark.parametrize("diameter", [4, 6, 10, 16])
@@ -45,7 +50,9 @@ def test_a_ground_glass_nodule_is_measured_at_its_own_contrast():
 def test_a_detection_at_the_nodules_rim_measures_the_whole_nodule(slices_off):
     """A candidate 1.25-3.75 mm above the centre of an 8 mm nodule: the fitted sphere moves onto it."""
     hu, centre = nodule_ct((8, 8, 8))
-    assert measured_diameter(hu, centre + [slices_off, 0, 0], SPACING_XYZ) == pytest.approx(8, abs=0.15)
+    measure = measure_nodule(hu, centre + [slices_off, 0, 0], SPACING_XYZ)
+    assert measure.diameter_mm == pytest.approx(8, abs=0.15)
+    assert np.abs((measure.centre_irc - centre) * SPACING_XYZ[::-1]).max() < 0.15  # mm
 
 
 def test_a_vessel_through_the_nodule_is_left_out():
@@ -63,15 +70,13 @@ def test_a_touching_vessel_wider_than_the_nodule_leaves_it_its_size():
     assert measured_diameter(hu, centre, SPACING_XYZ) == pytest.approx(6, abs=0.5)
 
 
-def test_no_contrast_keeps_the_components_sphere():
+def test_only_the_candidates_asked_for_and_with_contrast_are_measured():
     hu, centre = nodule_ct((8, 8, 8))
     flat = np.full_like(hu, -850)
-    assert measured_diameter(flat, centre, SPACING_XYZ) is None
-    spheres = np.array([5.0, 7.0])
-    both = reported_diameters(flat, SPACING_XYZ, [1], np.array([centre, centre]), spheres)
-    assert both.tolist() == [5.0, 7.0]
-    measured = reported_diameters(hu, SPACING_XYZ, [1], np.array([centre, centre]), spheres)
-    assert measured[0] == 5.0 and measured[1] == pytest.approx(8, abs=0.15)
+    assert measure_nodule(flat, centre, SPACING_XYZ) is None
+    assert measure_nodules(flat, SPACING_XYZ, np.array([centre, centre]), [1]) == {}
+    measured = measure_nodules(hu, SPACING_XYZ, np.array([centre, centre]), [1])
+    assert list(measured) == [1] and measured[1].diameter_mm == pytest.approx(8, abs=0.15)
 
 
 def test_luna_synths_nodules_in_the_demos_pixels_are_measured_as_annotated():
