@@ -40,6 +40,11 @@ CORE_DEPTH, CORE_QUANTILE = 0.8, 75  # the core: this percentile of the voxels w
 # percentile of the rest. Chosen among reaches of 1.3-1.6 and percentiles of 60-80 on 317 nodules of 40
 # tiled chests (the demo's pixels) and the three demos' found nodules (docs/experiments.md)
 RAY_REACH, RAY_QUANTILE = 1.45, 75
+# Where under 40% of the rays count in the end, the diameter passes 35 mm (LUNA16's largest nodule is
+# 32 mm) or the candidate's centre is off the nodule measured, the rays ran on into tissue that is
+# no nodule, or the fit slid onto the surface of some (a mark inside the mediastinum or the chest wall)
+MIN_COUNTED_SHARE, MAX_DIAMETER_MM = 0.4, 35.0
+RIM_MM = 1.5  # a candidate on a nodule's rim lies up to about a voxel outside it (1.2 radii on the demos)
 
 
 def sphere_diameters(voxels, spacing) -> np.ndarray:
@@ -132,10 +137,10 @@ class NoduleMeasure:
 
 def measure_nodule(hu: np.ndarray, center_irc, spacing) -> NoduleMeasure | None:
     """The nodule at center_irc (voxels; spacing x, y, z in mm) as measured in the CT: its diameter (mm)
-    and centre; None where its core is not brighter than lung by MIN_CONTRAST_HU or too few rays end
-    at an edge."""
+    and centre; None where its core is not brighter than lung by MIN_CONTRAST_HU, too few rays end at
+    an edge, or what was measured is no nodule around the candidate (MIN_COUNTED_SHARE, MAX_DIAMETER_MM)."""
     spacing_irc = np.asarray(spacing, float)[::-1]
-    centre = np.asarray(center_irc, float)
+    centre = start = np.asarray(center_irc, float)
     core = float(np.median(_nearest_27(hu, centre)[1]))
     # the detection's own centre may lie at the nodule's rim: its rays are judged against the median;
     # from a fitted centre, against the shorter quarter, which vessels and spicules leave alone
@@ -146,10 +151,12 @@ def measure_nodule(hu: np.ndarray, center_irc, spacing) -> NoduleMeasure | None:
         centre = _refitted_centre(centre, spacing_irc, *rays)
         core = _core_hu(hu, centre, spacing_irc, CORE_DEPTH * float(np.median(rays[0][rays[1]])))
         rays = _edge_rays(hu, centre, spacing_irc, core, 25)
-    if rays is None:
+    if rays is None or rays[1].mean() < MIN_COUNTED_SHARE:
         return None
     lengths, counted = rays
-    return NoduleMeasure(2 * float(np.percentile(lengths[counted], RAY_QUANTILE)), centre)
+    diameter = 2 * float(np.percentile(lengths[counted], RAY_QUANTILE))
+    holds_start = np.linalg.norm((centre - start) * spacing_irc) <= diameter / 2 + RIM_MM
+    return NoduleMeasure(diameter, centre) if holds_start and diameter <= MAX_DIAMETER_MM else None
 
 
 def measure_nodules(hu: np.ndarray, spacing, centers_irc: np.ndarray, which: Iterable[int]) -> dict[int, NoduleMeasure]:

@@ -79,6 +79,19 @@ def test_only_the_candidates_asked_for_and_with_contrast_are_measured():
     assert list(measured) == [1] and measured[1].diameter_mm == pytest.approx(8, abs=0.15)
 
 
+def test_a_mark_inside_the_chest_wall_or_a_mass_past_any_nodule_is_not_measured():
+    """Rays from a mark 3 mm inside a soft-tissue wall mostly run on through it, and a 40 mm mass is wider
+    than any LUNA16 nodule: neither gets a diameter (the candidate's component sphere stands)."""
+    hu, _ = nodule_ct((8, 8, 8))
+    wall = hu.copy()
+    wall[:, :, 48:] = 40  # from 5.6 mm beyond the nodule's edge on, soft tissue to the CT's end
+    assert measure_nodule(wall, np.array([20.0, 32.0, 52.0]), SPACING_XYZ) is None
+    big = np.full((60, 90, 90), -850, np.int16)
+    z, y, x = np.indices(big.shape)
+    big[(((z - 30) * 1.25) ** 2 + ((y - 45) * 0.7) ** 2 + ((x - 45) * 0.7) ** 2) <= 20 ** 2] = 40
+    assert measure_nodule(big, np.array([30.0, 45.0, 45.0]), SPACING_XYZ) is None
+
+
 def test_luna_synths_nodules_in_the_demos_pixels_are_measured_as_annotated():
     """The generator's own nodules (round, lobulated, spiculated; solid and ground glass; isolated, on a
     vessel or on the pleura) at ~1.3 mm pixels, measured from their annotated centres: within a
