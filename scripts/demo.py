@@ -11,9 +11,9 @@ network is then trained twice, with seeds N and N + 1000, and the two runs' weig
 (luna-average): the averaged U-Nets left 1 to 3 (docs/experiments.md). The classifier also learns
 from the U-Net's own candidates away from the nodules (--mine-with, in every other training CT):
 diaphragm domes and heart borders, which candidates.csv lacks, were its most confident false
-positives. The demo's CTs have
-~1.3 mm pixels, twice LUNA16's, so the classifier's crops are zoomed 2x in-plane (crop_zoom in
-configs/demo.toml): the book's classifier then sees nodules at the size it learnt them.
+positives. The demo's CTs have ~1.3 mm pixels, twice LUNA16's, so the classifier's crops are zoomed
+2x in-plane (crop_zoom in configs/demo.toml): the book's classifier then sees nodules at the size it
+learnt them.
 
 Malignancy needs more nodules than the 57 of the training series: the malignancy model is fine-tuned
 on a nodule-rich set of its own (8 nodules per series, luna-synth --nodules), and scored on a

@@ -9,8 +9,8 @@ at its rim), the core is re-read inside it, and the rays are cast again, three t
 leave along a vessel, a spicule or into the pleura run far: only those within RAY_REACH times the
 typical length count (the median from the detection, the lower quartile from a fitted centre), and
 the diameter is twice their RAY_QUANTILE-th percentile, so lobes that dip under the annotated outline
-do not make the nodule small. Nothing here reads the U-Net's mask, so a
-vessel marked with the nodule does not make it large.
+do not make the nodule small. Nothing here reads the U-Net's mask, so a vessel marked with the nodule
+does not make it large.
 
 On the demos' found nodules (docs/experiments.md): median absolute error 0.19-0.21 mm and the same
 size band for 89-94% of them, against 0.38-0.51 mm and 78-85% for the volume of the bright region
@@ -63,7 +63,7 @@ def _directions(n: int) -> np.ndarray:
 DIRECTIONS = _directions(RAY_COUNT)
 
 
-def ray_lengths(hu: np.ndarray, centre_irc: np.ndarray, spacing_irc: np.ndarray, level: float) -> np.ndarray:
+def _ray_lengths(hu: np.ndarray, centre_irc: np.ndarray, spacing_irc: np.ndarray, level: float) -> np.ndarray:
     """How far (mm) each ray from centre_irc runs before the CT first falls below level (interpolated
     between samples); RAY_MAX_MM where it never does."""
     steps = np.arange(0.0, RAY_MAX_MM + RAY_STEP_MM / 2, RAY_STEP_MM)
@@ -110,7 +110,7 @@ def _edge_rays(hu: np.ndarray, centre: np.ndarray, spacing_irc: np.ndarray, core
     within RAY_REACH times the typical (this percentile of) length; None where there is no edge."""
     if core - LUNG_HU < MIN_CONTRAST_HU:
         return None
-    lengths = ray_lengths(hu, centre, spacing_irc, LUNG_HU + EDGE_LEVEL * (core - LUNG_HU))
+    lengths = _ray_lengths(hu, centre, spacing_irc, LUNG_HU + EDGE_LEVEL * (core - LUNG_HU))
     at_edge = lengths < RAY_MAX_MM
     if at_edge.sum() < MIN_EDGE_RAYS:
         return None
