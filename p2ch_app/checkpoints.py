@@ -22,7 +22,7 @@ from torch import nn
 
 from p2ch_app.errors import UserError, brief
 from p2ch_app.files import write_atomic
-from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from p2ch_app.models import Calibration, ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 
 SEGMENTER, CLASSIFIER = "segmenter", "classifier"
 _KIND_OF_NAME = {"NoduleSegmenter": SEGMENTER, "UNetWrapper": SEGMENTER,
@@ -86,7 +86,11 @@ def model_config(checkpoint: dict, kind: str) -> SegmenterConfig | ClassifierCon
     """The architecture a checkpoint's weights belong to."""
     saved = checkpoint.get("model_config")
     if kind == CLASSIFIER:
-        return ClassifierConfig(**{**saved, "crop_size": tuple(saved["crop_size"])}) if saved else ClassifierConfig()
+        if not saved:
+            return ClassifierConfig()
+        calibration = saved.get("calibration")
+        return ClassifierConfig(**{**saved, "crop_size": tuple(saved["crop_size"]),
+                                   "calibration": Calibration(**calibration) if calibration else None})
     if saved:
         return SegmenterConfig(**saved)
     if "config" not in checkpoint:  # the book's file (or bare weights): the book's architecture
@@ -141,9 +145,15 @@ def load_model(path: Path, kind: str, checkpoint: dict | None = None) -> nn.Modu
     return load_weights(model, path, _WHAT[kind], checkpoint).eval()
 
 
+def _architecture(checkpoint: dict) -> dict | None:
+    """The saved model_config without a malignancy model's calibration, which is fitted to its own weights."""
+    saved = checkpoint.get("model_config")
+    return None if saved is None else {key: value for key, value in saved.items() if key != "calibration"}
+
+
 def _same_network(first: dict, other: dict) -> bool:
     a, b = first["model_state"], other["model_state"]
-    same_kind = all(first.get(key) == other.get(key) for key in ("model_name", "model_config"))
+    same_kind = first.get("model_name") == other.get("model_name") and _architecture(first) == _architecture(other)
     return same_kind and a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
@@ -170,7 +180,8 @@ def average_checkpoints(paths: list[Path]) -> dict:
             state[name] = (sum(c["model_state"][name].double() for c in loaded) / len(loaded)).to(value.dtype)
         else:  # batch norms' step counters
             state[name] = max(c["model_state"][name] for c in loaded)
-    return {"model_state": state, "model_name": first.get("model_name"), "model_config": first.get("model_config"),
+    # a malignancy model's calibration belongs to its own weights: the mean's is the network's own softmax
+    return {"model_state": state, "model_name": first.get("model_name"), "model_config": _architecture(first),
             "config": first["config"], "averaged_from": [str(path) for path in paths]}
 
 

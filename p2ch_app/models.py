@@ -28,6 +28,21 @@ class _ConvPool3d(nn.Module):
         return F.max_pool3d(F.relu_(self.conv2(F.relu_(self.conv1(x)))), 2)
 
 
+GROUND_GLASS_HU = -200.0  # a nodule whose centre is fainter than this is ground glass (subsolid)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How luna-finetune-mal turns a malignancy network's logit into log-odds, fitted on its validation
+    nodules: bias + scale * logit, + ground_glass where the crop's centre is under GROUND_GLASS_HU. A few
+    hundred nodules teach the network size but not density, which radiologists' ratings weigh (solid or
+    subsolid is the first split of Lung-RADS); the crop's centre shows it directly (docs/experiments.md)."""
+
+    bias: float
+    scale: float
+    ground_glass: float
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
     """The classifier's architecture; the defaults are the book's LunaModel."""
@@ -38,6 +53,13 @@ class ClassifierConfig:
     # the crop's rows and columns sample the CT this many times finer than its pixels (slices as they
     # are): 1 is the book's; 2 on the demo's ~1.3 mm pixels shows the network LUNA16's ~0.65 mm
     crop_zoom: float = 1.0
+    calibration: Calibration | None = None  # a fine-tuned malignancy model's; None: the network's own softmax
+
+
+def centre_hu(crops: torch.Tensor) -> torch.Tensor:
+    """The mean HU of the 3x3 voxels at the centre of each N x 1 x D x H x W crop's middle slice."""
+    d, h, w = crops.shape[2] // 2, crops.shape[3] // 2, crops.shape[4] // 2
+    return crops[:, 0, d, h - 1:h + 2, w - 1:w + 2].float().mean(dim=(1, 2))
 
 
 class NoduleClassifier(nn.Module):
@@ -54,6 +76,11 @@ class NoduleClassifier(nn.Module):
         self.block4 = _ConvPool3d(width * 4, width * 8)
         features = width * 8 * math.prod(s // 16 for s in crop_size)
         self.head_linear = nn.Linear(features, classes)
+        # plain attributes, not parameters: the weights stay the book's layout, and TorchScript keeps them
+        calibration = config.calibration or Calibration(0.0, 1.0, 0.0)
+        self.calibrated = config.calibration is not None
+        self.bias, self.scale, self.ground_glass = calibration.bias, calibration.scale, calibration.ground_glass
+        self.ground_glass_hu = GROUND_GLASS_HU
         for module in self.modules():
             if isinstance(module, (nn.Conv3d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -66,7 +93,15 @@ class NoduleClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.block4(self.block3(self.block2(self.block1(self.tail_batchnorm(x)))))  # TorchScript compiles a chain
         logits = self.head_linear(y.flatten(1))
+        if self.calibrated:
+            logits = self._calibrated(logits, x)
         return logits, logits.softmax(dim=1)
+
+    def _calibrated(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Two-class logits whose difference is the calibrated log-odds of class 1."""
+        subsolid = (centre_hu(x) < self.ground_glass_hu).to(logits.dtype)
+        odds = self.bias + self.scale * (logits[:, 1] - logits[:, 0]) + self.ground_glass * subsolid
+        return torch.stack([torch.zeros_like(odds), odds], dim=1)
 
 
 def _conv_block(in_channels: int, out_channels: int, padding: bool, batch_norm: bool) -> nn.Sequential:

@@ -15,7 +15,7 @@ from p2ch_app.checkpoints import (
     saved_options,
 )
 from p2ch_app.errors import UserError
-from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from p2ch_app.models import Calibration, ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 from tests.conftest import BOOK_MODELS, assert_one_line_error, requires_shared, run
 
 
@@ -34,6 +34,23 @@ def test_a_checkpoint_of_ours_rebuilds_its_architecture(tmp_path):
     assert outputs_equal(rebuilt, trained, torch.randn(1, 5, 24, 24))
     save_checkpoint(tmp_path / "cls.pt", model_entries(NoduleClassifier(ClassifierConfig(width=4))))
     assert load_model(tmp_path / "cls.pt", CLASSIFIER).config == ClassifierConfig(width=4)
+
+
+def test_a_malignancy_models_calibration_travels_and_is_not_averaged(tmp_path):
+    """The calibration is rebuilt with the network; two runs' calibrations belong to their own weights,
+    so their mean is the mean network with its own softmax."""
+    paths = []
+    for seed, calibration in ((1, Calibration(0.7, 1.1, -0.8)), (2, Calibration(0.5, 0.9, -0.6))):
+        torch.manual_seed(seed)
+        model = NoduleClassifier(ClassifierConfig(width=4, calibration=calibration))
+        paths.append(tmp_path / f"mal{seed}.pt")
+        save_checkpoint(paths[-1], {**model_entries(model), "config": {"options": {"from_checkpoint": "cls.pt"}}})
+    rebuilt = load_model(paths[0], CLASSIFIER)
+    assert rebuilt.config.calibration == Calibration(0.7, 1.1, -0.8) and rebuilt.calibrated
+    soup = average_checkpoints(paths)
+    save_checkpoint(tmp_path / "soup.pt", soup)
+    assert load_model(tmp_path / "soup.pt", CLASSIFIER).config == ClassifierConfig(width=4)
+    assert not load_model(tmp_path / "soup.pt", CLASSIFIER).calibrated
 
 
 def test_a_unet_saved_before_the_architecture_was_keeps_its_max_pooling(tmp_path):

@@ -23,7 +23,7 @@ from p2ch_app.export import (
     require_onnx,
     stack_samples,
 )
-from p2ch_app.models import ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from p2ch_app.models import Calibration, ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 from tests.conftest import BOOK_MODELS, REAL_DICOM, assert_one_line_error, requires_shared, run, write_image
 
 ONNX_MISSING = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
@@ -109,7 +109,22 @@ def test_torchscript_classifier_from_bare_weights(tmp_path, small_ct):
     assert logits.shape == probs.shape == (2, 2)
     assert read_config(tmp_path / "cls.pt", "torchscript") == {"model_name": "NoduleClassifier", "width": 8,
                                                               "crop_size": [32, 48, 48], "classes": 2,
-                                                              "crop_zoom": 1.0}
+                                                              "crop_zoom": 1.0, "calibration": None}
+
+
+def test_a_calibrated_malignancy_model_exports_with_its_calibration(tmp_path, small_ct):
+    """The calibration is part of the network's forward: TorchScript runs it, ground-glass term included."""
+    calibration = Calibration(0.7, 1.2, -0.9)
+    model = NoduleClassifier(ClassifierConfig(calibration=calibration)).eval()
+    report = export_checkpoint(saved(tmp_path, model), "torchscript", tmp_path / "mal.pt", small_ct, SMALL_PLAN)
+    assert max(c.diff for c in report.checks) == 0.0
+    assert read_config(tmp_path / "mal.pt", "torchscript")["calibration"] == {"bias": 0.7, "scale": 1.2,
+                                                                             "ground_glass": -0.9}
+    crops = torch.full((2, 1, 32, 48, 48), 30.0)
+    crops[1, 0, 16, 23:26, 23:26] = -400.0
+    scripted = torch.jit.load(str(tmp_path / "mal.pt"))
+    with torch.no_grad():
+        assert torch.equal(scripted(crops)[1], model(crops)[1])
 
 
 def test_the_kind_of_a_checkpoint(tmp_path):
@@ -218,7 +233,7 @@ def test_onnx_classifier_takes_any_batch_and_carries_its_config(tmp_path, small_
     report = export_checkpoint(saved(tmp_path, model), "onnx", out, small_ct, SMALL_PLAN)
     # how its crops are cut travels in the file, where ONNX Runtime reads it too
     assert read_config(out, "onnx") == {"model_name": "NoduleClassifier", "width": 4, "crop_size": [16, 32, 32],
-                                        "classes": 2, "crop_zoom": 2}
+                                        "classes": 2, "crop_zoom": 2, "calibration": None}
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert json.loads(session.get_modelmeta().custom_metadata_map[CONFIG_KEY])["crop_zoom"] == 2
     assert [c.name.split(" (")[0] for c in report.checks] == ["crops 1x1x16x32x32", "crops 5x1x16x32x32"]

@@ -6,7 +6,7 @@ import torch
 
 from p2ch_app.checkpoints import load_checkpoint
 from p2ch_app.data.ct import extract_crop, load_ct
-from p2ch_app.models import NoduleClassifier, NoduleSegmenter, SegmenterConfig
+from p2ch_app.models import Calibration, ClassifierConfig, NoduleClassifier, NoduleSegmenter, SegmenterConfig
 from tests.conftest import BOOK_MODELS, REAL_DICOM, requires_shared
 
 # A spiculated nodule of about 15 mm in the right lung of the real CT (found by eye, slices 30-34),
@@ -23,6 +23,24 @@ def test_classifier_shapes_and_init():
     fan_in = 8 * 27
     assert model.block1.conv2.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
     assert model.head_linear.in_features == 64 * 2 * 3 * 3
+
+
+def test_a_calibrated_classifier_gives_the_fitted_log_odds():
+    """bias + scale * the network's logit margin, + ground_glass where the centre slice's middle 3x3 voxels
+    average under -200 HU: a faint centre is ground glass however bright the rest of the crop."""
+    torch.manual_seed(0)
+    plain = NoduleClassifier().eval()
+    calibrated = NoduleClassifier(ClassifierConfig(calibration=Calibration(0.5, 2.0, -3.0))).eval()
+    calibrated.load_state_dict(plain.state_dict())
+    crops = torch.full((3, 1, 32, 48, 48), 40.0)
+    crops[1, 0, 16, 23:26, 23:26] = -450.0  # a ground-glass centre
+    crops[2, 0, 15, 23:26, 23:26] = -450.0  # the slice above the middle: still solid
+    with torch.no_grad():
+        margin = (lambda logits: logits[:, 1] - logits[:, 0])(plain(crops)[0])
+        logits, probs = calibrated(crops)
+    expected = 0.5 + 2.0 * margin + torch.tensor([0.0, -3.0, 0.0])
+    assert torch.allclose(logits[:, 1] - logits[:, 0], expected, atol=1e-5)
+    assert torch.allclose(probs[:, 1], torch.sigmoid(expected), atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (67, 93), (33, 50), (128, 128)])

@@ -36,7 +36,8 @@ def _training_data(opts: dict, command: str):
     return cfg, index, settings_from(Sampling, opts, cache_dir=cache_dir, augmentations=augmentations)
 
 
-def _fit(task, cfg) -> None:
+def _fit(task, cfg) -> Path | None:
+    """Train; the run directory on rank 0 (None on the others)."""
     from p2ch_app.inference.distributed import stop_ranks
     from p2ch_app.training.loop import fit
 
@@ -47,6 +48,7 @@ def _fit(task, cfg) -> None:
     if run_dir is not None:
         click.echo(f"{cfg.command}: checkpoints in {run_dir} (best.pt by validation {task.best_metric}, last.pt); "
                    f"see the curves with: make tensorboard")
+    return run_dir
 
 
 @app_command("luna-train-cls")
@@ -101,15 +103,24 @@ def finetune_mal(**opts):
     """Fine-tune a nodule classifier into a benign/malignant classifier.
 
     The best checkpoint is the one with the highest validation ROC AUC; the diameter-only
-    baseline AUC is printed and logged beside it.
+    baseline AUC is printed and logged beside it. Then each checkpoint's probabilities are calibrated on
+    the validation nodules, with a term for ground glass (a crop centre under -200 HU), which a network
+    fine-tuned on a few hundred nodules does not learn.
     """
-    from p2ch_app.training.classification import MalignancySettings, malignancy_task
+    from p2ch_app.training.classification import MalignancySettings, calibrate_run, malignancy_task
 
     if opts["from_checkpoint"] is None:
         raise UserError("--from CHECKPOINT is required: a nodule classifier from luna-train-cls or the book")
     cfg, index, sampling = _training_data(opts, "luna-finetune-mal")
     settings = MalignancySettings(sampling, opts["from_checkpoint"], opts["depth"])
-    _fit(malignancy_task(index, settings), cfg)
+    task = malignancy_task(index, settings)
+    run_dir = _fit(task, cfg)
+    if run_dir is not None:
+        found = calibrate_run(run_dir, task)
+        click.echo("luna-finetune-mal: too few validation nodules to calibrate; the network's own probabilities stand"
+                   if found is None else
+                   f"luna-finetune-mal: calibrated on the validation nodules: log-odds {found.bias:+.2f} "
+                   f"+ {found.scale:.2f} x the network's, {found.ground_glass:+.2f} for ground glass")
 
 
 @app_command("luna-train-seg")

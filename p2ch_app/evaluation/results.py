@@ -93,7 +93,9 @@ def format_summary(metrics: dict) -> str:
     patient = metrics.get("patient")
     if patient and patient["patients"]:
         line = f"per patient ({patient['patients']}): size category as annotated {patient['category_agreement']:.0%}"
-        if "auc" in patient:
+        if "auc" in patient and patient["malignant_patients"] in (0, patient["patients"]):
+            line += f"; no malignancy score AUC: {patient['malignant_patients']} of them malignant"
+        elif "auc" in patient:
             line += (f"; malignancy score AUC {_with_interval(patient, 'auc')} "
                      f"({patient['malignant_patients']} malignant)")
         lines.append(line)

@@ -3,7 +3,7 @@ and, fine-tuned from it, malignant vs benign (luna-finetune-mal)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -11,14 +11,16 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize
 from torch import nn
+from torch.utils.data import DataLoader
 
-from p2ch_app.checkpoints import CLASSIFIER, load_model
+from p2ch_app.checkpoints import CLASSIFIER, load_checkpoint, load_model, save_checkpoint
 from p2ch_app.data.datasets import CropDataset, interleave
 from p2ch_app.data.index import BENIGN, MALIGNANT, LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.metrics import binary_metrics, roc_auc
-from p2ch_app.models import ClassifierConfig, NoduleClassifier
+from p2ch_app.models import GROUND_GLASS_HU, Calibration, ClassifierConfig, NoduleClassifier, centre_hu
 from p2ch_app.training.augment import augment
 from p2ch_app.training.loop import Draws, Sampling, Task
 
@@ -159,7 +161,7 @@ def malignancy_task(index: LunaIndex, settings: MalignancySettings) -> Malignanc
     if len(val_rows) == 0:
         raise UserError("the validation series hold no nodules of known malignancy; add series or change --val-stride")
     source = load_model(settings.from_checkpoint, CLASSIFIER)
-    state, config = source.state_dict(), source.config
+    state, config = source.state_dict(), replace(source.config, calibration=None)  # fitted anew at the end
     return MalignancyTask("luna-finetune-mal", index, malignant.astype(np.int64), settings.sampling,
                           Draws(groups, [0, 1, 2], val_rows), config,
                           lambda: fine_tunable(NoduleClassifier(config), state, settings.depth))
@@ -177,3 +179,51 @@ def fine_tunable(model: NoduleClassifier, state: dict, depth: int) -> NoduleClas
     for i, block in enumerate(blocks):
         block.requires_grad_(i >= len(blocks) - depth)
     return model
+
+
+MIN_CALIBRATION_NODULES = 20  # fewer validation nodules, or one class absent: the network's own softmax stands
+PRIOR_SD = 2.0  # a Gaussian prior on scale - 1 and the ground-glass weight keeps the fit finite on separable data
+
+
+def fit_calibration(malignant: np.ndarray, logits: np.ndarray, subsolid: np.ndarray) -> Calibration:
+    """Penalised maximum likelihood of malignant ~ bias + scale * logit + ground_glass * subsolid."""
+    y, logits, subsolid = (np.asarray(a, float) for a in (malignant, logits, subsolid))
+
+    def loss(w):
+        odds = w[0] + w[1] * logits + w[2] * subsolid
+        penalty = ((w[1] - 1) ** 2 + w[2] ** 2) / (2 * PRIOR_SD ** 2)
+        return np.sum(np.logaddexp(0, odds) - y * odds) + penalty
+
+    bias, scale, ground_glass = minimize(loss, np.array([0.0, 1.0, 0.0]), method="BFGS").x
+    return Calibration(float(bias), float(scale), float(ground_glass))
+
+
+def _validation_logits(model: NoduleClassifier, task: MalignancyTask) -> tuple[np.ndarray, ...]:
+    """Over the task's validation nodules: label, the network's class-1 logit margin, subsolid or not."""
+    labels, margins, subsolid = [], [], []
+    with torch.inference_mode():
+        for crops, label, _ in DataLoader(task.val_dataset(), batch_size=32):
+            x = crops.float()
+            logits, _ = model(x.contiguous(memory_format=task.memory_format))
+            labels.append(label.numpy())
+            margins.append((logits[:, 1] - logits[:, 0]).float().numpy())
+            subsolid.append((centre_hu(x) < GROUND_GLASS_HU).numpy())
+    return tuple(np.concatenate(a) for a in (labels, margins, subsolid))
+
+
+def calibrate_run(run_dir: Path, task: MalignancyTask) -> Calibration | None:
+    """Fit each of the run's checkpoints' Calibration on the validation nodules, which the network did not
+    train on, and write it into the checkpoint; best.pt's is returned. None (nothing written) where the
+    validation set is too small to fit it."""
+    found = None
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / name
+        checkpoint = load_checkpoint(path)
+        model = load_model(path, CLASSIFIER, checkpoint)
+        malignant, margins, subsolid = _validation_logits(model, task)
+        if len(malignant) < MIN_CALIBRATION_NODULES or malignant.min() == malignant.max():
+            return None
+        found = fit_calibration(malignant, margins, subsolid)
+        config = replace(model.config, calibration=found)
+        save_checkpoint(path, {**checkpoint, "model_config": asdict(config)})
+    return found

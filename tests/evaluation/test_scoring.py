@@ -298,6 +298,10 @@ def test_diameter_agreement_and_the_patient_level_figures(tmp_path):
     text = format_summary(metrics)
     assert "median absolute error 1.00 mm, bias +0.50 mm, same size band 100%" in text
     assert "per patient (3): size category as annotated 67%; malignancy score AUC 1.000" in text
+    # every patient malignant: no AUC to give, and the line says why instead of printing nan
+    all_malignant = evaluate([a, a], threshold=0.5, bootstrap=10)
+    assert "per patient (2): size category as annotated 0%; no malignancy score AUC: 2 of them malignant" in (
+        format_summary(all_malignant))
     save_evaluation(tmp_path, metrics)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["patient"]["category_agreement"] == pytest.approx(2 / 3) and saved["diameter"]["nodules"] == 3

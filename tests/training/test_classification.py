@@ -1,17 +1,19 @@
 """The candidate classifiers as trainer tasks: balanced draws, initial weights, malignancy fine-tuning."""
 
+from dataclasses import astuple
+
 import numpy as np
 import pytest
 import torch
 
-from p2ch_app.checkpoints import load_checkpoint
+from p2ch_app.checkpoints import CLASSIFIER, load_checkpoint, load_model
 from p2ch_app.cli import finetune_mal, train_cls
 from p2ch_app.data.cache import LunaCache, default_cache_dir
 from p2ch_app.data.datasets import interleave
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
-from p2ch_app.models import NoduleClassifier
-from p2ch_app.training.classification import NoduleSettings, fine_tunable, nodule_task
+from p2ch_app.models import GROUND_GLASS_HU, ClassifierConfig, NoduleClassifier, centre_hu
+from p2ch_app.training.classification import NoduleSettings, fine_tunable, fit_calibration, nodule_task
 from p2ch_app.training.loop import Sampling
 from tests.conftest import BOOK_MODELS, TINY, only_run_dir, requires_shared, run, tensorboard_tags
 
@@ -59,6 +61,9 @@ def test_finetune_malignancy_from_our_classifier(cls_run, prepared_synth, tmp_pa
     for trained in ("block4.conv1.weight", "head_linear.weight"):
         assert not torch.equal(before[trained], after[trained]), trained
     assert "val/diameter_auc" in tensorboard_tags(run_dir)["scalars"]
+    # 6 validation nodules cannot fit a calibration: the network's own softmax stands
+    assert "too few validation nodules to calibrate" in result.output
+    assert best["model_config"]["calibration"] is None
 
 
 def test_crop_zoom_is_trained_saved_and_kept_by_the_malignancy_model(prepared_synth, tmp_path):
@@ -144,20 +149,47 @@ def test_train_cls_init_from_the_book_classifier(prepared_synth, tmp_path):
                           atol=1e-6)
 
 
-def test_finetune_malignancy_on_a_tiled_set(tmp_path):
-    """luna-synth --tiles writes a set luna-prep caches and luna-finetune-mal trains and validates on."""
+def test_fit_calibration_recovers_the_weights_that_drew_the_labels():
+    rng = np.random.default_rng(0)
+    margins, subsolid = rng.normal(0, 2, 20000), rng.random(20000) < 0.25
+    labels = rng.random(20000) < 1 / (1 + np.exp(-(0.7 + 1.3 * margins - 1.0 * subsolid)))
+    found = fit_calibration(labels, margins, subsolid)
+    assert astuple(found) == pytest.approx((0.7, 1.3, -1.0), abs=0.1)
+    # labels the margin separates perfectly: the prior keeps the weights finite
+    separated = fit_calibration(margins > 0, margins, subsolid)
+    assert np.isfinite([separated.bias, separated.scale, separated.ground_glass]).all() and separated.scale < 30
+
+
+def test_finetune_malignancy_on_a_tiled_set_calibrates_on_its_validation_nodules(tmp_path):
+    """luna-synth --tiles writes a set luna-prep caches and luna-finetune-mal trains and validates on; then
+    both checkpoints carry the calibration fitted on the validation nodules, which their forward applies."""
     from p2ch_app.cli import prep, synth
 
     root = tmp_path / "tiles"
-    made = run(synth, ["--data-root", root, "--series", 6, "--nodules", 4, "--tiles", "--tile-pixels", 30,
+    made = run(synth, ["--data-root", root, "--series", 10, "--nodules", 8, "--tiles", "--tile-pixels", 30,
                        "--workers", 1, "--seed", 3])
     assert made.exit_code == 0, made.output
     assert run(prep, ["--data-root", root, "--workers", 1]).exit_code == 0
     index = build_index(root)
-    assert index.has_annotation.sum() == 24 and (~index.is_nodule).sum() == 12  # two vessel spots per chest
+    assert index.has_annotation.sum() == 80 and (~index.is_nodule).sum() == 40  # four vessel spots per chest
     torch.manual_seed(0)
     torch.save({"model_state": NoduleClassifier().state_dict()}, tmp_path / "cls.pt")
-    result = run(finetune_mal, ["--data-root", root, *TINY, "--epochs", 1, "--runs-dir", tmp_path / "runs",
-                                "--from", tmp_path / "cls.pt"])
+    result = run(finetune_mal, ["--data-root", root, *TINY, "--epochs", 1, "--val-stride", 2,
+                                "--runs-dir", tmp_path / "runs", "--from", tmp_path / "cls.pt"])
     assert result.exit_code == 0, result.output
-    assert "diameter_auc" in result.output
+    assert "diameter_auc" in result.output and "calibrated on the validation nodules" in result.output
+    run_dir = only_run_dir(tmp_path / "runs", "luna-finetune-mal")
+    calibration = load_model(run_dir / "best.pt", CLASSIFIER).config.calibration
+    assert calibration is not None and load_model(run_dir / "last.pt", CLASSIFIER).config.calibration is not None
+    plain = NoduleClassifier(ClassifierConfig()).eval()
+    plain.load_state_dict(load_checkpoint(run_dir / "best.pt")["model_state"])
+    calibrated = load_model(run_dir / "best.pt", CLASSIFIER)
+    cache, nodules = LunaCache(default_cache_dir(root), root), np.flatnonzero(index.has_annotation)
+    crops = torch.from_numpy(np.stack([cache.crop(index.uids()[row], index.center_xyz[row])[0]
+                                       for row in nodules]))[:, None].float()
+    assert (centre_hu(crops) < GROUND_GLASS_HU).any()  # ground glass among them: its term is checked too
+    with torch.no_grad():
+        margin = (lambda logits: logits[:, 1] - logits[:, 0])(plain(crops)[0])
+        odds = calibration.bias + calibration.scale * margin + calibration.ground_glass * (
+            centre_hu(crops) < GROUND_GLASS_HU).float()
+        assert torch.allclose(calibrated(crops)[1][:, 1], torch.sigmoid(odds), atol=1e-5)
