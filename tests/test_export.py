@@ -3,6 +3,7 @@ verified against them on CT crops before they are written; the ONNX extra option
 
 import importlib.util
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -224,16 +225,25 @@ def test_onnx_unet_takes_any_batch_and_slice_size(tmp_path, small_ct):
 
 
 @requires_onnx
-def test_onnx_classifier_takes_any_batch_and_carries_its_config(tmp_path, small_ct):
+@pytest.mark.parametrize("calibration", [None, Calibration(0.7, 1.2, -0.9)])
+def test_onnx_classifier_takes_any_batch_and_carries_its_config(tmp_path, small_ct, calibration):
+    """A malignancy model's calibration runs in the ONNX graph too, ground-glass term included."""
     import onnx
     import onnxruntime
 
-    model = NoduleClassifier(ClassifierConfig(width=4, crop_size=(16, 32, 32), crop_zoom=2)).eval()
+    model = NoduleClassifier(ClassifierConfig(width=4, crop_size=(16, 32, 32), crop_zoom=2,
+                                              calibration=calibration)).eval()
     out = tmp_path / "cls.onnx"
     report = export_checkpoint(saved(tmp_path, model), "onnx", out, small_ct, SMALL_PLAN)
     # how its crops are cut travels in the file, where ONNX Runtime reads it too
     assert read_config(out, "onnx") == {"model_name": "NoduleClassifier", "width": 4, "crop_size": [16, 32, 32],
-                                        "classes": 2, "crop_zoom": 2, "calibration": None}
+                                        "classes": 2, "crop_zoom": 2,
+                                        "calibration": calibration and asdict(calibration)}
+    crops = np.full((2, 1, 16, 32, 32), 30.0, np.float32)
+    crops[1, 0, 8, 15:18, 15:18] = -400.0  # a ground-glass centre
+    with torch.no_grad():
+        eager = model(torch.from_numpy(crops))[1].numpy()
+    assert np.abs(load_export(out, "onnx")(crops)[1] - eager).max() <= 1e-5
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert json.loads(session.get_modelmeta().custom_metadata_map[CONFIG_KEY])["crop_zoom"] == 2
     assert [c.name.split(" (")[0] for c in report.checks] == ["crops 1x1x16x32x32", "crops 5x1x16x32x32"]
