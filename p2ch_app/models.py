@@ -56,10 +56,11 @@ class ClassifierConfig:
     calibration: Calibration | None = None  # a fine-tuned malignancy model's; None: the network's own softmax
 
 
-def centre_hu(crops: torch.Tensor) -> torch.Tensor:
-    """The mean HU of the 3x3 voxels at the centre of each N x 1 x D x H x W crop's middle slice."""
+def subsolid(crops: torch.Tensor, level_hu: float = GROUND_GLASS_HU) -> torch.Tensor:
+    """Per N x 1 x D x H x W crop: whether the mean HU of its middle slice's central 3x3 voxels lies
+    under level_hu (a ground-glass nodule, when the crop is centred on one)."""
     d, h, w = crops.shape[2] // 2, crops.shape[3] // 2, crops.shape[4] // 2
-    return crops[:, 0, d, h - 1:h + 2, w - 1:w + 2].float().mean(dim=(1, 2))
+    return crops[:, 0, d, h - 1:h + 2, w - 1:w + 2].float().mean(dim=(1, 2)) < level_hu
 
 
 class NoduleClassifier(nn.Module):
@@ -80,7 +81,6 @@ class NoduleClassifier(nn.Module):
         calibration = config.calibration or Calibration(0.0, 1.0, 0.0)
         self.calibrated = config.calibration is not None
         self.bias, self.scale, self.ground_glass = calibration.bias, calibration.scale, calibration.ground_glass
-        self.ground_glass_hu = GROUND_GLASS_HU
         for module in self.modules():
             if isinstance(module, (nn.Conv3d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -99,8 +99,8 @@ class NoduleClassifier(nn.Module):
 
     def _calibrated(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Two-class logits whose difference is the calibrated log-odds of class 1."""
-        subsolid = (centre_hu(x) < self.ground_glass_hu).to(logits.dtype)
-        odds = self.bias + self.scale * (logits[:, 1] - logits[:, 0]) + self.ground_glass * subsolid
+        ground_glass = self.ground_glass * subsolid(x).to(logits.dtype)
+        odds = self.bias + self.scale * (logits[:, 1] - logits[:, 0]) + ground_glass
         return torch.stack([torch.zeros_like(odds), odds], dim=1)
 
 

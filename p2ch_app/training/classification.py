@@ -20,7 +20,7 @@ from p2ch_app.data.datasets import CropDataset, interleave
 from p2ch_app.data.index import BENIGN, MALIGNANT, LunaIndex
 from p2ch_app.errors import UserError
 from p2ch_app.metrics import binary_metrics, roc_auc
-from p2ch_app.models import GROUND_GLASS_HU, Calibration, ClassifierConfig, NoduleClassifier, centre_hu
+from p2ch_app.models import Calibration, ClassifierConfig, NoduleClassifier, subsolid
 from p2ch_app.training.augment import augment
 from p2ch_app.training.loop import Draws, Sampling, Task
 
@@ -198,32 +198,37 @@ def fit_calibration(malignant: np.ndarray, logits: np.ndarray, subsolid: np.ndar
     return Calibration(float(bias), float(scale), float(ground_glass))
 
 
-def _validation_logits(model: NoduleClassifier, task: MalignancyTask) -> tuple[np.ndarray, ...]:
-    """Over the task's validation nodules: label, the network's class-1 logit margin, subsolid or not."""
-    labels, margins, subsolid = [], [], []
+def _validation_nodules(task: MalignancyTask) -> tuple[np.ndarray, torch.Tensor]:
+    """The task's validation nodules: their labels and crops, read from the cache once for every checkpoint."""
+    labels, crops = [], []
+    for batch, label, _ in DataLoader(task.val_dataset(), batch_size=32):
+        labels.append(label.numpy())
+        crops.append(batch.float())
+    return np.concatenate(labels), torch.cat(crops)
+
+
+def _logit_margins(model: NoduleClassifier, crops: torch.Tensor, memory_format) -> np.ndarray:
+    """The network's class-1 logit minus its class-0 logit for each crop."""
+    margins = []
     with torch.inference_mode():
-        for crops, label, _ in DataLoader(task.val_dataset(), batch_size=32):
-            x = crops.float()
-            logits, _ = model(x.contiguous(memory_format=task.memory_format))
-            labels.append(label.numpy())
+        for batch in crops.split(32):
+            logits, _ = model(batch.contiguous(memory_format=memory_format))
             margins.append((logits[:, 1] - logits[:, 0]).float().numpy())
-            subsolid.append((centre_hu(x) < GROUND_GLASS_HU).numpy())
-    return tuple(np.concatenate(a) for a in (labels, margins, subsolid))
+    return np.concatenate(margins)
 
 
 def calibrate_run(run_dir: Path, task: MalignancyTask) -> Calibration | None:
     """Fit each of the run's checkpoints' Calibration on the validation nodules, which the network did not
     train on, and write it into the checkpoint; best.pt's is returned. None (nothing written) where the
     validation set is too small to fit it."""
-    found = None
+    malignant, crops = _validation_nodules(task)
+    if len(malignant) < MIN_CALIBRATION_NODULES or malignant.min() == malignant.max():
+        return None
+    ground_glass = subsolid(crops).numpy()
     for name in ("last.pt", "best.pt"):
         path = run_dir / name
         checkpoint = load_checkpoint(path)
         model = load_model(path, CLASSIFIER, checkpoint)
-        malignant, margins, subsolid = _validation_logits(model, task)
-        if len(malignant) < MIN_CALIBRATION_NODULES or malignant.min() == malignant.max():
-            return None
-        found = fit_calibration(malignant, margins, subsolid)
-        config = replace(model.config, calibration=found)
-        save_checkpoint(path, {**checkpoint, "model_config": asdict(config)})
+        found = fit_calibration(malignant, _logit_margins(model, crops, task.memory_format), ground_glass)
+        save_checkpoint(path, {**checkpoint, "model_config": asdict(replace(model.config, calibration=found))})
     return found

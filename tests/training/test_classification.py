@@ -12,7 +12,7 @@ from p2ch_app.data.cache import LunaCache, default_cache_dir
 from p2ch_app.data.datasets import interleave
 from p2ch_app.data.index import build_index
 from p2ch_app.errors import UserError
-from p2ch_app.models import GROUND_GLASS_HU, ClassifierConfig, NoduleClassifier, centre_hu
+from p2ch_app.models import ClassifierConfig, NoduleClassifier, subsolid
 from p2ch_app.training.classification import NoduleSettings, fine_tunable, fit_calibration, nodule_task
 from p2ch_app.training.loop import Sampling
 from tests.conftest import BOOK_MODELS, TINY, only_run_dir, requires_shared, run, tensorboard_tags
@@ -187,9 +187,8 @@ def test_finetune_malignancy_on_a_tiled_set_calibrates_on_its_validation_nodules
     cache, nodules = LunaCache(default_cache_dir(root), root), np.flatnonzero(index.has_annotation)
     crops = torch.from_numpy(np.stack([cache.crop(index.uids()[row], index.center_xyz[row])[0]
                                        for row in nodules]))[:, None].float()
-    assert (centre_hu(crops) < GROUND_GLASS_HU).any()  # ground glass among them: its term is checked too
+    assert subsolid(crops).any()  # ground glass among them: its term is checked too
     with torch.no_grad():
         margin = (lambda logits: logits[:, 1] - logits[:, 0])(plain(crops)[0])
-        odds = calibration.bias + calibration.scale * margin + calibration.ground_glass * (
-            centre_hu(crops) < GROUND_GLASS_HU).float()
+        odds = calibration.bias + calibration.scale * margin + calibration.ground_glass * subsolid(crops).float()
         assert torch.allclose(calibrated(crops)[1][:, 1], torch.sigmoid(odds), atol=1e-5)
