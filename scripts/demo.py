@@ -20,10 +20,10 @@ on a nodule-rich set of its own (8 nodules per series, luna-synth --nodules), an
 further nodule-rich set that nothing was trained or selected on (docs/experiments.md).
 
 Independent commands run side by side, each with its share of the cores (on 2 cores, one thread
-each): the two runs of each network, and the two evaluations. On 2 cores the U-Nets' runs finish 1.28x,
-the classifiers' 1.2x and the evaluations 1.4x sooner than one after the other with two threads each
-(docs/benchmarks.md). Their output goes to log files under runs/demo-logs/; the demo prints each one's
-summary lines.
+each): the two runs of each network. On 2 cores the U-Nets' runs finish 1.28x and the classifiers' 1.2x
+sooner than one after the other with two threads each (docs/benchmarks.md). Their output goes to log
+files under runs/demo-logs/; the demo prints each one's summary lines. The evaluations share out their
+series among one process per core (torchrun), one evaluation after the other.
 
 `make demo SEED=N` trains all three models with training seed N (the dataset stays the same):
 results vary a little with the seed, and with the CPU, whose float kernels differ.
@@ -39,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from p2ch_app.inference.distributed import cpu_threads
+import torch
+
+from p2ch_app.inference.distributed import cpu_threads, usable_cores
 
 CONFIG = "configs/demo.toml"
 DATA_ROOT = Path("data-unversioned/demo")
@@ -56,11 +58,20 @@ MINE_WORKERS = "2"  # processes mining with the U-Net, each with its share of th
 PROGRESS_BAR = re.compile(r"\d+%\|")
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves between its nested bars
 HEARTBEAT_S = 30  # how often side-by-side runs' progress is shown
+EVAL_RANKS = 4  # at most this many processes share an evaluation's 10-12 series
 
 
-def step(*args: str) -> None:
-    print(f"\n$ {' '.join(args)}", flush=True)
-    done = subprocess.run([str(BIN / args[0]), *args[1:]])
+def step(*args: str, ranks: int = 1) -> None:
+    """Run one command, printed first; with ranks > 1, as that many processes under torchrun."""
+    shown, launch, env = list(args), [str(BIN / args[0]), *args[1:]], None
+    if ranks > 1:
+        torchrun = ["--standalone", f"--nproc-per-node={ranks}"]
+        shown = ["torchrun", *torchrun, *shown]
+        launch = [sys.executable, "-m", "torch.distributed.run", *torchrun, *launch]
+        # torchrun would set (and announce) one thread per process: each takes its share of the cores
+        env = {**os.environ, "OMP_NUM_THREADS": str(cpu_threads(ranks))}
+    print(f"\n$ {' '.join(shown)}", flush=True)
+    done = subprocess.run(launch, env=env)
     if done.returncode != 0:
         sys.exit(f"demo stopped: {args[0]} failed with exit code {done.returncode}")
 
@@ -101,6 +112,18 @@ def _last_line(log: Path) -> str:
     """What a log's progress bar or last line says now, shortened to fit beside another."""
     text = _read(log).rstrip()
     return text.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1].strip()[:70]
+
+
+def evaluate(*commands: tuple[str, ...]) -> None:
+    """The evaluations. On CPUs, one after the other, each with its series shared out among one process
+    per core (torchrun, up to EVAL_RANKS): side by side, the shorter one left a core idle for its last
+    ~40 s. On a GPU, side by side (one rank per GPU would leave the others' work to wait)."""
+    ranks = min(usable_cores(), EVAL_RANKS)
+    if torch.cuda.is_available() or ranks < 2:
+        together(*commands)
+        return
+    for command in commands:
+        step(*command, ranks=ranks)
 
 
 def newest(folder: Path, comment: str) -> Path:
@@ -167,7 +190,7 @@ def main() -> None:
     step("luna-finetune-mal", *trained, "--data-root", str(MALIGNANCY_SET[0]), "--from", str(classifier))
     models = ("--seg-model", str(segmenter), "--cls-model", str(classifier),
               "--mal-model", str(newest(RUNS / "luna-finetune-mal", comment) / "best.pt"))
-    together(("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models),
+    evaluate(("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models),
              ("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root",
               str(FURTHER_SET[0]), "--comment", f"{comment}-further", *models))
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from p2ch_app.checkpoints import model_entries, save_checkpoint
 from p2ch_app.data.index import LunaIndex, build_index
 from p2ch_app.models import ClassifierConfig, NoduleClassifier
-from p2ch_app.training.augment import AUGMENTATIONS, augment
+from p2ch_app.training import AUGMENTATIONS
+from p2ch_app.training.augment import augment
 from p2ch_app.training.classification import MalignancySettings, NoduleSettings, malignancy_task, nodule_task
 from p2ch_app.training.loop import Sampling, TrainConfig, batch_loader, optimizer_step, start, train_one_epoch
 from p2ch_app.training.segmentation import SegmentationSettings, segmentation_task

@@ -26,8 +26,9 @@ def _recording(module, tmp_path, monkeypatch):
     monkeypatch.setattr(module, "PRETRAINED", books)
     commands = []
 
-    def step(*args):
+    def step(*args, ranks=1):
         commands.append(args)
+        module.ranks.append(ranks)
         if args[0].startswith("luna-train") or args[0] == "luna-finetune-mal":
             run = tmp_path / "runs" / args[0] / f"run{len(commands)}-{_given(args, '--comment')}"
             run.mkdir(parents=True)
@@ -41,7 +42,8 @@ def _recording(module, tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "step", step)
     monkeypatch.setattr(module, "together", together)
-    module.commands, module.books, module.side_by_side = commands, books, []
+    monkeypatch.setattr(module, "usable_cores", lambda: 2)
+    module.commands, module.books, module.side_by_side, module.ranks = commands, books, [], []
     return module
 
 
@@ -67,7 +69,8 @@ def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, t
     assert _given(cls_a, "--mine-with") == _given(cls_b, "--mine-with") == _given(seg_mean, "--output")
     assert seg_mean[1:3] == (str(tmp_path / "runs/luna-train-seg/run6-demo-seed2/best.pt"),
                              str(tmp_path / "runs/luna-train-seg/run7-demo-seed2-b/best.pt"))
-    assert demo.side_by_side == [2, 2, 2]  # the runs of each network, then the two evaluations
+    assert demo.side_by_side == [2, 2]  # the runs of each network
+    assert demo.ranks[-2:] == [2, 2] and set(demo.ranks[:-2]) == {1}  # each evaluation's series over 2 processes
     assert _given(cls_a, "--mine-workers") == _given(cls_b, "--mine-workers") == "2"
     assert _given(mal, "--from") == _given(cls_mean, "--output") == _given(analyze, "--cls-model")
     assert _given(analyze, "--seg-model") == _given(seg_mean, "--output")
@@ -86,6 +89,25 @@ def test_demo_without_the_books_weights_trains_one_run_of_each(demo, monkeypatch
     assert names == ["luna-prep"] + ["luna-synth", "luna-prep"] * 2 + [
         "luna-train-seg", "luna-train-cls", "luna-finetune-mal", "nodule-analyze", "nodule-analyze"]
     assert "--seed" not in demo.commands[5] and "--init" not in demo.commands[5]
+
+
+def test_demo_evaluates_side_by_side_on_one_core(demo, monkeypatch):
+    monkeypatch.setattr(demo, "usable_cores", lambda: 1)
+    monkeypatch.setattr("sys.argv", ["demo.py"])
+    demo.main()
+    assert demo.side_by_side == [2] and set(demo.ranks) == {1}
+
+
+def test_step_with_ranks_runs_the_command_under_torchrun(monkeypatch, tmp_path, capfd):
+    with script_module("demo") as module:
+        monkeypatch.setattr(module, "BIN", tmp_path)
+        (tmp_path / "hello").write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], "
+                                        "'threads', os.environ['OMP_NUM_THREADS'])\n")
+        module.step("hello", ranks=2)
+        shown = capfd.readouterr().out
+        assert "$ torchrun --standalone --nproc-per-node=2 hello" in shown
+        threads = max(1, usable_cores() // 2)
+        assert f"rank 0 of 2 threads {threads}" in shown and f"rank 1 of 2 threads {threads}" in shown
 
 
 def test_together_runs_commands_at_once_and_prints_their_summaries(monkeypatch, tmp_path, capsys):

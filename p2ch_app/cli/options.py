@@ -190,7 +190,7 @@ workers_default = min(4, os.cpu_count() or 1)
 
 def training_options(epochs: int, lr: float, optimizer: str, epoch_samples: int):
     """The options every trainer shares, with the defaults of the calling trainer."""
-    from p2ch_app.training.augment import FULL_AUGMENTATION
+    from p2ch_app.training import AUGMENTATIONS, FULL_AUGMENTATION
 
     return _compose(
         cache_dir_option,
@@ -208,7 +208,7 @@ def training_options(epochs: int, lr: float, optimizer: str, epoch_samples: int)
         click.option("--epoch-samples", type=click.IntRange(1), default=epoch_samples, show_default=True,
                      help="Training samples per epoch (drawn afresh every epoch)."),
         click.option("--augment", default=FULL_AUGMENTATION, show_default=True,
-                     help="Comma-separated: flip,offset,scale,rotate,noise."),
+                     help=f"Comma-separated: {','.join(AUGMENTATIONS)}."),
         click.option("--no-augment", is_flag=True, help="Train without augmentation."),
         val_stride_option, device_option,
         click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same run."),

@@ -16,8 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("flip", "offset", "scale", "rotate", "noise")
-FULL_AUGMENTATION = ",".join(AUGMENTATIONS)  # the trainers' default
+from p2ch_app.training import AUGMENTATIONS
 
 
 def parse_augmentations(text: str | None) -> tuple[str, ...]:

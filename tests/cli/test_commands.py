@@ -1,6 +1,9 @@
 """The commands through click: bad input gives one line naming problem and fix, exit 2, nothing harmed;
 good input runs end to end."""
 
+import subprocess
+import sys
+
 import pytest
 
 from p2ch_app.cli import COMMANDS, prep
@@ -99,6 +102,19 @@ def test_synth_writes_refuses_to_overwrite_then_overwrites(tmp_path):
     assert snapshot(root) == before
     assert run(synth, [*args, "--overwrite", "--seed", 5, "--workers", 1]).exit_code == 0
     assert snapshot(root) != before
+
+
+def test_synth_and_prep_run_without_loading_torch(tmp_path):
+    """Their processes (each spawned worker imports the command again) start in a fraction of a second."""
+    script = ("import sys\nfrom p2ch_app.cli import prep, synth\n"
+              f"root = {str(tmp_path / 'data')!r}\n"
+              "synth.main(['--data-root', root, '--series', '2', '--matrix', '64', '--inplane-mm', '5', '5.5',\n"
+              "            '--slice-mm', '5', '5.5', '--workers', '2'], standalone_mode=False)\n"
+              "prep.main(['--data-root', root, '--workers', '2'], standalone_mode=False)\n"
+              "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 synthetic series" in done.stdout and done.stdout.rstrip().endswith("no torch")
 
 
 def test_synth_rejects_an_empty_spacing_range(tmp_path):
