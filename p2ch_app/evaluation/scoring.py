@@ -73,16 +73,12 @@ def _judged(scan: ScanResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.asarray(scan.nodule_prob, float)[marks], on_nodule, ignored
 
 
-def _froc_points(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
-    """Per nodule its best hitting probability (-inf when missed), and every false-positive probability.
-    Several detections on one nodule count once, with the highest probability, and the others are not
-    false positives."""
-    nodule_scores, fp_probs = [np.zeros(0)], [np.zeros(0)]
-    for scan in scans:
-        probs, hits, ignored = _judged(scan)
-        nodule_scores.append(np.where(hits, probs[:, None], -np.inf).max(axis=0, initial=-np.inf))
-        fp_probs.append(probs[~hits.any(axis=1) & ~ignored])
-    return np.concatenate(nodule_scores), np.concatenate(fp_probs)
+def _froc_points(scan: ScanResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per nodule of the scan its best hitting probability (-inf when missed), and every false-positive
+    probability. Several detections on one nodule count once, with the highest probability, and the
+    others are not false positives."""
+    probs, hits, ignored = _judged(scan)
+    return np.where(hits, probs[:, None], -np.inf).max(axis=0, initial=-np.inf), probs[~hits.any(axis=1) & ~ignored]
 
 
 def ignored_detections(scans: list[ScanResult]) -> int:
@@ -95,12 +91,18 @@ def froc(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
     per distinct probability (a detection counts at thresholds at or below its probability):
     (false positives per scan, sensitivity), FP rate ascending. Missed nodules count in the sensitivity's
     denominator only."""
-    nodule_scores, fp_probs = _froc_points(scans)
+    return _froc_curve([_froc_points(scan) for scan in scans])
+
+
+def _froc_curve(points: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """froc from each scan's _froc_points: the bootstrap judges every scan once, not once per resample."""
+    nodule_scores = np.concatenate([np.zeros(0), *(scores for scores, _ in points)])
+    fp_probs = np.concatenate([np.zeros(0), *(fps for _, fps in points)])
     if len(nodule_scores) == 0:
         return np.zeros(1), np.zeros(1)
     thresholds = np.unique(np.concatenate([nodule_scores[np.isfinite(nodule_scores)], fp_probs]))[::-1]
     fp_sorted, hit_sorted = np.sort(fp_probs), np.sort(nodule_scores)
-    fps = (len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left")) / len(scans)
+    fps = (len(fp_sorted) - np.searchsorted(fp_sorted, thresholds, side="left")) / len(points)
     sens = (len(hit_sorted) - np.searchsorted(hit_sorted, thresholds, side="left")) / len(hit_sorted)
     return np.concatenate([[0.0], fps]), np.concatenate([[0.0], sens])
 
@@ -131,13 +133,14 @@ def cpm(scans: list[ScanResult], bootstrap: int = 1000, seed: int = 0) -> dict:
     """LUNA16's competition performance metric: mean sensitivity at 1/8 ... 8 FPs per scan. The bootstrap
     resamples scans with replacement, as the challenge's does, and gives its 95% interval per FP rate
     (sensitivity_ci95) and, by the same rule, for the CPM (cpm_ci95)."""
-    fps, sens = froc(scans)
+    points = [_froc_points(scan) for scan in scans]
+    fps, sens = _froc_curve(points)
     at = sensitivities_at(fps, sens)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(bootstrap if len(scans) > 1 else 0):
-        picks = [scans[i] for i in rng.integers(0, len(scans), len(scans))]
-        samples.append(sensitivities_at(*froc(picks)))
+        picks = [points[i] for i in rng.integers(0, len(scans), len(scans))]
+        samples.append(sensitivities_at(*_froc_curve(picks)))
     if samples:
         (low, high), (rate_low, rate_high) = _interval(np.mean(samples, axis=1)), _interval(np.array(samples))
     else:
