@@ -18,7 +18,7 @@ def body_mask(hu: np.ndarray, step: int = 1) -> np.ndarray:
     (lungs, airways) filled. Tubes, cables and the table fall outside it. With step, the mask is
     found on every step-th row and column (a quarter of the memory and time for step 2)."""
     dense = hu[:, ::step, ::step] > BODY_HU
-    filled = ndimage.binary_fill_holes(dense, structure=in_plane_structure())
+    filled = fill_holes_in_plane(dense)
     del dense
     labels, count = ndimage.label(filled)
     if count == 0:
@@ -33,6 +33,19 @@ def in_plane_structure() -> np.ndarray:
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
     return structure
+
+
+def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """The mask with the holes of each axial slice filled (lungs and airways inside the body; vessels,
+    nodules and masses inside the lungs): what is not mask and not connected within its slice to the
+    slice's border. What ndimage.binary_fill_holes gives with in_plane_structure, found by labelling the
+    background: some ten times faster than its propagation (0.7 s per demo CT for the body mask)."""
+    background, count = ndimage.label(~mask, structure=in_plane_structure())
+    border = np.zeros(mask.shape[1:], bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    hole = np.ones(count + 1, bool)  # by background label; 0 is the mask itself
+    hole[background[:, border]] = False
+    return hole[background] | mask
 
 
 def mask_step(shape: tuple[int, ...]) -> int:
