@@ -117,7 +117,8 @@ def _last_line(log: Path) -> str:
 def evaluate(*commands: tuple[str, ...]) -> None:
     """The evaluations. On CPUs, one after the other, each with its series shared out among one process
     per core (torchrun, up to EVAL_RANKS): side by side, the shorter one left a core idle for its last
-    ~40 s. On a GPU, side by side (one rank per GPU would leave the others' work to wait)."""
+    ~40 s. With CUDA, side by side: a torchrun rank takes the GPU of its local rank, which one GPU
+    lacks for rank 1."""
     ranks = min(usable_cores(), EVAL_RANKS)
     if torch.cuda.is_available() or ranks < 2:
         together(*commands)

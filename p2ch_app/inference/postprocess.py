@@ -39,7 +39,7 @@ def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
     """The mask with the holes of each axial slice filled (lungs and airways inside the body; vessels,
     nodules and masses inside the lungs): what is not mask and not connected within its slice to the
     slice's border. What ndimage.binary_fill_holes gives with in_plane_structure, found by labelling the
-    background: some ten times faster than its propagation (0.7 s per demo CT for the body mask)."""
+    background: 0.14-0.19 s against its propagation's 0.42-0.65 s for a demo CT's body mask."""
     background, count = ndimage.label(~mask, structure=in_plane_structure())
     border = np.zeros(mask.shape[1:], bool)
     border[[0, -1], :] = border[:, [0, -1]] = True
