@@ -12,6 +12,7 @@ voxel and row as the seed made them before they existed.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -108,6 +109,11 @@ class _Segment:
     parent: int = -1
 
 
+# Each lung is an ellipse (semi-axes LUNG_HALF_WIDTH and LUNG_HALF_DEPTH of the cavity's) whose centre
+# lies LUNG_OFFSET of the cavity's half-width to the side and LUNG_SHIFT of its half-depth back
+LUNG_OFFSET, LUNG_SHIFT, LUNG_HALF_WIDTH, LUNG_HALF_DEPTH = 0.52, 0.02, 0.5, 0.93
+
+
 @dataclass
 class _Chest:
     """The sampled anatomy of one patient, as functions of patient mm."""
@@ -142,6 +148,13 @@ class _Chest:
         c, r = self.heart[:3], self.heart[3:]
         return ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
 
+    def lung_extent(self, z: float) -> tuple[float, float, float, float]:
+        """x and y bounds (mm) of both lungs' ellipses at height z: in_lung is False outside them."""
+        a, b = self.cavity(z)
+        half_x = (LUNG_OFFSET + LUNG_HALF_WIDTH) * a
+        return self.cx - half_x, self.cx + half_x, self.cy + (LUNG_SHIFT - LUNG_HALF_DEPTH) * b, \
+            self.cy + (LUNG_SHIFT + LUNG_HALF_DEPTH) * b
+
     def in_lung(self, x, y, z):
         """Both lungs: ellipses tapering to the apex, cut by the mediastinum, spine, heart and diaphragm."""
         x, y, z = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float), np.asarray(z, float))
@@ -151,9 +164,9 @@ class _Chest:
         scale = np.sqrt(np.clip(1 - top ** 2, 0, 1))
         out = np.zeros(x.shape, bool)
         for side in (-1.0, 1.0):
-            lx, ly = self.cx + side * 0.52 * a, self.cy + 0.02 * b
-            u = (x - lx) / (0.5 * a * np.maximum(scale, 1e-6))
-            v = (y - ly) / (0.93 * b * np.maximum(scale, 1e-6))
+            lx, ly = self.cx + side * LUNG_OFFSET * a, self.cy + LUNG_SHIFT * b
+            u = (x - lx) / (LUNG_HALF_WIDTH * a * np.maximum(scale, 1e-6))
+            v = (y - ly) / (LUNG_HALF_DEPTH * b * np.maximum(scale, 1e-6))
             rho2 = u ** 2 + v ** 2
             # the right hemidiaphragm (patient's right = -x) sits a little higher
             base = self.z0 + self.length * self.lung_base + (8.0 if side < 0 else 0.0)
@@ -177,10 +190,13 @@ class _Canvas:
 
     def box(self, lo, hi):
         """Slices and broadcastable x, y, z coordinate arrays of the voxels in the mm box [lo, hi]."""
-        shape_xyz = np.array(self.hu.shape[::-1])
-        i0 = np.clip(np.floor((np.asarray(lo) - self.origin) / self.spacing).astype(int), 0, shape_xyz)
-        i1 = np.clip(np.ceil((np.asarray(hi) - self.origin) / self.spacing).astype(int) + 1, 0, shape_xyz)
-        if np.any(i1 <= i0):
+        # on plain numbers: four thousand tubes a CT make numpy's per-call cost on 3-vectors count
+        shape_xyz = self.hu.shape[::-1]
+        low = ((np.asarray(lo) - self.origin) / self.spacing).tolist()
+        high = ((np.asarray(hi) - self.origin) / self.spacing).tolist()
+        i0 = [min(max(math.floor(v), 0), n) for v, n in zip(low, shape_xyz)]
+        i1 = [min(max(math.ceil(v) + 1, 0), n) for v, n in zip(high, shape_xyz)]
+        if any(b <= a for a, b in zip(i0, i1)):
             return None
         ax = [self.origin[k] + self.spacing[k] * np.arange(i0[k], i1[k]) for k in range(3)]
         region = (slice(i0[2], i1[2]), slice(i0[1], i1[1]), slice(i0[0], i1[0]))
@@ -412,11 +428,19 @@ def _paint_anatomy(canvas: _Canvas, chest: _Chest, rng) -> None:
         canal = (x - chest.cx) ** 2 + (y - spine_y - 24) ** 2
         sl[np.broadcast_to((canal > 7 ** 2) & (canal <= 12 ** 2), sl.shape)] = 600.0
         sl[np.broadcast_to((x - aorta[0]) ** 2 + (y - aorta[1]) ** 2 <= 11.0 ** 2, sl.shape)] = 45.0
-        lung = chest.in_lung(x, y, z)
+        # the lungs are drawn only in their extent's rows and columns: a third of the slice, the same voxels
+        x0, x1, y0, y1 = chest.lung_extent(z)
+        box = (_index_span(y0, y1, oy, sy, n_y), _index_span(x0, x1, ox, sx, n_x))
+        lung = chest.in_lung(x[:, box[1]], y[box[0]], z)
         # lungs are denser towards the back (gravity) and mottled
-        sl[lung] = (HU_LUNG + 30 * ((y - chest.cy) / b) + 22 * tex)[lung]
+        sl[box][lung] = (HU_LUNG + 30 * ((y[box[0]] - chest.cy) / b) + 22 * tex[box])[lung]
         canvas.hu[k] = sl
-        canvas.lung[k] = lung
+        canvas.lung[k][box] = lung
+
+
+def _index_span(low_mm: float, high_mm: float, origin: float, step: float, n: int) -> slice:
+    """The indices of the grid origin + step * i (i < n) within [low_mm, high_mm], and a voxel more each side."""
+    return slice(max(math.floor((low_mm - origin) / step) - 1, 0), min(math.ceil((high_mm - origin) / step) + 2, n))
 
 
 def _ribs(chest: _Chest, rng) -> list[_Segment]:
