@@ -149,21 +149,18 @@ def test_bce_weight_adds_pixelwise_cross_entropy(prepared_synth):
     assert loss_mixed.item() == pytest.approx(loss_plain.item() + 2.0 * bce.mean().item(), rel=1e-5)
 
 
-def test_training_and_validation_steps_run_channels_last_with_the_same_results(prepared_synth):
+def test_validation_step_runs_channels_last_with_the_same_results(prepared_synth):
     index = build_index(prepared_synth)
     task = segmentation_task(index, seg_settings(prepared_synth, BOOK, 32, 48, 8))
     batch = pad_collate([task.val_dataset()[i] for i in range(4)])
     torch.manual_seed(0)
     model = task.model().eval()
     seen = []
-    model.register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
     with torch.no_grad():
         val_record = task.val_step(model, batch, torch.device("cpu"))
         train_loss, train_record = task.train_step(model, batch, torch.device("cpu"), torch.Generator().manual_seed(0))
-        plain_loss, _ = task._loss(model(batch[0].float().contiguous()), batch[1], torch.device("cpu"))
-    assert seen == [True, True, False]  # both steps' inputs channels-last; the check in the default layout
-    assert train_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert seen == [False, True]  # validation input channels-last, training input in the default layout
     assert val_record["loss"].mean() == pytest.approx(train_loss.item(), abs=1e-5)
     assert all(abs(int(val_record[k][0]) - int(train_record[k][0])) <= 2 for k in ("tp", "fp", "fn"))
 
