@@ -5,6 +5,7 @@ writes everything else, as one process would."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from p2ch_app.data.ct import CtVolume, load_series
+from p2ch_app.data.ct import CtVolume, load_series, raw_int16_layout, series_on_disk
 from p2ch_app.data.index import LunaIndex, build_index, read_excluded
 from p2ch_app.evaluation.results import save_evaluation
 from p2ch_app.evaluation.scoring import ScanResult, evaluate
@@ -100,6 +101,14 @@ def validation_uids(run: ValidationRun, index: LunaIndex) -> list[str]:
     return [uid for uid, keep in zip(index.series_uids, chosen) if keep]
 
 
+def series_voxels(data_root: Path, uids: list[str]) -> list[int] | None:
+    """Each series' voxels, as its header gives them, so that ranks get equal work (shard's costs);
+    None, equal shares, unless every series is a plain int16 MetaImage (as LUNA16's are)."""
+    on_disk = series_on_disk(data_root)
+    layouts = [raw_int16_layout(on_disk[uid]) if uid in on_disk else None for uid in uids]
+    return None if None in layouts else [math.prod(layout.shape) for layout in layouts]
+
+
 def run_validation(run: ValidationRun, models: Models, settings: AnalysisSettings, device: torch.device,
                    ranks: Ranks = SINGLE, note: Callable[[str], None] | None = None) -> tuple[dict, Path] | None:
     """Every validation series (and the training ones with include_train), scored and saved in a run
@@ -111,10 +120,11 @@ def run_validation(run: ValidationRun, models: Models, settings: AnalysisSetting
     uids = validation_uids(run, index)
     entries = []  # report pages, one per series this rank analysed
     reporter = None if run.report_dir is None else _series_reporter(run.report_dir, settings.threshold, entries)
-    mine = analyze_series(run.data_root, index, shard(uids, ranks), models, settings, device,
+    costs = series_voxels(run.data_root, uids)
+    mine = analyze_series(run.data_root, index, shard(uids, ranks, costs), models, settings, device,
                           SeriesHooks(reporter, note, progress=ranks.is_main))
-    results = gather_in_order(mine, ranks)
-    entries = gather_in_order(entries, ranks)
+    results = gather_in_order(mine, ranks, costs)
+    entries = gather_in_order(entries, ranks, costs) if reporter else []
     if not ranks.is_main:
         return None
     metrics = evaluate([scan for _, _, scan in results], settings.threshold)

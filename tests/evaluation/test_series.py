@@ -35,3 +35,14 @@ def test_a_finding_listed_as_excluded_stops_being_a_false_positive(tiny_root):
     assert froc([scan])[0].max() == 0  # now ignored: no false positive left, the nodule still found
     metrics = evaluate([scan], bootstrap=0)
     assert metrics["ignored_detections"] == 1 and metrics["excluded_findings"] == 1 and metrics["cpm"] == 1.0
+
+
+def test_series_voxels_read_the_headers_and_give_way_to_equal_shares(tiny_root):
+    from p2ch_app.evaluation.series import series_voxels
+
+    root, uids = tiny_root.root, [s.uid for s in tiny_root.series]
+    assert series_voxels(root, uids) == [36 * 56 * 56] * 3  # make_tiny_root's CTs
+    mhd = tiny_root.series[0].mhd
+    mhd.write_text(mhd.read_text().replace("ElementType = MET_SHORT", "ElementType = MET_FLOAT"))
+    assert series_voxels(root, uids) is None  # not plain int16 on disk: every series weighs the same
+    assert series_voxels(root, ["1.2.3"]) is None  # not on disk at all
