@@ -108,7 +108,11 @@ def shares(costs: Sequence[float], world: int) -> list[list[int]]:
 def shard(items: list, ranks: Ranks, costs: Sequence[float] | None = None) -> list:
     """This rank's share of items (shares; costs: one per item, equal when None); gather_in_order with
     the same costs puts the results back in items' order."""
-    return [items[i] for i in shares(costs or [1.0] * len(items), ranks.world)[ranks.rank]]
+    return [items[i] for i in shares(_or_equal(costs, len(items)), ranks.world)[ranks.rank]]
+
+
+def _or_equal(costs: Sequence[float] | None, count: int) -> Sequence[float]:
+    return [1.0] * count if costs is None else costs
 
 
 def gather_objects(obj, ranks: Ranks) -> list:
@@ -125,7 +129,7 @@ def gather_in_order(mine: list, ranks: Ranks, costs: Sequence[float] | None = No
     parts = gather_objects(mine, ranks)
     count = sum(len(part) for part in parts)
     merged = [None] * count
-    for taken, part in zip(shares(costs or [1.0] * count, ranks.world), parts):
+    for taken, part in zip(shares(_or_equal(costs, count), ranks.world), parts):
         for item, result in zip(taken, part, strict=True):
             merged[item] = result
     return merged
