@@ -32,11 +32,13 @@ results vary a little with the seed, and with the CPU, whose float kernels diffe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -127,6 +129,17 @@ def evaluate(*commands: tuple[str, ...]) -> None:
         step(*command, ranks=ranks)
 
 
+@contextlib.contextmanager
+def timed(stage: str, times: dict[str, float]) -> Iterator[None]:
+    """times[stage]: the seconds the block took. The demo's last line lists them: a shared or cloud
+    machine's speed drifts (ours by up to 25% within hours), and the stages tell that from more work."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        times[stage] = time.monotonic() - start
+
+
 def newest(folder: Path, comment: str) -> Path:
     """The newest run folder of a command with this run comment."""
     return max((p for p in folder.iterdir() if p.name.endswith(f"-{comment}")),
@@ -180,22 +193,28 @@ def main() -> None:
     seed = parser.parse_args().seed
     comment = "demo" if seed is None else f"demo-seed{seed}"
     trained = trained_as(comment, seed)
-    start = time.monotonic()
-    make_dataset()
-    for root, series, data_seed in (MALIGNANCY_SET, FURTHER_SET):
-        make_dataset("--data-root", str(root), "--series", str(series), "--seed", str(data_seed),
-                     "--nodules", str(NODULES_PER_SERIES))
-    segmenter = train_averaged("luna-train-seg", comment, seed, pretrained("seg"))
-    classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"),
-                                ("--mine-with", str(segmenter), "--mine-workers", MINE_WORKERS))
-    step("luna-finetune-mal", *trained, "--data-root", str(MALIGNANCY_SET[0]), "--from", str(classifier))
+    start, times = time.monotonic(), {}
+    with timed("data", times):
+        make_dataset()
+        for root, series, data_seed in (MALIGNANCY_SET, FURTHER_SET):
+            make_dataset("--data-root", str(root), "--series", str(series), "--seed", str(data_seed),
+                         "--nodules", str(NODULES_PER_SERIES))
+    with timed("U-Nets", times):
+        segmenter = train_averaged("luna-train-seg", comment, seed, pretrained("seg"))
+    with timed("mining and classifiers", times):
+        classifier = train_averaged("luna-train-cls", comment, seed, pretrained("cls"),
+                                    ("--mine-with", str(segmenter), "--mine-workers", MINE_WORKERS))
+    with timed("malignancy", times):
+        step("luna-finetune-mal", *trained, "--data-root", str(MALIGNANCY_SET[0]), "--from", str(classifier))
     models = ("--seg-model", str(segmenter), "--cls-model", str(classifier),
               "--mal-model", str(newest(RUNS / "luna-finetune-mal", comment) / "best.pt"))
-    evaluate(("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models),
-             ("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root",
-              str(FURTHER_SET[0]), "--comment", f"{comment}-further", *models))
-    print(f"\ndemo finished in {time.monotonic() - start:.0f} s. The dataset is in {DATA_ROOT}, its cache in "
-          f"{DATA_ROOT / 'cache'}, the trained models and the evaluation in {RUNS}/.\n"
+    with timed("evaluations", times):
+        evaluate(("nodule-analyze", "--validation", "--config", CONFIG, "--comment", comment, *models),
+                 ("nodule-analyze", "--validation", "--include-train", "--config", CONFIG, "--data-root",
+                  str(FURTHER_SET[0]), "--comment", f"{comment}-further", *models))
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in times.items())
+    print(f"\ndemo finished in {time.monotonic() - start:.0f} s ({stages}). The dataset is in {DATA_ROOT}, "
+          f"its cache in {DATA_ROOT / 'cache'}, the trained models and the evaluation in {RUNS}/.\n"
           "See the training curves and the FROC curve with:  make tensorboard   (then open http://localhost:6006)\n"
           f"Analyse one scan:  .venv/bin/nodule-analyze --ct PATH --report report/   (or a series UID with "
           f"--data-root {DATA_ROOT})")

@@ -1,5 +1,6 @@
 """scripts/demo.py (make demo): the commands it runs, in order, and what each one is given."""
 
+import re
 import time
 
 import pytest
@@ -51,12 +52,14 @@ def _given(command: tuple, option: str) -> str:
     return command[command.index(option) + 1]
 
 
-def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, tmp_path):
+def test_demo_averages_two_seeds_of_each_fine_tuned_network(demo, monkeypatch, tmp_path, capsys):
     demo.books.mkdir()
     for name in ("seg_book.state", "cls_book.state"):
         (demo.books / name).write_bytes(b"")
     monkeypatch.setattr("sys.argv", ["demo.py", "--seed", "2"])
     demo.main()
+    assert re.search(r"demo finished in \d+ s \(data \d+ s, U-Nets \d+ s, mining and classifiers \d+ s, "
+                     r"malignancy \d+ s, evaluations \d+ s\)", capsys.readouterr().out)
     names = [c[0] for c in demo.commands]
     assert names == ["luna-prep"] + ["luna-synth", "luna-prep"] * 2 + [
         "luna-train-seg", "luna-train-seg", "luna-average", "luna-train-cls", "luna-train-cls", "luna-average",
