@@ -430,17 +430,14 @@ def _paint_anatomy(canvas: _Canvas, chest: _Chest, rng) -> None:
         sl[np.broadcast_to((x - aorta[0]) ** 2 + (y - aorta[1]) ** 2 <= 11.0 ** 2, sl.shape)] = 45.0
         # the lungs are drawn only in their extent's rows and columns: a third of the slice, the same voxels
         x0, x1, y0, y1 = chest.lung_extent(z)
-        box = (_index_span(y0, y1, oy, sy, n_y), _index_span(x0, x1, ox, sx, n_x))
-        lung = chest.in_lung(x[:, box[1]], y[box[0]], z)
-        # lungs are denser towards the back (gravity) and mottled
-        sl[box][lung] = (HU_LUNG + 30 * ((y[box[0]] - chest.cy) / b) + 22 * tex[box])[lung]
+        found = canvas.box((x0, y0, z), (x1, y1, z))
+        if found is not None:
+            rows, cols = found[0][1:]
+            lung = chest.in_lung(x[:, cols], y[rows], z)
+            # lungs are denser towards the back (gravity) and mottled
+            sl[rows, cols][lung] = (HU_LUNG + 30 * ((y[rows] - chest.cy) / b) + 22 * tex[rows, cols])[lung]
+            canvas.lung[k][rows, cols] = lung
         canvas.hu[k] = sl
-        canvas.lung[k][box] = lung
-
-
-def _index_span(low_mm: float, high_mm: float, origin: float, step: float, n: int) -> slice:
-    """The indices of the grid origin + step * i (i < n) within [low_mm, high_mm], and a voxel more each side."""
-    return slice(max(math.floor((low_mm - origin) / step) - 1, 0), min(math.ceil((high_mm - origin) / step) + 2, n))
 
 
 def _ribs(chest: _Chest, rng) -> list[_Segment]:
