@@ -351,6 +351,51 @@ def bench_lung_mask(runs: int = 5) -> dict:
     return result
 
 
+def _segment_both_ways(ct, segmenter, device, runs: int) -> tuple[list[float], list[float], bool, float]:
+    """segment() over the whole CT and within the lungs' box: each one's seconds (`runs` times), whether
+    the box holds the whole CT's mask, and the share of each slice the U-Net then sees (halo included)."""
+    from p2ch_app.inference.lungs import lungs_of
+    from p2ch_app.inference.pipeline import segment
+    from p2ch_app.inference.runtime import around
+
+    box = lungs_of(ct.hu, ct.geometry.spacing).box(ct.hu.shape)
+    whole_s = [timed(segment, ct.hu, segmenter, device)[0] for _ in range(runs)]
+    boxed_s = [timed(segment, ct.hu, segmenter, device, box=box)[0] for _ in range(runs)]
+    interior = tuple(slice(span.start + 1, span.stop - 1) for span in box)  # the erosion eats the box's rim
+    same = bool(np.array_equal(segment(ct.hu, segmenter, device)[interior],
+                               segment(ct.hu, segmenter, device, box=box)[interior]))
+    rows, cols = (around(span, size, segmenter) for span, size in zip(box[1:], ct.hu.shape[1:]))
+    seen = (rows.stop - rows.start) * (cols.stop - cols.start) * (box[0].stop - box[0].start) / ct.hu.size
+    return whole_s, boxed_s, same, seen
+
+
+def bench_lung_box(runs: int = 3) -> dict:
+    """--lung-only runs the U-Net within the lungs' box: segmentation's seconds over the whole CT and
+    within the box (medians of `runs`; the book's U-Net on the real CT, the demo's on 4 of its
+    validation series), whether the box holds the whole CT's mask to the bit, and the share seen."""
+    import torch
+
+    device, result = torch.device("cpu"), {}
+    if BOOK_MODELS.is_dir() and REAL_CT.is_dir():
+        from p2ch_app.data.ct import load_ct
+
+        whole, boxed, same, seen = _segment_both_ways(load_ct(REAL_CT), _book_models(device).segmenter, device, runs)
+        result.update(real_ct_whole_s_median=float(np.median(whole)), real_ct_box_s_median=float(np.median(boxed)),
+                      real_ct_box_same_mask=same, real_ct_share_seen=seen)
+    models, _ = _demo_own_models(device)
+    if models is None:
+        return {**result, "demo": "skipped: no models of make demo in runs/ (or P2CH_DEMO_RUNS)"}
+    from p2ch_app.data.ct import load_series
+
+    root, uids = demo_sets()["validation"]
+    measured = [_segment_both_ways(load_series(root, uid), models.segmenter, device, runs) for uid in uids[:4]]
+    result.update(demo_whole_s_median=float(np.median([np.median(m[0]) for m in measured])),
+                  demo_box_s_median=float(np.median([np.median(m[1]) for m in measured])),
+                  demo_box_same_mask=all(m[2] for m in measured),
+                  demo_share_seen=float(np.mean([m[3] for m in measured])))
+    return result
+
+
 def _variants(ct, models, device) -> dict[str, list]:
     """The detections (threshold 0) of nodule-analyze with and without --lung-only, alone and with
     --tta --dedupe, from one segmentation and one classification of the CT: each candidate's plain and
@@ -923,6 +968,7 @@ def main() -> None:
              ("lung_mask", bench_lung_mask),
              ("lung_only_book_models", bench_lung_only_book),
              ("lung_only_demo_models", bench_lung_only_demo),
+             ("lung_box_segment", bench_lung_box),
              ("luna_sized_ct", bench_luna_sized),
              ("realism_full_size_book_models", bench_realism),
              ("export_runtimes", bench_export_runtimes),

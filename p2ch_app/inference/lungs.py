@@ -49,6 +49,14 @@ class Lungs:
         """Whether each centre (index, row, col; continuous) lies in the mask."""
         return sample_mask(self.mask, centers_irc, self.step)
 
+    def box(self, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        """The found mask's bounding box on the CT's own grid (shape): index, row and column slices."""
+        spans = []
+        for axis, scale in ((0, 1), (1, self.step), (2, self.step)):
+            hit = np.flatnonzero(self.mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            spans.append(slice(int(hit[0]) * scale, min(int(hit[-1] + 1) * scale, shape[axis])))
+        return spans[0], spans[1], spans[2]
+
     def on_grid(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The mask on the CT's own grid (shape), each mask voxel repeated over its step x step pixels."""
         full = np.repeat(np.repeat(self.mask, self.step, axis=1), self.step, axis=2)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from p2ch_app.checkpoints import CLASSIFIER, SEGMENTER, load_model
 from p2ch_app.data.ct import HU_MIN, CtVolume, context_stacks, gather_crops, irc_to_xyz
-from p2ch_app.inference.lungs import find_lungs
+from p2ch_app.inference.lungs import Lungs, find_lungs
 from p2ch_app.inference.postprocess import (
     body_mask,
     inside_body,
@@ -30,6 +30,7 @@ from p2ch_app.inference.postprocess import (
 )
 from p2ch_app.inference.runtime import (
     BATCH_PIXELS,
+    around,
     in_pieces,
     keep_freed_memory,
     precision,
@@ -55,7 +56,8 @@ class AnalysisSettings:
     tta_floor: float = 0.05  # with tta, nodule probability from which the mirror images are added
     split: bool = False  # also propose the pieces of a second erosion
     dedupe: bool = False  # drop candidates inside a more probable one's sphere
-    lung_only: bool = False  # keep only candidates whose centre lies in the lung mask (lungs.py), if lungs are found
+    lung_only: bool = False  # keep only candidates whose centre lies in the lung mask (lungs.py), if lungs are found;
+    # the U-Net then runs over the lungs' bounding box alone
     recentre: bool = False  # analyze() moves each candidate's centre onto the dense tissue near it (recentred)
 
 
@@ -128,19 +130,30 @@ def slice_probabilities(hu: np.ndarray, model: NoduleSegmenter, device: torch.de
     return in_pieces(model, x, batch_pixels)[:, 0]
 
 
+Box = tuple[slice, slice, slice]  # index, row and column spans of a CT
+
+
 def segment(hu: np.ndarray, model: NoduleSegmenter, device: torch.device, fast: bool = False,
-            progress: bool = False, batch_pixels: int = BATCH_PIXELS) -> np.ndarray:
+            progress: bool = False, batch_pixels: int = BATCH_PIXELS, box: Box | None = None) -> np.ndarray:
     """Nodule mask of the whole CT: every slice with its context stack, sigmoid > 0.5, one 3D erosion.
 
-    A batch holds at most batch_pixels: small slices are batched, larger ones run in row bands
-    (half a 512x512 slice by default). On CPU, small batches run as fast (their activations stay
-    in cache) and bound memory."""
-    slices = slices_per_pass(hu.shape[1], hu.shape[2], batch_pixels)  # stacks are built for one pass at a time
-    mask = np.empty(hu.shape, bool)
+    With box, only the box is segmented and the mask is empty around it. Its slices still see their
+    context slices and its pixels their receptive field (runtime.around), so inside the box the
+    U-Net's mask is the whole CT's to the bit. A batch holds at most batch_pixels: small slices are
+    batched, larger ones run in row bands (half a 512x512 slice by default). On CPU, small batches
+    run as fast (their activations stay in cache) and bound memory."""
+    index, rows, cols = box or (slice(0, hu.shape[0]), slice(0, hu.shape[1]), slice(0, hu.shape[2]))
+    seen_rows, seen_cols = around(rows, hu.shape[1], model), around(cols, hu.shape[2], model)
+    seen = hu[:, seen_rows, seen_cols]  # a view; each pass copies its stacks
+    inner = (slice(None), slice(rows.start - seen_rows.start, rows.stop - seen_rows.start),
+             slice(cols.start - seen_cols.start, cols.stop - seen_cols.start))
+    slices = slices_per_pass(seen.shape[1], seen.shape[2], batch_pixels)  # stacks are built for one pass at a time
+    mask = np.zeros(hu.shape, bool)
     with torch.inference_mode(), precision(device, fast):
-        for start in tqdm(range(0, hu.shape[0], slices), desc="segment", unit="batch", disable=not progress):
-            stop = min(start + slices, hu.shape[0])
-            mask[start:stop] = (slice_probabilities(hu, model, device, start, stop, batch_pixels) > 0.5).cpu().numpy()
+        for start in tqdm(range(index.start, index.stop, slices), desc="segment", unit="batch", disable=not progress):
+            stop = min(start + slices, index.stop)
+            probs = slice_probabilities(seen, model, device, start, stop, batch_pixels)[inner]
+            mask[start:stop, rows, cols] = (probs > 0.5).cpu().numpy()
     return_freed_memory()  # the U-Net's activations, before the erosion's copy of the mask
     return ndimage.binary_erosion(mask, iterations=1)
 
@@ -215,9 +228,9 @@ def classify(hu: np.ndarray, centers_irc: np.ndarray, model: NoduleClassifier, d
 
 
 def _proposals(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device, settings: AnalysisSettings,
-               progress: bool) -> Components:
-    """The candidates as components (propose() describes them)."""
-    mask = segment(hu, segmenter, device, settings.fast, progress)
+               progress: bool, box: Box | None = None) -> Components:
+    """The candidates as components (propose() describes them), found within box when given."""
+    mask = segment(hu, segmenter, device, settings.fast, progress, box=box)
     found = components(mask, hu)
     if settings.split:
         found = found + components(ndimage.binary_erosion(mask), hu)
@@ -226,22 +239,38 @@ def _proposals(hu: np.ndarray, segmenter: NoduleSegmenter, device: torch.device,
     return found
 
 
-def _where(ct: CtVolume, centers_irc: np.ndarray, settings: AnalysisSettings,
-           note: Callable[[str], None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(inside the body, kept) for each candidate centre. Kept: inside the body unless
-    settings.keep_outside, and with settings.lung_only also inside the lungs. A CT in which no lungs
-    are found (a head, an abdomen, a phantom) keeps what the body mask keeps, and note() is told:
-    dropping every candidate there would hide them all without a word."""
+@dataclass
+class _Places:
+    """Where candidates may lie: the patient's body mask (at mask_step) and, with lung_only, the lungs
+    (None without lung_only or when no lungs were found)."""
+
+    body: np.ndarray
+    step: int
+    lungs: Lungs | None
+
+
+def _places(ct: CtVolume, settings: AnalysisSettings, note: Callable[[str], None] | None) -> _Places:
+    """The body mask, and with settings.lung_only the lungs. A CT in which no lungs are found (a head,
+    an abdomen, a phantom) keeps what the body mask keeps, and note() is told: dropping every candidate
+    there would hide them all without a word."""
     step = mask_step(ct.hu.shape)
-    body = body_mask(ct.hu, step)
-    inside = sample_mask(body, centers_irc, step)
-    kept = np.ones(len(centers_irc), bool) if settings.keep_outside else inside
+    places = _Places(body_mask(ct.hu, step), step, None)
     if settings.lung_only:
-        lungs = find_lungs(ct.hu, ct.geometry.spacing, body, step)
+        lungs = find_lungs(ct.hu, ct.geometry.spacing, places.body, step)
         if lungs.found:
-            kept = kept & lungs.contains(centers_irc)
+            places.lungs = lungs
         elif note is not None:
             note(f"no lungs found in {ct.series_uid}; keeping its candidates inside the body")
+    return places
+
+
+def _where(places: _Places, centers_irc: np.ndarray, settings: AnalysisSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(inside the body, kept) for each candidate centre. Kept: inside the body unless
+    settings.keep_outside, and inside the lungs where they were looked for and found."""
+    inside = sample_mask(places.body, centers_irc, places.step)
+    kept = np.ones(len(centers_irc), bool) if settings.keep_outside else inside
+    if places.lungs is not None:
+        kept = kept & places.lungs.contains(centers_irc)
     return inside, kept
 
 
@@ -275,14 +304,16 @@ def analyze(ct: CtVolume, models: Models, settings: AnalysisSettings = AnalysisS
             note: Callable[[str], None] | None = None) -> list[Detection]:
     """Every candidate of the CT, most probable nodule first, centred on the dense tissue near it with
     settings.recentre; outside-body candidates dropped unless settings.keep_outside, outside-lung ones
-    too with settings.lung_only (note(message) hears when no lungs are found). Those at or above
-    settings.threshold (the reported ones) keep their voxels (Detection.voxel_index), for the label
-    map of a report."""
+    too with settings.lung_only, which also keeps the U-Net within the lungs' box (note(message) hears
+    when no lungs are found). Those at or above settings.threshold (the reported ones) keep their
+    voxels (Detection.voxel_index), for the label map of a report."""
     keep_freed_memory()
     return_freed_memory()  # what reading the CT left behind
-    found = _proposals(ct.hu, models.segmenter, device, settings, progress)
+    places = _places(ct, settings, note)
+    box = places.lungs.box(ct.hu.shape) if places.lungs is not None else None  # candidates elsewhere are dropped
+    found = _proposals(ct.hu, models.segmenter, device, settings, progress, box)
     centers = recentred(ct.hu, found.centers, ct.geometry.spacing) if settings.recentre else found.centers
-    inside, kept = _where(ct, centers, settings, note)
+    inside, kept = _where(places, centers, settings)
     centers, voxels, inside, ids = centers[kept], found.voxels[kept], inside[kept], np.flatnonzero(kept)
     nodule = classify(ct.hu, centers, models.classifier, device, settings, progress)
     xyz = irc_to_xyz(centers, ct.geometry).reshape(-1, 3)

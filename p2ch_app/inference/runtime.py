@@ -91,15 +91,31 @@ def keep_freed_memory() -> bool:
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def receptive_halo(model: NoduleSegmenter) -> int:
+    """Rows (or columns) of input a U-Net output pixel reaches at most, rounded up to its pooling grid:
+    23 for depth 3, halo 32."""
+    return 8 * model.multiple
+
+
+def around(span: slice, size: int, model: NoduleSegmenter) -> slice:
+    """The rows (or columns) the U-Net must see to give, over `span` of a slice `size` long, what it
+    gives over the whole slice: the span widened by receptive_halo either side, starting on the
+    U-Net's pooling grid (a multiple of model.multiple), within the slice."""
+    if span.start <= 0 and span.stop >= size:
+        return slice(0, size)
+    halo = receptive_halo(model)
+    return slice(max(0, (span.start - halo) // model.multiple * model.multiple), min(size, span.stop + halo))
+
+
 def in_row_bands(model: NoduleSegmenter, x: torch.Tensor, rows: int, halo: int | None = None) -> torch.Tensor:
     """model(x) computed band by band, `rows` rows at a time, each band with a halo of rows either
     side: the same result as the whole slice in a fraction of the memory (a 512x512 slice's U-Net
     activations alone reach ~190 MiB). Exact because the halo is wider than the U-Net's receptive
-    field (23 rows for depth 3, halo 32) and bands start on its pooling grid (multiples of 4)."""
+    field and bands start on its pooling grid (receptive_halo)."""
     height = x.shape[-2]
     if rows >= height:
         return model(x)
-    halo = 8 * model.multiple if halo is None else halo
+    halo = receptive_halo(model) if halo is None else halo
     rows = max(model.multiple, rows // model.multiple * model.multiple)
     bands = []
     for top in range(0, height, rows):

@@ -147,6 +147,17 @@ def test_find_lungs_works_on_the_body_masks_grid(made_chest):
         assert all(inside(lungs, center, ct).all() for center, _ in NODULES.values())
 
 
+def test_lung_box_spans_the_mask_on_the_cts_grid():
+    from p2ch_app.inference.lungs import Lungs
+
+    mask = np.zeros((6, 5, 8), bool)  # every second row and column of a 6 x 9 x 16 CT
+    mask[1, 2, 3] = mask[4, 3, 5] = True
+    box = Lungs(mask, 2, 1.0, 0.0).box((6, 9, 16))
+    assert box == (slice(1, 5), slice(4, 8), slice(6, 12))
+    mask[5, 4, 7] = True  # the last mask row and column cover the CT's last row, but not beyond it
+    assert Lungs(mask, 2, 1.0, 0.0).box((6, 9, 16)) == (slice(1, 6), slice(4, 9), slice(6, 16))
+
+
 def stand_in_models() -> Models:
     models = Models(CentreSliceThreshold(context=1), CentreVoxelClassifier(), None, {})
     models.segmenter.forward = lambda x: (x[:, 1:2] > 100).float()  # anything denser than 100 HU
@@ -165,13 +176,18 @@ def with_dense_spots(ct: CtVolume, points_xyz) -> CtVolume:
 def test_lung_only_drops_candidates_outside_the_lungs(made_chest):
     in_lung, in_belly, in_heart = (-60.0, -20.0, 190.0), (-20.0, 0.0, 40.0), (0.0, -40.0, 150.0)
     ct = with_dense_spots(made_chest[0], [in_lung, in_belly, in_heart])
-    notes = []
-    plain = analyze(ct, stand_in_models(), AnalysisSettings(threshold=0.5), note=notes.append)
-    lung_only = analyze(ct, stand_in_models(), AnalysisSettings(threshold=0.5, lung_only=True), note=notes.append)
-    assert len(plain) == 3 and notes == []
-    (kept,) = lung_only
+    notes, seen, runs = [], {}, {}
+    for name, lung_only in (("plain", False), ("lung_only", True)):
+        models = stand_in_models()
+        dense = models.segmenter.forward
+        models.segmenter.forward = lambda x, name=name: seen.setdefault(name, []).append(x[:, 0].numel()) or dense(x)
+        runs[name] = analyze(ct, models, AnalysisSettings(threshold=0.5, lung_only=lung_only), note=notes.append)
+    assert len(runs["plain"]) == 3 and notes == []
+    (kept,) = runs["lung_only"]
     assert kept.center_xyz == pytest.approx(in_lung, abs=1.0) and kept == next(
-        d for d in plain if d.center_xyz == kept.center_xyz)
+        d for d in runs["plain"] if d.center_xyz == kept.center_xyz)
+    # the U-Net saw the lungs' box and its halo, not the whole CT
+    assert sum(seen["lung_only"]) < 0.8 * sum(seen["plain"]) == 0.8 * ct.hu.size
 
 
 @pytest.mark.parametrize("kind", ["head", "abdomen", "phantom"])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from p2ch_app.data.ct import slice_stack
-from p2ch_app.inference.pipeline import AnalysisSettings, group, segment
+from p2ch_app.inference.pipeline import AnalysisSettings, group, segment, slice_probabilities
 from p2ch_app.models import ClassifierConfig, SegmenterConfig
 from tests.conftest import BOOK_MODELS, requires_shared
 
@@ -65,6 +65,7 @@ class CentreSliceThreshold(nn.Module):
     def __init__(self, context: int):
         super().__init__()
         self.context, self.config = context, SegmenterConfig(context=context)
+        self.multiple = 1  # no pooling grid: a pixel's output is its own
         self.seen = []
 
     def forward(self, x):
@@ -87,6 +88,31 @@ def test_segment_feeds_each_slice_with_its_context_and_erodes():
     assert stacks.shape == (9, 5, 12, 12)
     for k in (0, 4, 8):
         assert np.array_equal(stacks[k].numpy(), slice_stack(hu, k, 2).astype(np.float32))
+
+
+def test_segment_within_a_box_gives_the_whole_cts_mask_there(monkeypatch):
+    """A U-Net of the book's depth: inside the box the mask is the whole CT's, outside it empty; without
+    the halo around the box the U-Net sees zero padding instead of the CT, and the mask changes."""
+    import p2ch_app.inference.runtime
+    from p2ch_app.models import NoduleSegmenter
+
+    torch.manual_seed(0)
+    model = NoduleSegmenter(SegmenterConfig(context=1, depth=3, width_factor=2)).eval()
+    hu = np.random.default_rng(0).integers(-1000, 400, (8, 96, 104)).astype(np.int16)
+    with torch.inference_mode():  # the mask four-fifths full, so that some of it outlasts the erosion
+        logits = torch.logit(slice_probabilities(hu, model, torch.device("cpu"), 0, len(hu)))
+        model.unet.last.bias -= logits.quantile(0.2)
+    box = (slice(2, 7), slice(41, 70), slice(38, 77))
+    whole = segment(hu, model, torch.device("cpu"))
+    boxed = segment(hu, model, torch.device("cpu"), box=box)
+    interior = tuple(slice(s.start + 1, s.stop - 1) for s in box)  # the erosion eats the box's rim
+    assert 0.05 < whole[interior].mean() < 0.95
+    assert np.array_equal(boxed[interior], whole[interior])
+    outside = np.ones(hu.shape, bool)
+    outside[box] = False
+    assert not boxed[outside].any()
+    monkeypatch.setattr(p2ch_app.inference.runtime, "receptive_halo", lambda model: 0)
+    assert not np.array_equal(segment(hu, model, torch.device("cpu"), box=box)[interior], whole[interior])
 
 
 class CentreVoxelClassifier(nn.Module):

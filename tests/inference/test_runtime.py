@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from p2ch_app.errors import UserError
-from p2ch_app.inference.runtime import in_row_bands, select_device
+from p2ch_app.inference.runtime import around, in_row_bands, receptive_halo, select_device
 
 
 @pytest.mark.parametrize("depth, height, rows", [(3, 200, 64), (3, 128, 50), (2, 96, 16)])
@@ -29,6 +29,17 @@ def test_row_bands_give_the_whole_slice_result(depth, height, rows):
     assert banded.shape == whole.shape
     assert torch.allclose(banded, whole, rtol=0, atol=1e-5)
     assert (wrong - whole).abs().max() > 1e-3
+
+
+def test_around_widens_a_span_by_the_halo_from_the_pooling_grid():
+    from p2ch_app.models import NoduleSegmenter, SegmenterConfig
+
+    model = NoduleSegmenter(SegmenterConfig(context=1, depth=3, width_factor=1))
+    assert (model.multiple, receptive_halo(model)) == (4, 32)
+    assert around(slice(0, 256), 256, model) == slice(0, 256)  # the whole slice: nothing to add
+    assert around(slice(70, 190), 256, model) == slice(36, 222)  # 70 - 32 = 38, down to the grid's 36
+    assert around(slice(20, 250), 256, model) == slice(0, 256)  # clipped at the slice's edges
+    assert around(slice(40, 41), 300, model) == slice(8, 73)
 
 
 @pytest.mark.parametrize("batch, height, width, batch_pixels", [(5, 32, 40, 2 * 32 * 40), (3, 128, 40, 64 * 40)])
