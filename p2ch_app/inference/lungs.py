@@ -51,11 +51,10 @@ class Lungs:
 
     def box(self, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
         """The found mask's bounding box on the CT's own grid (shape): index, row and column slices."""
-        spans = []
-        for axis, scale in ((0, 1), (1, self.step), (2, self.step)):
-            hit = np.flatnonzero(self.mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            spans.append(slice(int(hit[0]) * scale, min(int(hit[-1] + 1) * scale, shape[axis])))
-        return spans[0], spans[1], spans[2]
+        index, rows, cols = _bounding_box(self.mask, np.zeros(3, int))
+        on_grid = [slice(int(span.start) * self.step, min(int(span.stop) * self.step, n))
+                   for span, n in ((rows, shape[1]), (cols, shape[2]))]
+        return slice(int(index.start), int(index.stop)), on_grid[0], on_grid[1]
 
     def on_grid(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The mask on the CT's own grid (shape), each mask voxel repeated over its step x step pixels."""
